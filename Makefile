@@ -1,0 +1,27 @@
+# `make run`: set up .venv (first time) and run the default federated job.
+# `make test`: set up .venv (first time) and run the whole test suite.
+PYTHON ?= python3.11
+VENV ?= .venv
+STAMP := $(VENV)/.installed-stamp
+
+.PHONY: run test bench clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	# torch first, pinned: the CPU build; any other spec pulls a multi-GB CUDA build.
+	$(VENV)/bin/pip install torch==2.13.0
+	$(VENV)/bin/pip install -e ".[test]"
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/iiotfl run $(ARGS)
+
+test: $(STAMP)
+	$(VENV)/bin/python -m pytest -v -rs $(ARGS)
+
+bench: $(STAMP)
+	$(VENV)/bin/python bench/foundation.py
+
+clean:
+	rm -rf $(VENV) runs multirun

@@ -1,0 +1,152 @@
+"""Hydra config groups of iiotfl, their validation, and their trip through Flower.
+
+``iiotfl run`` composes ``config.yaml`` with one option per group (task/, strategy/,
+fleet/, engine/). Before anything starts, :func:`validate` checks every value and
+raises :class:`ConfigError` with one line naming the key and the fix.
+
+The composed config reaches the ServerApp and the ClientApps as Flower run config:
+``iiotfl-config`` holds it as JSON, ``output-dir`` says where the ServerApp writes
+its artefacts. Under plain ``flwr run .`` the JSON is empty and the apps compose the
+defaults here, with the few flat keys of ``[tool.flwr.app.config]`` applied.
+"""
+
+from __future__ import annotations
+
+import json
+import numbers
+from pathlib import Path
+from typing import Any, Mapping
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+STRATEGIES = ("fedavg",)
+ENGINES = ("fleet", "sim")
+DATA_SOURCES = ("generator", "csv", "cmapss")
+
+# Flat run-config keys of pyproject.toml's [tool.flwr.app.config] -> config paths.
+FLAT_KEYS = {
+    "num-server-rounds": "fleet.rounds",
+    "fraction-train": "fleet.fraction_train",
+    "fraction-evaluate": "fleet.fraction_evaluate",
+    "local-epochs": "train.local_epochs",
+    "batch-size": "train.batch_size",
+    "lr": "train.lr",
+}
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work, with the key and the fix in one line."""
+
+
+def compose(overrides: list[str] | None = None) -> dict[str, Any]:
+    """Compose config.yaml with Hydra's compose API and return a plain dict."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    data = OmegaConf.to_container(cfg, resolve=True)
+    data.pop("hydra", None)
+    return data
+
+
+def _get(cfg: Mapping[str, Any], path: str) -> Any:
+    node: Any = cfg
+    for part in path.split("."):
+        if not isinstance(node, Mapping) or part not in node:
+            raise ConfigError(f"config: {path} is missing; add it or restore the config group's default")
+        node = node[part]
+    return node
+
+
+def _int(cfg: Mapping[str, Any], path: str, low: int, high: int | None = None) -> int:
+    value = _get(cfg, path)
+    bad = not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < low
+    if bad or (high is not None and value > high):
+        rng = f"between {low} and {high}" if high is not None else f">= {low}"
+        raise ConfigError(f"config: {path}={value!r} is invalid; it must be an integer {rng} (e.g. {path}={low})")
+    return int(value)
+
+
+def _float(cfg: Mapping[str, Any], path: str, low: float, high: float, low_open: bool = False) -> float:
+    value = _get(cfg, path)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if ok:
+        ok = (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        bound = f"({low}, {high}]" if low_open else f"[{low}, {high}]"
+        raise ConfigError(f"config: {path}={value!r} is invalid; it must be a number in {bound}")
+    return float(value)
+
+
+def _choice(cfg: Mapping[str, Any], path: str, choices: tuple[str, ...], group: str | None = None) -> str:
+    value = _get(cfg, path)
+    if value not in choices:
+        how = f"pick {group}=<one of {list(choices)}>" if group else f"set {path} to one of {list(choices)}"
+        raise ConfigError(f"config: {path}={value!r} is unknown; {how}")
+    return str(value)
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Check every value the run uses; raise ConfigError on the first bad one."""
+    from tasks import TASKS
+
+    _int(cfg, "seed", 0)
+    _choice(cfg, "task.name", TASKS, group="task")
+    _choice(cfg, "strategy.name", STRATEGIES, group="strategy")
+    _choice(cfg, "engine.name", ENGINES, group="engine")
+    gateways = _int(cfg, "fleet.gateways", 1)
+    _int(cfg, "fleet.rounds", 1)
+    _float(cfg, "fleet.fraction_train", 0.0, 1.0, low_open=True)
+    _float(cfg, "fleet.fraction_evaluate", 0.0, 1.0)
+    if _get(cfg, "fleet.min_gateways") is not None:
+        _int(cfg, "fleet.min_gateways", 1, gateways)
+    _float(cfg, "fleet.round_timeout", 0.0, 1e7, low_open=True)
+    _float(cfg, "engine.startup_timeout", 0.0, 1e5, low_open=True)
+    _int(cfg, "train.local_epochs", 1)
+    _int(cfg, "train.batch_size", 1)
+    _float(cfg, "train.lr", 0.0, 10.0, low_open=True)
+    _int(cfg, "train.torch_threads", 1)
+    if cfg["task"]["name"] == "predictive_maintenance":
+        _int(cfg, "task.window", 2)
+        _int(cfg, "task.rul_cap", 1)
+        source = _choice(cfg, "task.data.source", DATA_SOURCES)
+        if source == "generator":
+            low = _int(cfg, "task.data.units_min", 2)
+            _int(cfg, "task.data.units_max", low)
+            _int(cfg, "task.data.test_units", 1)
+        elif not _get(cfg, "task.data.path"):
+            raise ConfigError(
+                f"config: task.data.path is empty but task.data.source={source}; give each gateway's file "
+                "(\"{partition}\" is replaced by its partition id)"
+            )
+        _float(cfg, "task.data.local_val_fraction", 0.0, 0.9)
+    if cfg["engine"]["name"] == "sim":
+        _int(cfg, "engine.client_cpus", 1)
+        if _get(cfg, "engine.num_cpus") is not None:
+            _int(cfg, "engine.num_cpus", 1)
+
+
+def to_run_config(cfg: Mapping[str, Any], output_dir: str | Path) -> dict[str, Any]:
+    """The Flower run config that carries ``cfg`` to the apps."""
+    flat = {key: _get(cfg, path) for key, path in FLAT_KEYS.items()}
+    flat["iiotfl-config"] = json.dumps(cfg, sort_keys=True)
+    flat["output-dir"] = str(Path(output_dir).resolve())
+    return flat
+
+
+def from_run_config(run_config: Mapping[str, Any]) -> tuple[dict[str, Any], Path]:
+    """Recover (config, output directory) from a Flower run config."""
+    blob = run_config.get("iiotfl-config") or ""
+    if blob:
+        cfg = json.loads(blob)
+    else:
+        cfg = compose()
+        for key, path in FLAT_KEYS.items():
+            if key in run_config:
+                section, leaf = path.split(".")
+                cfg[section][leaf] = run_config[key]
+        validate(cfg)
+    out = run_config.get("output-dir") or ""
+    return cfg, Path(out) if out else Path("runs") / "flwr-run"

@@ -1,0 +1,82 @@
+"""``iiotfl`` command line.
+
+* ``iiotfl run [OVERRIDES...]`` — a Hydra app: compose configs/, validate, run on
+  the chosen engine, write the run directory. ``-m`` sweeps; a sweep ends with
+  ``summary.csv`` / ``summary.md`` in its directory.
+* ``iiotfl report DIR`` — re-render ``report.md`` of a run, or the summary of a sweep.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from configs import ConfigError, validate
+
+USAGE = """usage: iiotfl run [HYDRA OVERRIDES...]   run the federated job (e.g. engine=sim fleet.rounds=5, -m to sweep)
+       iiotfl report DIR                 re-render the report of a run or the summary of a sweep"""
+
+_failures: list[str] = []
+
+
+@hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")
+def run_job(cfg: DictConfig) -> str:
+    from server.fleet import launch
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    plain = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        validate(plain)
+    except ConfigError as err:
+        if HydraConfig.get().mode == RunMode.RUN:
+            print(f"error: {err}", file=sys.stderr)
+            sys.exit(2)
+        _failures.append(str(err))
+        (run_dir / "launch.json").write_text(json.dumps({"status": "failed", "error": str(err)}))
+        return "failed"
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+    info = launch(plain, run_dir)
+    print(f"{info['status']}: {run_dir / 'report.md'}" + (f" — {info['error']}" if info.get("error") else ""))
+    if info["status"] != "completed":
+        _failures.append(info.get("error", info["status"]))
+    return info["status"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        # Ctrl-C must reach the launcher (and tear the fleet down) even when started
+        # from a shell that ignores SIGINT for background jobs.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.argv = ["iiotfl run", *rest]
+        run_job()
+        return 1 if _failures else 0
+    if command == "report":
+        from server.report import write_report, write_summary
+
+        if len(rest) != 1 or not Path(rest[0]).is_dir():
+            print(f"error: iiotfl report needs one run or sweep directory\n{USAGE}", file=sys.stderr)
+            return 2
+        target = Path(rest[0])
+        if (target / "metrics.jsonl").exists() or (target / "launch.json").exists():
+            print(write_report(target))
+        else:
+            print(write_summary(target)[1])
+        return 0
+    print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

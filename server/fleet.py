@@ -1,0 +1,323 @@
+"""Run the app on a real local Flower deployment, or on Flower's simulation engine.
+
+``engine=fleet``: one ``flower-superlink`` and one ``flower-supernode`` per gateway
+(each spawns the SuperExec and ClientApp/ServerApp processes flwr 1.42 uses).
+``engine=sim``: one ``flower-superlink --simulation``; Flower runs the virtual
+gateways on Ray.
+
+Either way the run is submitted with ``flwr run`` and the composed config, progress is
+read from the ``metrics.jsonl`` the ServerApp appends to, and everything is torn down
+at the end, also on Ctrl-C, on SIGTERM, on failure and when the server side crashes.
+Each run has its own FLWR_HOME and free ports inside the run directory; every process
+started carries an ``IIOTFL_RUN`` tag in its environment, so teardown finds and ends
+all of them, children included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import tomli_w
+
+from configs import to_run_config
+from server.report import load_rounds, write_report
+
+APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.toml + packages
+BIN = Path(sys.executable).parent
+CONNECTION = "iiotfl"
+
+
+class LaunchError(RuntimeError):
+    """The deployment could not be brought up or the run failed; one line says why."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def processes_with_env(key: str, value: str) -> list[int]:
+    """PIDs of live (not zombie) processes whose environment has ``key=value``."""
+    needle = b"\0" + f"{key}={value}".encode() + b"\0"
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if needle in b"\0" + (entry / "environ").read_bytes():
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z":
+                    found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise LaunchError(f"{what} exited with code {proc.returncode} during start-up; see {log}")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise LaunchError(f"{what} did not listen on port {port} within {timeout:.0f}s; see {log}")
+
+
+class Deployment:
+    """The processes of one run; use as a context manager so teardown always happens."""
+
+    def __init__(self, cfg: dict[str, Any], run_dir: Path) -> None:
+        self.cfg = cfg
+        self.run_dir = run_dir
+        self.home = run_dir / "flwr"
+        self.logs = run_dir / "logs"
+        self.tag = f"{uuid.uuid4().hex}"
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.port = 0
+        self.env = {
+            **os.environ,
+            "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+            "FLWR_HOME": str(self.home),
+            "IIOTFL_RUN": self.tag,
+            "PYTHONUNBUFFERED": "1",
+            # Ray (engine=sim) keeps its sockets here; short, because of the Unix socket path limit.
+            "RAY_TMPDIR": f"/tmp/iiotfl-{self.tag[:12]}",
+        }
+
+    # -- processes ---------------------------------------------------------------
+    def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
+        log = (self.logs / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env=self.env, cwd=self.run_dir, start_new_session=True,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    def __enter__(self) -> "Deployment":
+        self.home.mkdir(parents=True, exist_ok=True)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.teardown()
+
+    def teardown(self, grace: float = 5.0) -> None:
+        """End every process of this run: the ones started here and all they started."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pids = set(processes_with_env("IIOTFL_RUN", self.tag))
+            pids.update(p.pid for p in self.procs.values() if p.poll() is None)
+            for pid in pids:
+                for kill in (os.killpg, os.kill):
+                    try:
+                        kill(pid, sig)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            deadline = time.time() + grace
+            while time.time() < deadline and processes_with_env("IIOTFL_RUN", self.tag):
+                for p in self.procs.values():
+                    p.poll()
+                time.sleep(0.1)
+            if not processes_with_env("IIOTFL_RUN", self.tag):
+                break
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        shutil.rmtree(self.env["RAY_TMPDIR"], ignore_errors=True)
+
+    # -- bring-up ------------------------------------------------------------------
+    def start(self) -> None:
+        engine = self.cfg["engine"]
+        timeout = float(engine["startup_timeout"])
+        self.port = free_port()
+        argv = [
+            str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
+            "--disable-runtime-dependency-installation",
+        ]
+        if engine["name"] == "sim":
+            argv.append("--simulation")
+        sl = self.spawn("superlink", argv)
+        wait_port(self.port, sl, timeout, "flower-superlink", self.logs / "superlink.log")
+        if engine["name"] == "fleet":
+            n = int(self.cfg["fleet"]["gateways"])
+            for i in range(n):
+                self.spawn(
+                    f"supernode-{i}",
+                    [
+                        str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
+                        "--host", "127.0.0.1", "--port", str(free_port()),
+                        "--node-config", f"partition-id={i} num-partitions={n}",
+                    ],
+                )
+        self.write_connection()
+
+    def write_connection(self) -> None:
+        conn: dict[str, Any] = {"address": f"127.0.0.1:{self.port}", "insecure": True}
+        engine = self.cfg["engine"]
+        if engine["name"] == "sim":
+            backend: dict[str, Any] = {"client-resources": {"num-cpus": int(engine["client_cpus"]), "num-gpus": 0.0}}
+            if engine.get("num_cpus"):
+                backend["init-args"] = {"num-cpus": int(engine["num_cpus"])}
+            conn["options"] = {"num-supernodes": int(self.cfg["fleet"]["gateways"]), "backend": backend}
+        config = {"superlink": {"default": CONNECTION, CONNECTION: conn}}
+        (self.home / "config.toml").write_text(tomli_w.dumps(config))
+
+    # -- the run -------------------------------------------------------------------
+    def submit(self) -> subprocess.Popen:
+        run_config = self.run_dir / "run_config.toml"
+        run_config.write_text(tomli_w.dumps(to_run_config(self.cfg, self.run_dir)))
+        return self.spawn(
+            "serverapp", [str(BIN / "flwr"), "run", str(APP_DIR), CONNECTION, "--run-config", str(run_config), "--stream"]
+        )
+
+    def run_id(self) -> int | None:
+        text = (self.logs / "serverapp.log").read_text(errors="replace")
+        m = re.search(r"Successfully started run (\d+)", text)
+        return int(m.group(1)) if m else None
+
+    def run_info(self, run_id: int) -> dict[str, Any]:
+        out = subprocess.run(
+            [str(BIN / "flwr"), "ls", CONNECTION, "--run-id", str(run_id), "--format", "json"],
+            capture_output=True, text=True, env=self.env, timeout=60,
+        )
+        try:
+            return json.loads(out.stdout)["runs"][0]
+        except (ValueError, KeyError, IndexError):
+            return {}
+
+    def serverapp_alive(self) -> bool:
+        """Whether a ServerApp process of this run (flwr-serverapp / flwr-simulation) is running."""
+        for pid in processes_with_env("IIOTFL_RUN", self.tag):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"flwr-serverapp" in argv or b"flwr-simulation" in argv:
+                return True
+        return False
+
+    def dead_supernodes(self) -> list[str]:
+        return [n for n, p in self.procs.items() if n.startswith("supernode") and p.poll() is not None]
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+class Progress:
+    """A progress bar with the current metric on a terminal, one line per round otherwise."""
+
+    def __init__(self, total: int) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.total = total
+        self.bar = None
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
+
+            self.bar = Bar(
+                TextColumn("[bold]federated rounds"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[metric]}"), TimeElapsedColumn(), console=self.console,
+            )
+            self.task = self.bar.add_task("rounds", total=total, metric="starting the fleet")
+            self.bar.start()
+
+    def update(self, row: dict[str, Any]) -> None:
+        sv = row["server"]
+        metric = f"RMSE {sv['rmse']:.2f}" if "rmse" in sv else ""
+        if self.bar is not None:
+            self.bar.update(self.task, completed=row["round"], metric=metric)
+        else:
+            label = "initial model" if row["round"] == 0 else f"round {row['round']}/{self.total}"
+            self.console.print(f"{label}: {metric} ({row['time']:.1f}s)", highlight=False)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
+    """Run one federated job in ``run_dir``; return what ``launch.json`` records."""
+    run_dir = Path(run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fleet, engine = cfg["fleet"], cfg["engine"]
+    info: dict[str, Any] = {"engine": engine["name"], "gateways": int(fleet["gateways"]), "status": "starting"}
+    started = time.time()
+    progress = Progress(int(fleet["rounds"]))
+    deadline = started + float(engine["startup_timeout"]) + float(fleet["round_timeout"]) * (int(fleet["rounds"]) + 1)
+    try:
+        with _sigterm_as_interrupt(), Deployment(cfg, run_dir) as dep:
+            info["logs"] = {"superlink": "logs/superlink.log", "serverapp": "logs/serverapp.log"}
+            dep.start()
+            client = dep.submit()
+            info["status"] = "running"
+            seen, server_seen, server_gone = 0, False, 0.0
+            while client.poll() is None:
+                if dep.serverapp_alive():
+                    server_seen, server_gone = True, 0.0
+                elif server_seen and not (run_dir / "metrics.json").exists():
+                    server_gone = server_gone or time.time()
+                    if time.time() - server_gone > 5.0:
+                        raise LaunchError("the ServerApp process died before the run finished; see logs/serverapp.log")
+                rows = load_rounds(run_dir)
+                for row in rows[seen:]:
+                    progress.update(row)
+                seen = len(rows)
+                if dep.procs["superlink"].poll() is not None:
+                    raise LaunchError(f"flower-superlink exited with code {dep.procs['superlink'].returncode}; "
+                                      "see logs/superlink.log")
+                if time.time() > deadline:
+                    raise LaunchError("the run took longer than startup_timeout + (rounds + 1) x round_timeout")
+                time.sleep(0.5)
+            for row in load_rounds(run_dir)[seen:]:
+                progress.update(row)
+            run_id = dep.run_id()
+            run = dep.run_info(run_id) if run_id is not None else {}
+            info.update(run_id=run_id, flower_status=run.get("status"), traffic=run.get("network-traffic", {}))
+            if run.get("status") == "finished:completed" and (run_dir / "metrics.json").exists():
+                info["status"] = "completed"
+            else:
+                dead = dep.dead_supernodes()
+                info["status"] = "failed"
+                info["error"] = (
+                    f"Flower run ended with status {run.get('status', 'unknown')}"
+                    + (f"; SuperNodes that died: {dead}" if dead else "")
+                    + "; see logs/serverapp.log"
+                )
+    except KeyboardInterrupt:
+        info.update(status="interrupted", error="stopped by the user (Ctrl-C / SIGTERM); processes torn down")
+    except LaunchError as err:
+        info.update(status="failed", error=str(err))
+    finally:
+        progress.close()
+        info["wall_s"] = time.time() - started
+        (run_dir / "launch.json").write_text(json.dumps(info, indent=2))
+        write_report(run_dir)
+    return info

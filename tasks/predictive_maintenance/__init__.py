@@ -1,0 +1,132 @@
+"""Predictive maintenance: remaining useful life of machine units from sensor windows."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+
+from tasks.predictive_maintenance.data import Normaliser, RunToFailure, condition_sums, make_windows
+from tasks.predictive_maintenance.generator import CONDITIONS, SENSORS, generate_plant, truncate_units
+from tasks.predictive_maintenance.loader import DataFormatError, load_cmapss, load_csv
+from tasks.predictive_maintenance.metrics import phm08_score, rmse
+from tasks.predictive_maintenance.model import RulCNN
+
+
+class PredictiveMaintenance:
+    """The task as the apps see it: data for a gateway, the model, the metrics.
+
+    ``cfg`` is the ``task`` section of the run config (configs/task/predictive_maintenance.yaml).
+    """
+
+    name = "predictive_maintenance"
+    primary_metric = "rmse"  # lower is better
+
+    def __init__(self, cfg: Mapping[str, Any], seed: int) -> None:
+        self.cfg = cfg
+        self.seed = int(seed)
+        self.window = int(cfg["window"])
+        self.rul_cap = int(cfg["rul_cap"])
+        self.features = list(cfg.get("features") or SENSORS)
+        self.conditions = CONDITIONS
+
+    # -- data -------------------------------------------------------------------
+    def _read(self, path: str, rul_path: str | None = None) -> RunToFailure:
+        data_cfg = self.cfg["data"]
+        if data_cfg["source"] == "cmapss":
+            return load_cmapss(path, rul_path)
+        csv_cfg = dict(data_cfg.get("csv") or {})
+        return load_csv(path, **csv_cfg)
+
+    def local_data(self, partition_id: int, node_config: Mapping[str, Any] | None = None) -> RunToFailure:
+        """This gateway's records: generated for plant ``partition_id`` or read from its files."""
+        data_cfg = self.cfg["data"]
+        node_config = node_config or {}
+        if data_cfg["source"] == "generator":
+            data = generate_plant(
+                self.seed,
+                partition_id,
+                units_min=int(data_cfg["units_min"]),
+                units_max=int(data_cfg["units_max"]),
+                rul_cap=self.rul_cap,
+            )
+        else:
+            path = node_config.get("data-path") or str(data_cfg["path"]).format(partition=partition_id)
+            data = self._read(path)
+        return data.select_sensors(self.features)
+
+    def server_test_data(self, num_plants: int) -> RunToFailure | None:
+        """Held-out units for server-side evaluation (None if the config names none).
+
+        With the generator: fresh units of every plant, cut at a random point as in the
+        C-MAPSS test files.
+        """
+        data_cfg = self.cfg["data"]
+        if data_cfg["source"] == "generator":
+            parts = [
+                generate_plant(self.seed, p, n_units=int(data_cfg["test_units"]), split="test", rul_cap=self.rul_cap)
+                for p in range(num_plants)
+            ]
+            merged = _concat(parts)
+            return truncate_units(merged, self.seed).select_sensors(self.features)
+        if not data_cfg.get("test_path"):
+            return None
+        return self._read(str(data_cfg["test_path"]), data_cfg.get("test_rul_path")).select_sensors(self.features)
+
+    def feature_sums(self, data: RunToFailure) -> np.ndarray:
+        return condition_sums(data, self.conditions)
+
+    def normaliser(self, sums: np.ndarray) -> Normaliser:
+        return Normaliser.from_sums(sums, self.conditions)
+
+    def windows(self, data: RunToFailure, normaliser: Normaliser, last_only: bool = False):
+        return make_windows(data, normaliser, self.window, self.rul_cap, last_only=last_only)
+
+    # -- model and metrics ------------------------------------------------------
+    def build_model(self) -> torch.nn.Module:
+        torch.manual_seed(self.seed)
+        return RulCNN(n_sensors=len(self.features), window=self.window)
+
+    def target(self, y: np.ndarray) -> np.ndarray:
+        return y / self.rul_cap
+
+    @torch.no_grad()
+    def predict(self, model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
+        model.eval()
+        out = [model(torch.from_numpy(x[i : i + 4096])) for i in range(0, len(x), 4096)]
+        return torch.cat(out).numpy() * self.rul_cap
+
+    def evaluate(self, model: torch.nn.Module, data: RunToFailure, normaliser: Normaliser) -> dict[str, float]:
+        """RMSE over all windows, and RMSE and PHM08 score at each unit's last cycle."""
+        x, y = self.windows(data, normaliser)
+        xl, yl = self.windows(data, normaliser, last_only=True)
+        pred, pred_last = self.predict(model, x), self.predict(model, xl)
+        return {
+            "rmse": rmse(pred, y),
+            "rmse_last": rmse(pred_last, yl),
+            "phm_score": phm08_score(pred_last, yl),
+            "num-examples": float(len(y)),
+        }
+
+
+def _concat(parts: list[RunToFailure]) -> RunToFailure:
+    offset, units = 0, []
+    for p in parts:
+        units.append(p.unit + offset)
+        offset += int(p.unit.max())
+    first = parts[0]
+    return RunToFailure(
+        unit=np.concatenate(units),
+        cycle=np.concatenate([p.cycle for p in parts]),
+        settings=np.concatenate([p.settings for p in parts]),
+        sensors=np.concatenate([p.sensors for p in parts]),
+        rul=np.concatenate([p.rul for p in parts]),
+        sensor_names=first.sensor_names,
+        setting_names=first.setting_names,
+        source="+".join(p.source for p in parts),
+    )
+
+
+__all__ = ["PredictiveMaintenance", "DataFormatError", "RunToFailure"]

@@ -1,0 +1,239 @@
+"""Bring your own run-to-failure data: a documented CSV schema and NASA C-MAPSS text.
+
+CSV schema (one row per unit and cycle, a header row first):
+
+=============  =============================================================
+column         meaning
+=============  =============================================================
+``unit``       machine identifier (number or serial string)
+``cycle``      time index: cycle number, operating hours, or ISO timestamp
+sensors        one numeric column per sensor (default: every other column)
+settings       optional operating-setting columns (``settings=[...]``)
+``rul``        optional remaining useful life label; derived when absent
+=============  =============================================================
+
+Column names and the separator are configurable (``task.data.csv`` in the config).
+When RUL is absent the records are taken to be run-to-failure: the last row of a
+unit is its failure, so ``RUL = rows after this one``.
+
+C-MAPSS format: whitespace-separated, no header, 26 columns per row: unit, cycle,
+three operating settings (altitude, Mach, throttle angle), 21 sensors ``s1``-``s21``.
+Training files are run-to-failure; for a test file pass its ``RUL_FDxxx.txt`` so each
+unit's labels count down to the given RUL at its last row.
+
+Every problem raises :class:`DataFormatError` with one line naming the file, the
+row and/or column, and the fix.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from tasks.predictive_maintenance.data import RunToFailure
+
+# C-MAPSS sensor numbers -> names (Saxena et al. 2008, Table 2).
+CMAPSS_SENSORS: tuple[str, ...] = (
+    "T2", "T24", "T30", "T50", "P2", "P15", "P30", "Nf", "Nc", "epr", "Ps30",
+    "phi", "NRf", "NRc", "BPR", "farB", "htBleed", "Nf_dmd", "PCNfR_dmd", "W31", "W32",
+)
+CMAPSS_SETTINGS: tuple[str, ...] = ("altitude", "mach", "tra")
+
+
+class DataFormatError(ValueError):
+    """A data file that cannot be used, with the place and the fix in one line."""
+
+
+def _number(text: str, where: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise DataFormatError(f"{where}: value {text!r} is not a number; fix or remove that row") from None
+    if not math.isfinite(value):
+        raise DataFormatError(f"{where}: value {text!r} is not finite; fix or remove that row")
+    return value
+
+
+def _time_value(text: str, where: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(text.strip()).timestamp()
+    except ValueError:
+        raise DataFormatError(
+            f"{where}: time value {text!r} is neither a number nor an ISO timestamp; fix that row"
+        ) from None
+
+
+def _assemble(
+    path: Path,
+    units: list[str],
+    times: np.ndarray,
+    settings: np.ndarray,
+    sensors: np.ndarray,
+    rul: np.ndarray | None,
+    sensor_names: tuple[str, ...],
+    setting_names: tuple[str, ...],
+    first_row: int,
+) -> RunToFailure:
+    """Sort by unit then time, check each unit has two rows, derive RUL if needed."""
+    def natural(name: str) -> tuple:
+        try:
+            return (0, float(name), name)
+        except ValueError:
+            return (1, 0.0, name)
+
+    ids = {name: i + 1 for i, name in enumerate(sorted(set(units), key=natural))}
+    unit_idx = np.array([ids[u] for u in units])
+    order = np.lexsort((times, unit_idx))
+    unit_idx, times = unit_idx[order], times[order]
+    settings, sensors = settings[order], sensors[order]
+    rul = None if rul is None else rul[order]
+    counts = np.bincount(unit_idx)
+    for name, uid in ids.items():
+        if counts[uid] < 2:
+            row = units.index(name) + first_row
+            raise DataFormatError(
+                f"{path}: unit {name!r} (row {row}) has only one row; a unit needs at least two cycles "
+                "of history - remove it or add its records"
+            )
+    cycle = np.zeros(len(unit_idx), dtype=int)
+    derived = np.zeros(len(unit_idx))
+    for uid in ids.values():
+        idx = np.flatnonzero(unit_idx == uid)
+        cycle[idx] = np.arange(1, len(idx) + 1)
+        derived[idx] = np.arange(len(idx) - 1, -1, -1)
+    return RunToFailure(
+        unit=unit_idx,
+        cycle=cycle,
+        settings=settings,
+        sensors=sensors,
+        rul=derived if rul is None else rul,
+        sensor_names=sensor_names,
+        setting_names=setting_names,
+        source=str(path),
+        extra={"unit_ids": {v: k for k, v in ids.items()}},
+    )
+
+
+def load_csv(
+    path: str | Path,
+    *,
+    unit: str = "unit",
+    time: str = "cycle",
+    sensors: list[str] | None = None,
+    settings: list[str] | None = None,
+    rul: str | None = "rul",
+    sep: str = ",",
+) -> RunToFailure:
+    """Load run-to-failure records in the CSV schema above."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: file not found; check task.data.path")
+    with path.open(newline="", encoding="utf-8") as fh:
+        rows = list(csv.reader(fh, delimiter=sep))
+    rows = [r for r in rows if any(cell.strip() for cell in r)]
+    if not rows:
+        raise DataFormatError(f"{path}: file is empty; it needs a header row and at least two rows per unit")
+    header = [h.strip() for h in rows[0]]
+    if len(header) == 1 and sep not in rows[0][0] and any(s in rows[0][0] for s in ",;\t"):
+        raise DataFormatError(
+            f"{path}: header {rows[0][0]!r} was not split by separator {sep!r}; set task.data.csv.sep"
+        )
+    settings = list(settings or [])
+    has_rul = rul is not None and rul in header
+    needed = [unit, time, *settings, *(sensors or [])]
+    for col in needed:
+        if col not in header:
+            raise DataFormatError(
+                f"{path}: column {col!r} missing (header has {header}); rename it or set task.data.csv "
+                "to the right column names"
+            )
+    if sensors is None:
+        taken = {unit, time, *settings, *([rul] if has_rul else [])}
+        sensors = [h for h in header if h not in taken]
+    if not sensors:
+        raise DataFormatError(f"{path}: no sensor columns besides {unit!r} and {time!r}; add sensor columns")
+    if len(rows) < 3:
+        raise DataFormatError(f"{path}: only {len(rows) - 1} data row(s); need at least two rows per unit")
+    col = {h: i for i, h in enumerate(header)}
+    units: list[str] = []
+    times = np.zeros(len(rows) - 1)
+    sens = np.zeros((len(rows) - 1, len(sensors)))
+    sets = np.zeros((len(rows) - 1, len(settings)))
+    ruls = np.zeros(len(rows) - 1) if has_rul else None
+    for i, r in enumerate(rows[1:]):
+        line = i + 2
+        if len(r) != len(header):
+            raise DataFormatError(
+                f"{path}: row {line} has {len(r)} fields, header has {len(header)}; fix that row or set "
+                "task.data.csv.sep"
+            )
+        units.append(r[col[unit]].strip())
+        times[i] = _time_value(r[col[time]], f"{path}: row {line}, column {time!r}")
+        for j, name in enumerate(sensors):
+            sens[i, j] = _number(r[col[name]], f"{path}: row {line}, column {name!r}")
+        for j, name in enumerate(settings):
+            sets[i, j] = _number(r[col[name]], f"{path}: row {line}, column {name!r}")
+        if ruls is not None:
+            ruls[i] = _number(r[col[rul]], f"{path}: row {line}, column {rul!r}")
+    return _assemble(path, units, times, sets, sens, ruls, tuple(sensors), tuple(settings), first_row=2)
+
+
+def load_cmapss(path: str | Path, rul_file: str | Path | None = None) -> RunToFailure:
+    """Load a C-MAPSS ``train_FDxxx.txt`` / ``test_FDxxx.txt`` file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataFormatError(f"{path}: file not found; check task.data.path")
+    lines = [ln.split() for ln in path.read_text(encoding="utf-8").splitlines()]
+    lines = [ln for ln in lines if ln]
+    if not lines:
+        raise DataFormatError(f"{path}: file is empty; a C-MAPSS file has 26 whitespace-separated columns")
+    values = np.zeros((len(lines), 26))
+    for i, fields in enumerate(lines):
+        if len(fields) != 26:
+            raise DataFormatError(
+                f"{path}: row {i + 1} has {len(fields)} columns, C-MAPSS has 26 (unit, cycle, 3 settings, "
+                "21 sensors); is this the right file?"
+            )
+        for j, text in enumerate(fields):
+            name = ("unit", "cycle", *CMAPSS_SETTINGS, *CMAPSS_SENSORS)[j]
+            values[i, j] = _number(text, f"{path}: row {i + 1}, column {j + 1} ({name})")
+    units = [str(int(u)) for u in values[:, 0]]
+    data = _assemble(
+        path, units, values[:, 1], values[:, 2:5], values[:, 5:], None,
+        CMAPSS_SENSORS, CMAPSS_SETTINGS, first_row=1,
+    )
+    if rul_file is not None:
+        rul_path = Path(rul_file)
+        if not rul_path.is_file():
+            raise DataFormatError(f"{rul_path}: RUL file not found; check task.data.rul_path")
+        rul_lines = [ln.strip() for ln in rul_path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        finals = [_number(t, f"{rul_path}: row {i + 1}") for i, t in enumerate(rul_lines)]
+        if len(finals) != data.n_units:
+            raise DataFormatError(
+                f"{rul_path}: {len(finals)} RUL values for {data.n_units} units in {path}; use the RUL file "
+                "that belongs to this test file"
+            )
+        data.rul = data.rul + np.asarray(finals)[data.unit - 1]
+    return data
+
+
+def save_csv(data: RunToFailure, path: str | Path, sep: str = ",") -> None:
+    """Write records in the CSV schema (unit, cycle, settings, sensors, rul)."""
+    path = Path(path)
+    header = ["unit", "cycle", *data.setting_names, *data.sensor_names] + (["rul"] if data.rul is not None else [])
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh, delimiter=sep)
+        w.writerow(header)
+        for i in range(len(data)):
+            row = [int(data.unit[i]), int(data.cycle[i]), *data.settings[i].tolist(), *data.sensors[i].tolist()]
+            if data.rul is not None:
+                row.append(float(data.rul[i]))
+            w.writerow(row)

@@ -1,0 +1,26 @@
+"""Shared fixtures: a small config and the project's CLI."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+IIOTFL = Path(sys.executable).parent / "iiotfl"
+
+
+def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``iiotfl`` as a user would; returns the completed process (text output)."""
+    return subprocess.run(
+        [str(IIOTFL), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT
+    )
+
+
+@pytest.fixture(scope="session")
+def task_cfg() -> dict:
+    from configs import compose
+
+    return compose()["task"]
