@@ -31,12 +31,7 @@ def _plant(context: Context):
     torch.set_num_threads(int(cfg["train"]["torch_threads"]))
     task = get_task(cfg["task"], cfg["seed"])
     partition = int(context.node_config.get("partition-id", 0))
-    data = task.local_data(partition, context.node_config)
-    fraction = float(cfg["task"]["data"]["local_val_fraction"])
-    if fraction > 0 and data.n_units >= 2:
-        train, val = data.split_units(fraction, cfg["seed"] + partition)
-    else:
-        train, val = data, data
+    train, val = task.gateway_data(partition, context.node_config)
     return cfg, task, train, val, partition
 
 

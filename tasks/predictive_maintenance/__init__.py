@@ -57,6 +57,16 @@ class PredictiveMaintenance:
             data = self._read(path)
         return data.select_sensors(self.features)
 
+    def gateway_data(
+        self, partition_id: int, node_config: Mapping[str, Any] | None = None
+    ) -> tuple[RunToFailure, RunToFailure]:
+        """(train, validation) of a gateway: whole units held out for ClientApp-side evaluation."""
+        data = self.local_data(partition_id, node_config)
+        fraction = float(self.cfg["data"]["local_val_fraction"])
+        if fraction > 0 and data.n_units >= 2:
+            return data.split_units(fraction, self.seed + partition_id)
+        return data, data
+
     def server_test_data(self, num_plants: int) -> RunToFailure | None:
         """Held-out units for server-side evaluation (None if the config names none).
 
