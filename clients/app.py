@@ -2,8 +2,11 @@
 
 * ``query.feature_stats``: reply with this plant's per-condition feature sums (for the
   fleet-wide normalisation; only sums leave the gateway, never a record).
-* ``train``: load the global model, train ``local-epochs`` on the plant's windows,
-  reply with the new weights and ``num-examples`` (the FedAvg weight).
+* ``train``: take the model the server sent (in full, or as a delta against the one
+  kept from last round in ``context.state``), train ``local-epochs`` on the plant's
+  windows, reply with the encoded update (new weights minus the start, through the
+  configured codec; top-k's residual stays in ``context.state``), ``num-examples``
+  (the FedAvg weight) and timings. Contract: ``strategies/codec_fedavg.py``.
 * ``evaluate``: score the global model on the plant's held-out units.
 
 Which plant a node is comes from its node config (``partition-id``, or
@@ -13,13 +16,17 @@ the run config; training hyper-parameters from each train message.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from clients.training import train_local
 from configs import from_run_config
+from strategies.codec_fedavg import encoded_record, record_arrays
+from strategies.codecs import ErrorFeedback, flatten, get_codec, unflatten
 from tasks import get_task
 
 app = ClientApp()
@@ -28,7 +35,7 @@ app = ClientApp()
 def _plant(context: Context):
     """(config, task, local train split, local validation split, partition id)."""
     cfg, _ = from_run_config(context.run_config)
-    torch.set_num_threads(int(cfg["train"]["torch_threads"]))
+    torch.set_num_threads(int(context.node_config.get("torch-threads", cfg["train"]["torch_threads"])))
     task = get_task(cfg["task"], cfg["seed"])
     partition = int(context.node_config.get("partition-id", 0))
     train, val = task.gateway_data(partition, context.node_config)
@@ -43,20 +50,43 @@ def _normaliser(task, config: ConfigRecord):
 
 @app.query("feature_stats")
 def feature_stats(msg: Message, context: Context) -> Message:
-    _, task, train, _, _ = _plant(context)
+    _, task, train, _, partition = _plant(context)
     sums = task.feature_sums(train)
-    reply = RecordDict({"stats": ArrayRecord(numpy_ndarrays=[sums])})
+    reply = RecordDict({"stats": ArrayRecord(numpy_ndarrays=[sums]),
+                        "gateway": MetricRecord({"partition": partition})})
     return Message(content=reply, reply_to=msg)
+
+
+def _start_view(msg: Message, context: Context, codec) -> dict[str, np.ndarray]:
+    """The model this round starts from: the full model sent, or last round's plus the delta."""
+    state = context.state
+    if "arrays" in msg.content:
+        view = record_arrays(msg.content["arrays"])
+    else:
+        base_round = int(msg.content["config"]["base-round"])
+        held = int(state["view-meta"]["round"]) if "view-meta" in state else -1
+        if held != base_round:
+            raise RuntimeError(f"delta against round {base_round}, but this gateway holds round {held}")
+        base = record_arrays(state["view"])
+        diff = codec.decode(record_arrays(msg.content["delta"]), sum(v.size for v in base.values()))
+        view = unflatten(flatten(base) + diff, base)
+    state["view"] = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in view.items()})
+    state["view-meta"] = ConfigRecord({"round": int(msg.content["config"]["server-round"])})
+    return view
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    started = time.time()
     cfg, task, data, _, partition = _plant(context)
     config = msg.content["config"]
+    codec = get_codec(cfg.get("codec"))
+    bytes_down = sum(rec.count_bytes() for key, rec in msg.content.array_records.items())
+    view = _start_view(msg, context, codec)
     model = task.build_model()
-    received = msg.content["arrays"]
-    model.load_state_dict(received.to_torch_state_dict())
+    model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in view.items()})
     x, y = task.windows(data, _normaliser(task, config))
+    server_round = int(config["server-round"])
     stats = train_local(
         model,
         x,
@@ -64,19 +94,34 @@ def train(msg: Message, context: Context) -> Message:
         epochs=int(config["local-epochs"]),
         batch_size=int(config["batch-size"]),
         lr=float(config["lr"]),
-        seed=hash((cfg["seed"], partition, int(config["server-round"]))) % 2**31,
+        seed=hash((cfg["seed"], partition, server_round)) % 2**31,
     )
-    arrays = ArrayRecord(model.state_dict())
+    # The update leaves the device encoded (any privacy noise is added before this line).
+    update = flatten({k: v.detach().numpy() for k, v in model.state_dict().items()}) - flatten(view)
+    rng = np.random.default_rng([cfg["seed"], partition, server_round])
+    if (cfg.get("codec") or {}).get("error_feedback"):
+        residual = context.state["residual"].to_numpy_ndarrays()[0] if "residual" in context.state else None
+        feedback = ErrorFeedback(codec, residual)
+        enc = feedback.encode(update, rng)
+        context.state["residual"] = ArrayRecord(numpy_ndarrays=[feedback.residual])
+        residual_norm = float(np.linalg.norm(feedback.residual))
+    else:
+        enc = codec.encode(update, rng)
+        residual_norm = 0.0
+    record = encoded_record(enc)
     metrics = MetricRecord(
         {
             **stats,
             "num-examples": len(y),
-            "bytes-down": received.count_bytes(),
-            "bytes-up": arrays.count_bytes(),
+            "bytes-down": bytes_down,
+            "bytes-up": record.count_bytes(),
             "partition": partition,
+            "t-start": started,
+            "t-end": time.time(),
+            "residual-norm": residual_norm,
         }
     )
-    return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    return Message(content=RecordDict({"update": record, "metrics": metrics}), reply_to=msg)
 
 
 @app.evaluate()

@@ -22,6 +22,8 @@ CONFIG_DIR = Path(__file__).resolve().parent
 STRATEGIES = ("fedavg",)
 ENGINES = ("fleet", "sim")
 DATA_SOURCES = ("generator", "csv", "cmapss")
+CODECS = ("none", "fp16", "int8", "int4", "topk")
+OUTAGE_MODES = ("none", "periodic", "random", "rounds")
 
 # Flat run-config keys of pyproject.toml's [tool.flwr.app.config] -> config paths.
 FLAT_KEYS = {
@@ -96,7 +98,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _choice(cfg, "task.name", TASKS, group="task")
     _choice(cfg, "strategy.name", STRATEGIES, group="strategy")
     _choice(cfg, "engine.name", ENGINES, group="engine")
-    gateways = _int(cfg, "fleet.gateways", 1)
+    gateways = _int(cfg, "fleet.gateways", 1, 250 * 250)
     _int(cfg, "fleet.rounds", 1)
     _float(cfg, "fleet.fraction_train", 0.0, 1.0, low_open=True)
     _float(cfg, "fleet.fraction_evaluate", 0.0, 1.0)
@@ -122,6 +124,26 @@ def validate(cfg: Mapping[str, Any]) -> None:
                 "(\"{partition}\" is replaced by its partition id)"
             )
         _float(cfg, "task.data.local_val_fraction", 0.0, 0.9)
+    _choice(cfg, "codec.name", CODECS, group="codec")
+    _choice(cfg, "codec.downlink", ("full", "delta"))
+    if cfg["codec"]["name"] in ("int8", "int4"):
+        _int(cfg, "codec.chunk", 8)
+    if cfg["codec"]["name"] == "topk":
+        _float(cfg, "codec.k_fraction", 0.0, 1.0, low_open=True)
+        if cfg["codec"]["downlink"] == "delta":
+            raise ConfigError("config: codec.downlink=delta with codec=topk would lose what top-k drops on the way "
+                              "down; use codec.downlink=full")
+    if _get(cfg, "fleet.clients_per_round") is not None:
+        _int(cfg, "fleet.clients_per_round", 1, gateways)
+    _float(cfg, "fleet.over_selection", 0.0, 10.0)
+    _int(cfg, "fleet.min_replies", 1, gateways)
+    _choice(cfg, "fleet.outage.mode", OUTAGE_MODES)
+    from clients.profiles import ProfileError, gateway_profiles
+
+    try:
+        gateway_profiles(cfg)
+    except ProfileError as err:
+        raise ConfigError(str(err)) from None
     if cfg["engine"]["name"] == "sim":
         _int(cfg, "engine.client_cpus", 1)
         if _get(cfg, "engine.num_cpus") is not None:

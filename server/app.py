@@ -3,9 +3,11 @@
 1. Wait until the fleet's gateways are connected.
 2. Ask every gateway for its per-condition feature sums (``query.feature_stats``) and
    add them up: the fleet-wide normalisation, without any plant's own statistics.
-3. Run the configured strategy (Flower's FedAvg) for ``fleet.rounds`` rounds; after
-   every round the global model is scored on the held-out set and one line is
-   appended to ``metrics.jsonl`` (this is what ``iiotfl run`` shows as progress).
+3. Run the configured strategy (FedAvg with the update codec, ``strategies/``) for
+   ``fleet.rounds`` rounds through a :class:`DeadlineGrid` (round deadline, first K
+   replies, minimum replies). After every round the global model is scored on the
+   held-out set and one line is appended to ``metrics.jsonl`` with the figures of
+   every sampled gateway (this is what ``iiotfl run`` shows as progress).
 4. Write the final model, ``metrics.json`` and the report into the output directory.
 """
 
@@ -22,7 +24,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from configs import from_run_config
+from clients.profiles import gateway_profiles, link_time, transfer_time
 from server.report import write_report
+from server.rounds import DeadlineGrid
 from strategies import build_strategy
 from tasks import get_task
 
@@ -30,35 +34,111 @@ app = ServerApp()
 
 
 class RoundLog:
-    """Collects per-round figures and appends them to ``metrics.jsonl`` as they happen."""
+    """Collects per-round figures and appends them to ``metrics.jsonl`` as they happen.
 
-    def __init__(self, path: Path) -> None:
+    Per gateway and round: application bytes (Flower message payload, both ways), wire
+    bytes (its veth counters, on a shaped fleet), and the round time split into compute
+    (the ClientApp's handler), transfer (bytes over the link rates plus round trips,
+    ``clients/profiles.py``) and waiting (the rest: Flower's polling, process start-up,
+    queueing behind other gateways, outages). ``sim_s`` is the link-bound clock.
+    """
+
+    def __init__(self, path: Path, cfg: dict[str, Any], grid: DeadlineGrid, engine: str) -> None:
         self.path = path
         self.path.write_text("")
         self.start = time.time()
         self.last = self.start
+        self.grid = grid
+        self.engine = engine
         self.clients: list[dict[str, Any]] = []
         self.rows: list[dict[str, Any]] = []
+        self.profiles = {p.index: p for p in gateway_profiles(cfg)}
+        self.node_partition: dict[int, int] = {}
+        links = _read_json(path.parent / "links.json")
+        self.devs = {int(g["index"]): g["host_dev"] for g in links.get("gateways", []) if g.get("host_dev")}
+        self.counters = self.read_counters()
+
+    def read_counters(self) -> dict[int, dict[str, int]]:
+        out = {}
+        for index, dev in self.devs.items():
+            base = Path("/sys/class/net") / dev / "statistics"
+            try:
+                out[index] = {"up": int((base / "rx_bytes").read_text()), "down": int((base / "tx_bytes").read_text())}
+            except OSError:
+                pass
+        return out
 
     def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
-        """FedAvg's train-metrics hook: keep each gateway's figures, return the weighted mean."""
+        """The strategy's train-metrics hook: keep each gateway's figures, return the weighted mean."""
         self.clients = [dict(rec["metrics"]) for rec in records if "metrics" in rec]
         return aggregate_metricrecords(records, weighting_key)
 
+    def _gateways(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        trace = self.grid.train_trace
+        now_counters = self.read_counters()
+        by_partition = {int(c["partition"]): c for c in self.clients}
+        rows = []
+        for node, pushed in trace.sent.items():
+            part = self.node_partition.get(node)
+            c = by_partition.get(part) if part is not None else None
+            prof = self.profiles.get(part) if part is not None else None
+            row: dict[str, Any] = {"partition": part, "node": node, "class": prof.label if prof else None}
+            if node in trace.replied and c is not None and prof is not None:
+                measured = trace.replied[node] - pushed
+                compute = float(c["t-end"] - c["t-start"])
+                transfer = transfer_time(prof.link, c["bytes-down"], c["bytes-up"])
+                share = 1.0 if self.engine == "sim" else None
+                row.update(
+                    status="aggregated", bytes_down=c["bytes-down"], bytes_up=c["bytes-up"],
+                    round_s=measured, compute_s=compute, transfer_s=transfer,
+                    wait_s=max(0.0, measured - compute - transfer),
+                    sim_s=link_time(prof.link, prof.device, compute, c["bytes-down"], c["bytes-up"],
+                                    measured_on_share=share),
+                    train_loss=c.get("train_loss"),
+                )
+            else:
+                row["status"] = ("late" if node in trace.late else "extra" if node in trace.extra
+                                 else "error" if node in trace.errors else "unknown")
+            if part in now_counters and part in self.counters:
+                row["wire_up"] = now_counters[part]["up"] - self.counters[part]["up"]
+                row["wire_down"] = now_counters[part]["down"] - self.counters[part]["down"]
+            rows.append(row)
+        self.counters = now_counters
+        aggregated = [r for r in rows if r.get("status") == "aggregated"]
+        summary = {
+            "sampled": len(trace.sent),
+            "aggregated": len(aggregated),
+            "late": sorted(r["partition"] for r in rows if r["status"] == "late" and r["partition"] is not None),
+            "skipped": trace.below_minimum,
+            "train_s": trace.ended - trace.started,
+            "sim_round_s": max((r["sim_s"] for r in aggregated), default=0.0),
+        }
+        return sorted(rows, key=lambda r: (r["partition"] is None, r["partition"])), summary
+
     def write(self, server_round: int, evaluation: dict[str, float]) -> None:
         now = time.time()
+        gateways, summary = self._gateways() if server_round else ([], {})
         row = {
             "round": server_round,
             "time": now - self.start,
             "round_time": now - self.last if server_round else 0.0,
             "server": evaluation,
+            **summary,
             "clients": self.clients,
+            "gateways": gateways,
         }
         self.last = now
         self.clients = []
         self.rows.append(row)
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
@@ -71,7 +151,7 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
 
 
 def federated_feature_sums(grid: Grid, nodes: list[int], timeout: float):
-    """Sum of every gateway's per-condition (count, sum, sum of squares)."""
+    """Sum of every gateway's per-condition (count, sum, sum of squares), and node -> partition."""
     messages = [
         Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.feature_stats")
         for n in nodes
@@ -79,7 +159,8 @@ def federated_feature_sums(grid: Grid, nodes: list[int], timeout: float):
     replies = [r for r in grid.send_and_receive(messages, timeout=timeout) if r.has_content()]
     if not replies:
         raise RuntimeError("no gateway answered the feature-statistics query; check the SuperNode logs")
-    return sum(r.content["stats"].to_numpy_ndarrays()[0] for r in replies)
+    partitions = {r.metadata.src_node_id: int(r.content["gateway"]["partition"]) for r in replies}
+    return sum(r.content["stats"].to_numpy_ndarrays()[0] for r in replies), partitions
 
 
 @app.main()
@@ -92,11 +173,13 @@ def main(grid: Grid, context: Context) -> None:
     timeout = float(fleet["round_timeout"])
 
     nodes = wait_for_nodes(grid, int(fleet["min_gateways"] or fleet["gateways"]), timeout)
-    sums = federated_feature_sums(grid, nodes, timeout)
+    sums, partitions = federated_feature_sums(grid, nodes, timeout)
     normaliser = task.normaliser(sums)
     test = task.server_test_data(int(fleet["gateways"]))
     model = task.build_model()
-    log = RoundLog(out / "metrics.jsonl")
+    rounds = DeadlineGrid(grid, deadline_s=timeout, min_replies=int(fleet.get("min_replies") or 1))
+    log = RoundLog(out / "metrics.jsonl", cfg, rounds, cfg["engine"]["name"])
+    log.node_partition = partitions
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         scores: dict[str, float] = {}
@@ -106,10 +189,10 @@ def main(grid: Grid, context: Context) -> None:
         log.write(server_round, scores)
         return MetricRecord(scores)
 
-    strategy = build_strategy(cfg, train_metrics_aggr_fn=log.aggregate_train)
+    strategy = build_strategy(cfg, train_metrics_aggr_fn=log.aggregate_train, on_sampled=rounds.on_sampled)
     norm = {"norm-sums": [float(v) for v in sums.ravel()], "norm-cols": int(sums.shape[1])}
     result = strategy.start(
-        grid=grid,
+        grid=rounds,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=int(fleet["rounds"]),
         timeout=timeout,

@@ -31,7 +31,10 @@ from typing import Any, Iterator
 
 import tomli_w
 
+from clients.profiles import gateway_profiles
 from configs import to_run_config
+from server import netem
+from server.outages import Outages
 from server.report import load_rounds, write_report
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.toml + packages
@@ -66,6 +69,19 @@ def processes_with_env(key: str, value: str) -> list[int]:
     return found
 
 
+def run_alive(tag_prefix: str) -> bool:
+    """Whether any process of a run whose tag starts with ``tag_prefix`` is still running."""
+    needle = f"\0IIOTFL_RUN={tag_prefix}".encode()
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if needle in b"\0" + (entry / "environ").read_bytes():
+                    return True
+            except OSError:
+                continue
+    return False
+
+
 def wait_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -89,6 +105,9 @@ class Deployment:
         self.tag = f"{uuid.uuid4().hex}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = 0
+        self.links: netem.LinkFleet | None = None
+        self.gateway_links: list[netem.GatewayLink] = []
+        self.emulation = "loopback"  # what the links are, said in the report's first lines
         self.env = {
             **os.environ,
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -142,6 +161,33 @@ class Deployment:
             except subprocess.TimeoutExpired:
                 pass
         shutil.rmtree(self.env["RAY_TMPDIR"], ignore_errors=True)
+        if self.links is not None:
+            self.links.remove()
+
+    # -- links ---------------------------------------------------------------------
+    def setup_links(self) -> None:
+        """Namespaces, shaping and cgroups per gateway (engine=fleet), or say why not."""
+        profiles = gateway_profiles(self.cfg)
+        record: dict[str, Any] = {"subnet": netem.SUBNET, "gateways": [p.as_dict() for p in profiles]}
+        wanted = any(p.link.shaped for p in profiles)
+        why = netem.availability() if wanted else "every gateway has link=none"
+        if why is None:
+            netem.cleanup_stale(run_alive)
+            self.links = netem.LinkFleet(self.tag)
+            self.gateway_links = self.links.create(profiles)
+            lossy = [g.profile.index for g in self.gateway_links if not g.loss_emulated]
+            self.emulation = (
+                f"shaped: one network namespace per gateway on {netem.SUBNET}; rate by tc tbf, "
+                "loss by nftables, delay and jitter by a relay per gateway (the kernel has no netem); "
+                "CPU and memory by cgroups"
+                + (f"; loss NOT emulated for gateways {lossy} (install nftables)" if lossy else "")
+            )
+            for g, gw in zip(record["gateways"], self.gateway_links):
+                g.update(netns=gw.netns, host_dev=gw.host_dev, address=gw.address, loss_emulated=gw.loss_emulated)
+        else:
+            self.emulation = f"loopback, UNSHAPED: {why}; link and device profiles are not applied"
+        record["emulation"] = self.emulation
+        (self.run_dir / "links.json").write_text(json.dumps(record, indent=2))
 
     # -- bring-up ------------------------------------------------------------------
     def start(self) -> None:
@@ -154,19 +200,31 @@ class Deployment:
         ]
         if engine["name"] == "sim":
             argv.append("--simulation")
+        if engine["name"] == "fleet":
+            self.setup_links()
+        else:
+            self.emulation = "simulated: link and device profiles give the simulated clock (sim_s)"
+            profiles = gateway_profiles(self.cfg)
+            (self.run_dir / "links.json").write_text(json.dumps(
+                {"emulation": self.emulation, "gateways": [p.as_dict() for p in profiles]}, indent=2))
         sl = self.spawn("superlink", argv)
         wait_port(self.port, sl, timeout, "flower-superlink", self.logs / "superlink.log")
         if engine["name"] == "fleet":
+            if self.links is not None:
+                self.links.start_relays(self.port)
             n = int(self.cfg["fleet"]["gateways"])
+            profiles = gateway_profiles(self.cfg)
             for i in range(n):
-                self.spawn(
-                    f"supernode-{i}",
-                    [
-                        str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{self.port}",
-                        "--host", "127.0.0.1", "--port", str(free_port()),
-                        "--node-config", f"partition-id={i} num-partitions={n}",
-                    ],
-                )
+                superlink = f"127.0.0.1:{self.port}"
+                if self.gateway_links:
+                    superlink = f"{netem.SERVER_ADDRESS}:{self.gateway_links[i].relay_port}"
+                argv = [
+                    str(BIN / "flower-supernode"), "--insecure", "--superlink", superlink,
+                    "--host", "127.0.0.1", "--port", str(free_port()),
+                    "--node-config",
+                    f"partition-id={i} num-partitions={n} torch-threads={profiles[i].device.torch_threads}",
+                ]
+                self.spawn(f"supernode-{i}", self.gateway_links[i].wrap(argv) if self.gateway_links else argv)
         self.write_connection()
 
     def write_connection(self) -> None:
@@ -276,6 +334,8 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
         with _sigterm_as_interrupt(), Deployment(cfg, run_dir) as dep:
             info["logs"] = {"superlink": "logs/superlink.log", "serverapp": "logs/serverapp.log"}
             dep.start()
+            info["links"] = dep.emulation
+            outages = Outages(cfg, dep.gateway_links, run_dir / "outages.jsonl")
             client = dep.submit()
             info["status"] = "running"
             seen, server_seen, server_gone = 0, False, 0.0
@@ -290,6 +350,7 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
                 for row in rows[seen:]:
                     progress.update(row)
                 seen = len(rows)
+                outages.tick(rows)
                 if dep.procs["superlink"].poll() is not None:
                     raise LaunchError(f"flower-superlink exited with code {dep.procs['superlink'].returncode}; "
                                       "see logs/superlink.log")
@@ -298,6 +359,7 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
                 time.sleep(0.5)
             for row in load_rounds(run_dir)[seen:]:
                 progress.update(row)
+            outages.restore()
             run_id = dep.run_id()
             run = dep.run_info(run_id) if run_id is not None else {}
             info.update(run_id=run_id, flower_status=run.get("status"), traffic=run.get("network-traffic", {}))

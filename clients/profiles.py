@@ -1,0 +1,180 @@
+"""Link and device profiles of each gateway, and the link-bound clock.
+
+A profile is one file of ``configs/link/`` (rate up/down in kbit/s, RTT, jitter, loss)
+or ``configs/device/`` (CPU share, torch threads, memory). The run's ``link`` and
+``device`` groups are what every gateway gets; ``fleet.link_mix`` /
+``fleet.device_mix`` split the fleet by shares (in gateway order: with
+``{lte_m: 0.7, nb_iot: 0.3}`` and 10 gateways, 0-6 are LTE-M and 7-9 NB-IoT), and
+``fleet.link_overrides`` / ``fleet.device_overrides`` name one gateway's profile.
+
+:func:`link_time` is the clock used for ``engine=sim`` (and printed beside the measured
+time on a shaped fleet): a round of one gateway takes its compute time, plus its bytes
+over its link rates, plus the round trips its messages need.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import yaml
+
+from configs import CONFIG_DIR
+
+
+class ProfileError(ValueError):
+    """A link/device profile or mix that cannot work; one line with the fix."""
+
+
+@dataclass(frozen=True)
+class LinkProfile:
+    name: str
+    up_kbit: float | None = None  # None: unshaped
+    down_kbit: float | None = None
+    rtt_ms: float = 0.0
+    jitter_ms: float = 0.0
+    loss_pct: float = 0.0
+
+    @property
+    def shaped(self) -> bool:
+        return self.name != "none"
+
+
+@dataclass(frozen=True)
+class DeviceProfile:
+    name: str
+    cpu_share: float | None = None
+    torch_threads: int = 1
+    memory_mb: int | None = None
+
+
+@dataclass(frozen=True)
+class GatewayProfile:
+    index: int
+    link: LinkProfile
+    device: DeviceProfile
+
+    @property
+    def label(self) -> str:
+        return f"{self.link.name}/{self.device.name}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"index": self.index, "class": self.label, "link": asdict(self.link), "device": asdict(self.device)}
+
+
+def _load(group: str, name: str) -> dict[str, Any]:
+    path = CONFIG_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        options = sorted(p.stem for p in (CONFIG_DIR / group).glob("*.yaml"))
+        raise ProfileError(f"config: {group} profile {name!r} does not exist; use one of {options}")
+    return yaml.safe_load(path.read_text()) or {}
+
+
+def _link(values: Mapping[str, Any]) -> LinkProfile:
+    name = str(values.get("name"))
+    try:
+        prof = LinkProfile(
+            name=name,
+            up_kbit=None if values.get("up_kbit") is None else float(values["up_kbit"]),
+            down_kbit=None if values.get("down_kbit") is None else float(values["down_kbit"]),
+            rtt_ms=float(values.get("rtt_ms") or 0), jitter_ms=float(values.get("jitter_ms") or 0),
+            loss_pct=float(values.get("loss_pct") or 0),
+        )
+    except (TypeError, ValueError):
+        raise ProfileError(f"config: link profile {name!r} has a non-numeric value; rates, rtt, jitter, loss are numbers") from None
+    if prof.shaped and not (prof.up_kbit and prof.down_kbit and prof.up_kbit > 0 and prof.down_kbit > 0):
+        raise ProfileError(f"config: link profile {name!r} needs up_kbit and down_kbit > 0 (kbit/s)")
+    if prof.rtt_ms < 0 or prof.jitter_ms < 0 or not 0 <= prof.loss_pct < 100:
+        raise ProfileError(f"config: link profile {name!r}: rtt_ms, jitter_ms >= 0 and loss_pct in [0, 100) please")
+    return prof
+
+
+def _device(values: Mapping[str, Any]) -> DeviceProfile:
+    name = str(values.get("name"))
+    try:
+        prof = DeviceProfile(
+            name=name,
+            cpu_share=None if values.get("cpu_share") is None else float(values["cpu_share"]),
+            torch_threads=int(values.get("torch_threads") or 1),
+            memory_mb=None if values.get("memory_mb") is None else int(values["memory_mb"]),
+        )
+    except (TypeError, ValueError):
+        raise ProfileError(f"config: device profile {name!r} has a non-numeric value") from None
+    if (prof.cpu_share is not None and prof.cpu_share <= 0) or (prof.memory_mb is not None and prof.memory_mb < 256):
+        raise ProfileError(f"config: device profile {name!r}: cpu_share > 0 and memory_mb >= 256 (or null) please")
+    return prof
+
+
+def _split(mix: Mapping[str, Any] | None, default: str, n: int, what: str) -> list[str]:
+    """Profile name per gateway index from shares (largest remainder, in mix order)."""
+    if not mix:
+        return [default] * n
+    try:
+        shares = {str(k): float(v) for k, v in mix.items()}
+    except (TypeError, ValueError, AttributeError):
+        raise ProfileError(f"config: fleet.{what}_mix must map profile names to shares, e.g. {{lte_m: 0.7, nb_iot: 0.3}}") from None
+    total = sum(shares.values())
+    if total <= 0 or any(v < 0 for v in shares.values()):
+        raise ProfileError(f"config: fleet.{what}_mix shares must be >= 0 and not all 0")
+    exact = {k: v / total * n for k, v in shares.items()}
+    counts = {k: math.floor(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: exact[k] - counts[k], reverse=True)[: n - sum(counts.values())]:
+        counts[k] += 1
+    return [name for name, c in counts.items() for _ in range(c)]
+
+
+def _overrides(names: list[str], overrides: Mapping[Any, Any] | None, what: str) -> list[str]:
+    for key, name in (overrides or {}).items():
+        try:
+            i = int(key)
+        except (TypeError, ValueError):
+            raise ProfileError(f"config: fleet.{what}_overrides key {key!r} is not a gateway index") from None
+        if not 0 <= i < len(names):
+            raise ProfileError(f"config: fleet.{what}_overrides names gateway {i}, but the fleet has 0-{len(names) - 1}")
+        names[i] = str(name)
+    return names
+
+
+def gateway_profiles(cfg: Mapping[str, Any]) -> list[GatewayProfile]:
+    """The link and device profile of every gateway of the fleet, by index."""
+    fleet = cfg["fleet"]
+    n = int(fleet["gateways"])
+    base_link, base_device = cfg.get("link") or {"name": "none"}, cfg.get("device") or {"name": "unlimited"}
+    links = _overrides(_split(fleet.get("link_mix"), base_link["name"], n, "link"), fleet.get("link_overrides"), "link")
+    devices = _overrides(
+        _split(fleet.get("device_mix"), base_device["name"], n, "device"), fleet.get("device_overrides"), "device"
+    )
+    link_cache: dict[str, LinkProfile] = {base_link["name"]: _link(base_link)}
+    device_cache: dict[str, DeviceProfile] = {base_device["name"]: _device(base_device)}
+    out = []
+    for i in range(n):
+        if links[i] not in link_cache:
+            link_cache[links[i]] = _link(_load("link", links[i]))
+        if devices[i] not in device_cache:
+            device_cache[devices[i]] = _device(_load("device", devices[i]))
+        out.append(GatewayProfile(i, link_cache[links[i]], device_cache[devices[i]]))
+    return out
+
+
+# -- the link-bound clock ---------------------------------------------------------------
+# Round trips a train exchange needs on Flower's pull-based protocol: the SuperNode asks
+# for a message (1), fetches its objects (1), pushes the reply's objects and the reply (2).
+EXCHANGE_RTTS = 4
+
+
+def transfer_time(link: LinkProfile, bytes_down: float, bytes_up: float) -> float:
+    """Seconds to move the bytes over the link's rates, plus the exchange's round trips."""
+    if not link.shaped:
+        return 0.0
+    return (bytes_down * 8 / (link.down_kbit * 1000) + bytes_up * 8 / (link.up_kbit * 1000)
+            + EXCHANGE_RTTS * link.rtt_ms / 1000)
+
+
+def link_time(link: LinkProfile, device: DeviceProfile, compute_s: float, bytes_down: float, bytes_up: float,
+              outage_wait_s: float = 0.0, measured_on_share: float | None = None) -> float:
+    """Link-bound round time of one gateway: compute (rescaled to the device's CPU share
+    when it was measured on another), transfer and round trips, waiting for an outage."""
+    if measured_on_share is not None and device.cpu_share:
+        compute_s = compute_s * measured_on_share / min(device.cpu_share, measured_on_share)
+    return compute_s + transfer_time(link, bytes_down, bytes_up) + outage_wait_s

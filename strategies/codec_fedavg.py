@@ -1,0 +1,152 @@
+"""FedAvg over constrained links: encoded updates, delta downlink, over-selection.
+
+Contract with the ClientApp (``clients/app.py``):
+
+* **Down** (``train`` message). Either ``arrays`` — the full model the gateway should
+  start from, float32 — or ``delta`` — the change since the model the gateway got last
+  round, encoded with the codec, plus ``config["base-round"]``, the round of that model.
+  A gateway only gets a delta if it answered the previous round (so it holds the
+  base); everyone else gets the full model. Server and gateways reconstruct the same
+  ``view`` (base + decoded delta) bit for bit, so a lossy downlink never drifts apart.
+* **Up** (reply). ``update``: the gateway's new weights minus the view it started from,
+  encoded with the codec (after any privacy noise), and ``metrics`` with
+  ``num-examples``. The server decodes, adds the view back and takes Flower's weighted
+  average (``aggregate_arrayrecords``).
+* **Who trains.** ``clients_per_round`` gateways are needed (``null``: fraction_train of
+  those connected); ``over_selection`` samples that many more; the round's grid keeps
+  the first replies (see ``server/rounds.py``) and the rest are late.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterable
+from logging import INFO
+from typing import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+from strategies.codecs import Codec, flatten, unflatten
+
+
+def encoded_record(enc: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in enc.items()})
+
+
+def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+class CodecFedAvg(FedAvg):
+    """Flower's FedAvg with update codecs, a delta-encoded downlink and over-selection."""
+
+    def __init__(
+        self,
+        *,
+        codec: Codec,
+        downlink: str = "full",
+        clients_per_round: int | None = None,
+        over_selection: float = 0.0,
+        seed: int = 0,
+        on_sampled: Callable[[int, list[int], int], None] | None = None,
+        **fedavg: object,
+    ) -> None:
+        super().__init__(**fedavg)
+        if downlink not in ("full", "delta"):
+            raise ValueError(f"codec.downlink must be full or delta, got {downlink!r}")
+        self.codec = codec
+        self.downlink = downlink
+        self.clients_per_round = clients_per_round
+        self.over_selection = over_selection
+        self.rng = random.Random(seed)
+        self.down_rng = np.random.default_rng(seed)
+        self.on_sampled = on_sampled
+        self.view: dict[str, np.ndarray] | None = None  # the model every up-to-date gateway holds
+        self.view_round = 0
+        self.current: set[int] = set()  # gateways that answered the last round
+        self.sent_round = 0
+
+    # -- who trains --------------------------------------------------------------------
+    def needed(self, connected: int) -> int:
+        if self.clients_per_round:
+            return min(int(self.clients_per_round), connected)
+        return max(self.min_train_nodes, int(connected * self.fraction_train))
+
+    def sample(self, grid: Grid) -> tuple[list[int], int]:
+        while len(nodes := sorted(grid.get_node_ids())) < max(self.min_available_nodes, 1):
+            log(INFO, "Waiting for gateways: %d connected (need %d)", len(nodes), self.min_available_nodes)
+            time.sleep(1)
+        need = self.needed(len(nodes))
+        size = min(len(nodes), math.ceil(need * (1.0 + self.over_selection)))
+        return sorted(self.rng.sample(nodes, size)), need
+
+    # -- down --------------------------------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        if self.fraction_train == 0.0:
+            return []
+        node_ids, need = self.sample(grid)
+        if self.on_sampled:
+            self.on_sampled(server_round, node_ids, need)
+        config["server-round"] = server_round
+        model = {k: v.numpy().astype(np.float32) for k, v in arrays.items()}
+        messages = []
+        delta_record = None
+        base_round = self.view_round
+        if self.downlink == "delta" and self.view is not None:
+            diff = flatten(model) - flatten(self.view)
+            enc = self.codec.encode(diff, self.down_rng)
+            delta_record = encoded_record(enc)
+            new_view = unflatten(flatten(self.view) + self.codec.decode(enc, diff.size), model)
+        else:
+            new_view = model
+        for node in node_ids:
+            cfg = ConfigRecord(dict(config))
+            if delta_record is not None and node in self.current:
+                cfg["base-round"] = base_round
+                content = RecordDict({"delta": delta_record, self.configrecord_key: cfg})
+            else:
+                view = new_view if delta_record is not None else model
+                content = RecordDict({self.arrayrecord_key: ArrayRecord({k: Array(v) for k, v in view.items()}),
+                                      self.configrecord_key: cfg})
+            messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
+        self.view, self.view_round = new_view, server_round
+        log(INFO, "configure_train: %d gateways sampled for %d needed (%s downlink)", len(node_ids), need, self.downlink)
+        return messages
+
+    # -- up ----------------------------------------------------------------------------
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        valid, errors = [], []
+        for msg in replies:
+            (errors if msg.has_error() else valid).append(msg)
+        for msg in errors:
+            log(INFO, "gateway %d replied with an error: %s", msg.metadata.src_node_id, msg.error.reason)
+        self.current = set()
+        contents = []
+        base = flatten(self.view) if self.view is not None else None
+        for msg in valid:
+            node = msg.metadata.src_node_id
+            try:
+                update = self.codec.decode(record_arrays(msg.content["update"]), base.size)
+                weights = unflatten(base + update, self.view)
+            except (KeyError, ValueError) as err:
+                log(INFO, "gateway %d sent a malformed update, left out of round %d: %s", node, server_round, err)
+                continue
+            contents.append(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
+                                        "metrics": msg.content["metrics"]}))
+            self.current.add(node)
+        if not contents:
+            return None, None
+        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
+        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+        return arrays, metrics
