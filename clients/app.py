@@ -16,6 +16,7 @@ the run config; training hyper-parameters from each train message.
 
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
@@ -30,6 +31,16 @@ from strategies.codecs import ErrorFeedback, flatten, get_codec, unflatten
 from tasks import get_task
 
 app = ClientApp()
+
+
+def _process_started() -> float:
+    """Wall-clock time this process (Flower starts one per message) was created."""
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 def _plant(context: Context):
@@ -116,6 +127,7 @@ def train(msg: Message, context: Context) -> Message:
             "bytes-down": bytes_down,
             "bytes-up": record.count_bytes(),
             "partition": partition,
+            "t-proc": _process_started(),
             "t-start": started,
             "t-end": time.time(),
             "residual-norm": residual_norm,

@@ -92,6 +92,11 @@ class RoundLog:
                     status="aggregated", bytes_down=c["bytes-down"], bytes_up=c["bytes-up"],
                     round_s=measured, compute_s=compute, transfer_s=transfer,
                     wait_s=max(0.0, measured - compute - transfer),
+                    # of the waiting: before the ClientApp process existed (Flower's pull interval,
+                    # the downlink), its start-up (interpreter, imports), after the reply left
+                    before_process_s=float(c["t-proc"]) - pushed if "t-proc" in c else None,
+                    startup_s=float(c["t-start"] - c["t-proc"]) if "t-proc" in c else None,
+                    after_reply_s=trace.replied[node] - float(c["t-end"]),
                     sim_s=link_time(prof.link, prof.device, compute, c["bytes-down"], c["bytes-up"],
                                     measured_on_share=share),
                     train_loss=c.get("train_loss"),

@@ -21,7 +21,8 @@ from omegaconf import DictConfig, OmegaConf
 from configs import ConfigError, validate
 
 USAGE = """usage: iiotfl run [HYDRA OVERRIDES...]   run the federated job (e.g. engine=sim fleet.rounds=5, -m to sweep)
-       iiotfl report DIR                 re-render the report of a run or the summary of a sweep"""
+       iiotfl report DIR                 re-render the report of a run or the summary of a sweep
+       iiotfl cleanup                    remove what killed runs left (processes, namespaces, links, cgroups)"""
 
 _failures: list[str] = []
 
@@ -73,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(target))
         else:
             print(write_summary(target)[1])
+        return 0
+    if command == "cleanup":
+        from server.fleet import cleanup
+
+        removed = cleanup()
+        print(f"removed {len(removed)} leftovers" + (": " + ", ".join(removed) if removed else ""))
         return 0
     print(f"error: unknown command {command!r}\n{USAGE}", file=sys.stderr)
     return 2

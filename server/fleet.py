@@ -69,17 +69,55 @@ def processes_with_env(key: str, value: str) -> list[int]:
     return found
 
 
+def _start_ticks(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def launcher_id() -> str:
+    """``pid:start-time`` of this process, so a later run can tell whether it still lives."""
+    return f"{os.getpid()}:{_start_ticks(os.getpid())}"
+
+
 def run_alive(tag_prefix: str) -> bool:
-    """Whether any process of a run whose tag starts with ``tag_prefix`` is still running."""
+    """Whether the run whose tag starts with ``tag_prefix`` is still going.
+
+    Its processes carry ``IIOTFL_RUN=<tag>`` and ``IIOTFL_LAUNCHER=<pid:start>``. A run
+    whose launcher died (``kill -9``, a crash) leaves orphans: they are ended here and
+    the run counts as gone, so its namespaces and cgroups can be removed.
+    """
     needle = f"\0IIOTFL_RUN={tag_prefix}".encode()
+    orphans, alive = [], False
     for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = b"\0" + (entry / "environ").read_bytes()
+        except OSError:
+            continue
+        if needle not in environ:
+            continue
+        m = re.search(rb"\0IIOTFL_LAUNCHER=(\d+):(\d+)", environ)
+        if m and _start_ticks(int(m.group(1))) == m.group(2).decode():
+            alive = True
+        else:
+            orphans.append(int(entry.name))
+    if not alive:
+        for pid in orphans:
             try:
-                if needle in b"\0" + (entry / "environ").read_bytes():
-                    return True
-            except OSError:
-                continue
-    return False
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+    return alive
+
+
+def cleanup() -> list[str]:
+    """Remove what crashed or killed runs left: orphan processes, namespaces, links, cgroups."""
+    if netem.availability() is not None:
+        return []
+    return netem.cleanup_stale(run_alive)
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
@@ -113,6 +151,7 @@ class Deployment:
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
             "FLWR_HOME": str(self.home),
             "IIOTFL_RUN": self.tag,
+            "IIOTFL_LAUNCHER": launcher_id(),
             "PYTHONUNBUFFERED": "1",
             # Ray (engine=sim) keeps its sockets here; short, because of the Unix socket path limit.
             "RAY_TMPDIR": f"/tmp/iiotfl-{self.tag[:12]}",
@@ -172,7 +211,7 @@ class Deployment:
         wanted = any(p.link.shaped for p in profiles)
         why = netem.availability() if wanted else "every gateway has link=none"
         if why is None:
-            netem.cleanup_stale(run_alive)
+            cleanup()
             self.links = netem.LinkFleet(self.tag)
             self.gateway_links = self.links.create(profiles)
             lossy = [g.profile.index for g in self.gateway_links if not g.loss_emulated]

@@ -53,8 +53,71 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "bytes_up_per_client_round": sum(up) / len(up) if up else None,
         "bytes_down_per_client_round": sum(down) / len(down) if down else None,
         "superlink_bytes": launch.get("traffic", {}).get("total-bytes"),
+        "sim_round_s": _mean([r.get("sim_round_s") for r in trained]),
+        "late_replies": sum(len(r.get("late") or []) for r in trained),
+        "links": (_read_json(run_dir / "links.json").get("emulation") or launch.get("links") or ""),
         "error": launch.get("error", ""),
     }
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [float(v) for v in values if isinstance(v, (int, float))]
+    return sum(vals) / len(vals) if vals else None
+
+
+GATEWAY_FIGURES = ("bytes_up", "bytes_down", "wire_up", "wire_down", "compute_s", "transfer_s", "wait_s",
+                   "round_s", "sim_s")
+
+
+def per_class(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean per-gateway-round figures for each gateway class (link/device)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rounds:
+        for g in r.get("gateways") or []:
+            groups.setdefault(g.get("class") or "?", []).append(g)
+    out = {}
+    for cls, rows in sorted(groups.items()):
+        done = [g for g in rows if g.get("status") == "aggregated"]
+        out[cls] = {
+            "gateways": len({g.get("partition") for g in rows}),
+            "replies": len(done),
+            "late": sum(g.get("status") == "late" for g in rows),
+            **{k: _mean([g.get(k) for g in (rows if k.startswith("wire") else done)]) for k in GATEWAY_FIGURES},
+        }
+    return out
+
+
+def plot_classes(classes: dict[str, dict[str, Any]], path: Path) -> bool:
+    """Stacked compute / transfer / waiting per gateway class, the link-bound clock beside."""
+    if not classes:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(classes)
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    bottom = [0.0] * len(names)
+    for key, colour in (("compute_s", "tab:blue"), ("transfer_s", "tab:orange"), ("wait_s", "tab:grey")):
+        vals = [classes[n][key] or 0.0 for n in names]
+        axes[0].bar(names, vals, bottom=bottom, label=key[:-2], color=colour)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    axes[0].scatter(names, [classes[n]["sim_s"] or 0.0 for n in names], marker="_", s=600, color="k",
+                    label="link-bound clock", zorder=3)
+    axes[0].set_ylabel("seconds per gateway and round")
+    axes[0].legend(fontsize=7)
+    width = 0.2
+    for j, key in enumerate(("bytes_up", "bytes_down", "wire_up", "wire_down")):
+        axes[1].bar([i + (j - 1.5) * width for i in range(len(names))],
+                    [(classes[n][key] or 0.0) / 1000 for n in names], width, label=key)
+    axes[1].set_xticks(range(len(names)), names)
+    axes[1].set_ylabel("kB per gateway and round")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
 
 
 def _fmt(value: Any) -> str:
@@ -106,7 +169,10 @@ def write_report(run_dir: str | Path) -> Path:
     launch = _read_json(run_dir / "launch.json")
     final = _read_json(run_dir / "metrics.json")
     s = run_summary(run_dir)
+    links = _read_json(run_dir / "links.json").get("emulation") or launch.get("links")
     lines = ["# iiotfl run report", ""]
+    if links:
+        lines += [f"**Links: {links}.**", ""]
     for note in launch.get("notes", []):
         lines.append(f"> {note}")
     if launch.get("notes"):
@@ -125,18 +191,45 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         "## Rounds",
         "",
-        "| round | time [s] | RMSE | RMSE last cycle | PHM08 score | gateways | mean train loss |",
-        "|---:|---:|---:|---:|---:|---:|---:|",
+        "| round | time [s] | link-bound [s] | RMSE | RMSE last cycle | PHM08 score | gateways | late | mean train loss |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rounds:
         sv, cl = r["server"], r["clients"]
         loss = sum(c["train_loss"] for c in cl) / len(cl) if cl else None
         lines.append(
-            f"| {r['round']} | {_fmt(r['round_time'])} | {_fmt(sv.get('rmse'))} | {_fmt(sv.get('rmse_last'))} "
-            f"| {_fmt(sv.get('phm_score'))} | {len(cl)} | {_fmt(loss)} |"
+            f"| {r['round']} | {_fmt(r['round_time'])} | {_fmt(r.get('sim_round_s'))} | {_fmt(sv.get('rmse'))} "
+            f"| {_fmt(sv.get('rmse_last'))} | {_fmt(sv.get('phm_score'))} | {len(cl)} | {len(r.get('late') or [])} "
+            f"| {_fmt(loss)} |"
         )
     if plot_rounds(rounds, run_dir / "metrics.png"):
         lines += ["", "![metrics per round](metrics.png)"]
+    classes = per_class(rounds)
+    if classes:
+        lines += [
+            "", "## Gateways by class (link/device)", "",
+            "Means per gateway and round. Application bytes: the Flower message payload; wire bytes: the "
+            "gateway's veth counters (headers, retransmissions, Flower's polling and heartbeats included). "
+            "Round time (push to reply) = compute (the ClientApp's handler) + transfer (bytes over the link "
+            "rates plus round trips) + waiting (the rest). Link-bound: compute + transfer.",
+            "",
+            "| class | gateways | replies | late | app up [B] | app down [B] | wire up [B] | wire down [B] "
+            "| compute [s] | transfer [s] | waiting [s] | round [s] | link-bound [s] |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for cls, c in classes.items():
+            lines.append(f"| {cls} | {c['gateways']} | {c['replies']} | {c['late']} | "
+                         + " | ".join(_fmt(c[k]) for k in GATEWAY_FIGURES) + " |")
+        if plot_classes(classes, run_dir / "links.png"):
+            lines += ["", "![time and bytes per gateway class](links.png)"]
+        late = [(r["round"], r["late"]) for r in rounds if r.get("late")]
+        if late:
+            lines += ["", "Late (excluded) gateways: " + "; ".join(f"round {n}: {g}" for n, g in late)]
+        outages = run_dir / "outages.jsonl"
+        if outages.exists():
+            events = [json.loads(x) for x in outages.read_text().splitlines() if x.strip()]
+            lines += ["", "Outages: " + "; ".join(
+                f"gateway {e['gateway']} {e['state']} at {e['t']:.1f}s (round {e['round']})" for e in events)]
     if launch.get("logs"):
         lines += ["", "## Logs", ""] + [f"- {name}: `{path}`" for name, path in launch["logs"].items()]
     path = run_dir / "report.md"
@@ -146,7 +239,8 @@ def write_report(run_dir: str | Path) -> Path:
 
 SUMMARY_COLUMNS = (
     "run", "overrides", "status", "engine", "gateways", "rounds_done", "initial_rmse", "final_rmse",
-    "final_rmse_last", "final_phm_score", "mean_round_s", "wall_s", "bytes_up_per_client_round", "error",
+    "final_rmse_last", "final_phm_score", "mean_round_s", "sim_round_s", "wall_s", "bytes_up_per_client_round",
+    "bytes_down_per_client_round", "late_replies", "error",
 )
 
 

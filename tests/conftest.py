@@ -24,3 +24,12 @@ def task_cfg() -> dict:
     from configs import compose
 
     return compose()["task"]
+
+
+@pytest.fixture(scope="session")
+def fleet_run(tmp_path_factory):
+    """One real local deployment shared by several checks: 3 gateways, 3 rounds, the
+    default link (ethernet) and codec (float32). Also the float32 reference for codecs."""
+    run_dir = tmp_path_factory.mktemp("fleet") / "run"
+    proc = run_cli("run", "fleet.gateways=3", "fleet.rounds=3", f"hydra.run.dir={run_dir}")
+    return run_dir, proc

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from server import netem
 from server.fleet import processes_with_env
 from tasks.predictive_maintenance.model import RulCNN
 from tests.conftest import IIOTFL, ROOT, run_cli
@@ -27,14 +28,8 @@ def rounds_of(run_dir: Path) -> list[dict]:
 
 def assert_nothing_left(run_dir: Path) -> None:
     assert processes_with_env("FLWR_HOME", str(run_dir / "flwr")) == [], "processes of the run are still alive"
-
-
-@pytest.fixture(scope="module")
-def fleet_run(tmp_path_factory):
-    """One real local deployment shared by the checks below: 3 gateways, 3 rounds."""
-    run_dir = tmp_path_factory.mktemp("fleet") / "run"
-    proc = run_cli("run", "fleet.gateways=3", "fleet.rounds=3", f"hydra.run.dir={run_dir}")
-    return run_dir, proc
+    left = netem.project_objects()
+    assert not any(left.values()), f"namespaces, links or cgroups left behind: {left}"
 
 
 def test_fleet_run_completes_and_learns(fleet_run):
