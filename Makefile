@@ -22,6 +22,8 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/foundation.py
+	$(VENV)/bin/python bench/links.py
+	$(VENV)/bin/python bench/privacy.py
 
 clean:
 	rm -rf $(VENV) runs multirun

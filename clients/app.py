@@ -24,8 +24,9 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from clients.training import train_local
+from clients.training import train_local, train_local_dp
 from configs import from_run_config
+from privacy.accounting import DeviceAccountant, noise_for_target, steps_per_round
 from strategies.codec_fedavg import encoded_record, record_arrays
 from strategies.codecs import ErrorFeedback, flatten, get_codec, unflatten
 from tasks import get_task
@@ -86,28 +87,89 @@ def _start_view(msg: Message, context: Context, codec) -> dict[str, np.ndarray]:
     return view
 
 
-@app.train()
+def _sample_dp(cfg, context: Context, records: int, config: ConfigRecord, partition: int):
+    """Sample-level DP settings of this round on this device: (accountant, sigma, q, steps, budget).
+
+    The budget is the plant's own when its gateway's node config sets ``privacy-budget``,
+    else ``privacy.device_budgets[partition]``, else ``privacy.budget``, else the target ε."""
+    priv = cfg["privacy"]
+    delta = float(priv.get("delta") or 1.0 / (10 * records))
+    q, steps = steps_per_round(records, int(config["batch-size"]), int(config["local-epochs"]))
+    history = []
+    if "dp" in context.state:
+        rec = context.state["dp"]
+        history = list(zip(rec["sigma"], rec["q"], rec["steps"]))
+    accountant = DeviceAccountant(delta, [(float(a), float(b), int(c)) for a, b, c in history])
+    if priv.get("noise_multiplier"):
+        sigma = float(priv["noise_multiplier"])
+    else:  # spend the target over every round of the run
+        sigma = noise_for_target(float(priv["epsilon"]), delta, q, steps * int(cfg["fleet"]["rounds"]))
+    own = (priv.get("device_budgets") or {})
+    budget = (context.node_config.get("privacy-budget") or own.get(str(partition)) or own.get(partition)
+              or priv.get("budget") or priv.get("epsilon"))
+    return accountant, sigma, q, steps, float(budget) if budget else float("inf")
+
+
+def _save_dp(context: Context, accountant: DeviceAccountant) -> None:
+    h = accountant.history
+    context.state["dp"] = ConfigRecord({"sigma": [float(a) for a, _, _ in h], "q": [float(b) for _, b, _ in h],
+                                        "steps": [int(c) for _, _, c in h]})
+
+
+def _client_clipping(msg: Message, context: Context, call_next) -> Message:
+    """Flower's client-side clipping mod, when the server's DP wrapper asks for it."""
+    from flwr.clientapp.mod import fixedclipping_mod
+    from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM
+
+    if KEY_CLIPPING_NORM in msg.content.config_records.get("config", {}):
+        return fixedclipping_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+@app.train(mods=[_client_clipping])
 def train(msg: Message, context: Context) -> Message:
     started = time.time()
     cfg, task, data, _, partition = _plant(context)
     config = msg.content["config"]
     codec = get_codec(cfg.get("codec"))
+    privacy = (cfg.get("privacy") or {}).get("name", "none")
     bytes_down = sum(rec.count_bytes() for key, rec in msg.content.array_records.items())
     view = _start_view(msg, context, codec)
     model = task.build_model()
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in view.items()})
     x, y = task.windows(data, _normaliser(task, config))
     server_round = int(config["server-round"])
-    stats = train_local(
-        model,
-        x,
-        task.target(y),
-        epochs=int(config["local-epochs"]),
-        batch_size=int(config["batch-size"]),
-        lr=float(config["lr"]),
-        seed=hash((cfg["seed"], partition, server_round)) % 2**31,
-    )
-    # The update leaves the device encoded (any privacy noise is added before this line).
+    seed = hash((cfg["seed"], partition, server_round)) % 2**31
+    common = dict(epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]),
+                  lr=float(config["lr"]), seed=seed)
+    dp: dict[str, float] = {}
+    if privacy == "sample":
+        accountant, sigma, q, steps, budget = _sample_dp(cfg, context, len(y), config, partition)
+        dp = {"dp-sigma": sigma, "dp-clip": float(cfg["privacy"]["max_grad_norm"]), "dp-delta": accountant.delta,
+              "dp-budget": budget}
+        if accountant.would_exceed(budget, sigma, q, steps):
+            spent = accountant.epsilon()
+            metrics = {"partition": partition, "num-examples": len(y), "dp-stopped": 1, "dp-epsilon": spent,
+                       "dp-budget-left": budget - spent, **dp, "t-start": started, "t-end": time.time()}
+            return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        stats = train_local_dp(model, x, task.target(y), noise_multiplier=sigma,
+                               max_grad_norm=float(cfg["privacy"]["max_grad_norm"]), **common)
+        accountant.history.append((sigma, float(stats.pop("sample_rate")), int(stats.pop("steps"))))
+        _save_dp(context, accountant)
+        eps = accountant.epsilon()
+        dp.update({"dp-epsilon": eps, "dp-budget-left": budget - eps, "dp-q": accountant.history[-1][1],
+                   "dp-steps": accountant.history[-1][2]})
+    else:
+        stats = train_local(model, x, task.target(y), **common)
+    timing = {"partition": partition, "t-proc": _process_started(), "t-start": started}
+    if privacy == "client":
+        # Flower's DP wrappers clip and average full weights, every gateway with equal weight
+        arrays = ArrayRecord({k: Array(v.detach().numpy().copy()) for k, v in model.state_dict().items()})
+        metrics = MetricRecord({**stats, **timing, "num-examples": len(y), "dp-weight": 1, "bytes-down": bytes_down,
+                                "bytes-up": arrays.count_bytes(), "objects-down": 2 + len(msg.content) + len(view),
+                                "objects-up": 4 + len(arrays), "t-end": time.time()})
+        return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), reply_to=msg)
+    # The update leaves the device encoded (the DP noise is already in it).
     update = flatten({k: v.detach().numpy() for k, v in model.state_dict().items()}) - flatten(view)
     rng = np.random.default_rng([cfg["seed"], partition, server_round])
     if (cfg.get("codec") or {}).get("error_feedback"):
@@ -123,12 +185,14 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             **stats,
+            **dp,
+            **timing,
             "num-examples": len(y),
             "bytes-down": bytes_down,
             "bytes-up": record.count_bytes(),
-            "partition": partition,
-            "t-proc": _process_started(),
-            "t-start": started,
+            # Flower objects each way (message, RecordDict, records, arrays): one request each
+            "objects-down": 2 + len(msg.content) + sum(len(r) for r in msg.content.array_records.values()),
+            "objects-up": 2 + 2 + len(record),
             "t-end": time.time(),
             "residual-norm": residual_norm,
         }

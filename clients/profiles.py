@@ -7,9 +7,10 @@ or ``configs/device/`` (CPU share, torch threads, memory). The run's ``link`` an
 ``{lte_m: 0.7, nb_iot: 0.3}`` and 10 gateways, 0-6 are LTE-M and 7-9 NB-IoT), and
 ``fleet.link_overrides`` / ``fleet.device_overrides`` name one gateway's profile.
 
-:func:`link_time` is the clock used for ``engine=sim`` (and printed beside the measured
-time on a shaped fleet): a round of one gateway takes its compute time, plus its bytes
-over its link rates, plus the round trips its messages need.
+:func:`link_bound` is compute + bytes over the link rates + the round trips the
+messages need. :func:`link_time` is the clock of ``engine=sim`` (printed beside the
+measured time on a shaped fleet too): the link bound plus what Flower's deployment
+engine itself adds per exchange (:func:`flower_overhead`) plus outage waiting.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ class DeviceProfile:
     cpu_share: float | None = None
     torch_threads: int = 1
     memory_mb: int | None = None
+    startup_s: float = 3.5  # start of one ClientApp process on one core (interpreter, flwr, torch)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,7 @@ def _device(values: Mapping[str, Any]) -> DeviceProfile:
             cpu_share=None if values.get("cpu_share") is None else float(values["cpu_share"]),
             torch_threads=int(values.get("torch_threads") or 1),
             memory_mb=None if values.get("memory_mb") is None else int(values["memory_mb"]),
+            startup_s=float(values.get("startup_s", 3.5)),
         )
     except (TypeError, ValueError):
         raise ProfileError(f"config: device profile {name!r} has a non-numeric value") from None
@@ -158,23 +161,56 @@ def gateway_profiles(cfg: Mapping[str, Any]) -> list[GatewayProfile]:
 
 
 # -- the link-bound clock ---------------------------------------------------------------
-# Round trips a train exchange needs on Flower's pull-based protocol: the SuperNode asks
-# for a message (1), fetches its objects (1), pushes the reply's objects and the reply (2).
+# Round trips of a train exchange on Flower's pull-based protocol (flwr 1.42): the SuperNode
+# asks for a message, fetches each object of it (the message, its RecordDict, every record
+# and array: one request each), confirms, then pushes the reply the same way.
 EXCHANGE_RTTS = 4
 
 
-def transfer_time(link: LinkProfile, bytes_down: float, bytes_up: float) -> float:
+def exchange_rtts(objects_down: int | None = None, objects_up: int | None = None) -> int:
+    """Requests (round trips) of one exchange; without object counts, the minimum."""
+    if objects_down is None or objects_up is None:
+        return EXCHANGE_RTTS
+    return 2 + int(objects_down) + 1 + int(objects_up)
+
+
+def transfer_time(link: LinkProfile, bytes_down: float, bytes_up: float,
+                  objects_down: int | None = None, objects_up: int | None = None) -> float:
     """Seconds to move the bytes over the link's rates, plus the exchange's round trips."""
     if not link.shaped:
         return 0.0
     return (bytes_down * 8 / (link.down_kbit * 1000) + bytes_up * 8 / (link.up_kbit * 1000)
-            + EXCHANGE_RTTS * link.rtt_ms / 1000)
+            + exchange_rtts(objects_down, objects_up) * link.rtt_ms / 1000)
+
+
+def link_bound(link: LinkProfile, compute_s: float, bytes_down: float, bytes_up: float,
+               objects_down: int | None = None, objects_up: int | None = None) -> float:
+    """Compute + bytes over the rates + round trips."""
+    return compute_s + transfer_time(link, bytes_down, bytes_up, objects_down, objects_up)
+
+
+# What Flower's deployment engine adds to every train exchange (flwr 1.42): the SuperNode
+# asks for messages every 3 s when none waits (half of that on average), starts a new
+# ClientApp process per message (device.startup_s), looks for its result every 0.5 s, and
+# the ServerApp polls for replies every 0.25 s.
+SUPERNODE_PULL_S = 3.0
+SUPERNODE_RESULT_POLL_S = 0.5
+SERVER_POLL_S = 0.25
+
+
+def flower_overhead(device: DeviceProfile) -> float:
+    share = min(device.cpu_share or 1.0, 1.0)
+    return (SUPERNODE_PULL_S / 2 + device.startup_s / share + SUPERNODE_RESULT_POLL_S / 2
+            + SERVER_POLL_S / 2)
 
 
 def link_time(link: LinkProfile, device: DeviceProfile, compute_s: float, bytes_down: float, bytes_up: float,
-              outage_wait_s: float = 0.0, measured_on_share: float | None = None) -> float:
-    """Link-bound round time of one gateway: compute (rescaled to the device's CPU share
-    when it was measured on another), transfer and round trips, waiting for an outage."""
+              outage_wait_s: float = 0.0, measured_on_share: float | None = None,
+              objects_down: int | None = None, objects_up: int | None = None) -> float:
+    """Simulated round time of one gateway: compute (rescaled to the device's CPU share
+    when it was measured on another), transfer and round trips, Flower's own overhead,
+    and waiting for the link to come back from an outage."""
     if measured_on_share is not None and device.cpu_share:
         compute_s = compute_s * measured_on_share / min(device.cpu_share, measured_on_share)
-    return compute_s + transfer_time(link, bytes_down, bytes_up) + outage_wait_s
+    return (link_bound(link, compute_s, bytes_down, bytes_up, objects_down, objects_up)
+            + flower_overhead(device) + outage_wait_s)

@@ -24,6 +24,7 @@ ENGINES = ("fleet", "sim")
 DATA_SOURCES = ("generator", "csv", "cmapss")
 CODECS = ("none", "fp16", "int8", "int4", "topk")
 OUTAGE_MODES = ("none", "periodic", "random", "rounds")
+PRIVACY = ("none", "sample", "client")
 
 # Flat run-config keys of pyproject.toml's [tool.flwr.app.config] -> config paths.
 FLAT_KEYS = {
@@ -138,6 +139,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _float(cfg, "fleet.over_selection", 0.0, 10.0)
     _int(cfg, "fleet.min_replies", 1, gateways)
     _choice(cfg, "fleet.outage.mode", OUTAGE_MODES)
+    _validate_privacy(cfg)
     from clients.profiles import ProfileError, gateway_profiles
 
     try:
@@ -148,6 +150,44 @@ def validate(cfg: Mapping[str, Any]) -> None:
         _int(cfg, "engine.client_cpus", 1)
         if _get(cfg, "engine.num_cpus") is not None:
             _int(cfg, "engine.num_cpus", 1)
+
+
+def _validate_privacy(cfg: Mapping[str, Any]) -> None:
+    name = _choice(cfg, "privacy.name", PRIVACY, group="privacy")
+    if name == "none":
+        return
+    priv = cfg["privacy"]
+    for key in ("epsilon", "budget", "noise_multiplier"):
+        if priv.get(key) is not None:
+            _float(cfg, f"privacy.{key}", 0.0, 1e6, low_open=True)
+    if priv.get("delta") is not None:
+        value = priv["delta"]
+        if not isinstance(value, numbers.Real) or not 0 < value < 1:
+            raise ConfigError(f"config: privacy.delta={value!r} is invalid; it must be in (0, 1), "
+                              "well below 1 / records (or null for the default)")
+    if not priv.get("epsilon") and not priv.get("noise_multiplier"):
+        raise ConfigError("config: privacy needs privacy.epsilon (a target) or privacy.noise_multiplier")
+    if name == "sample":
+        _float(cfg, "privacy.max_grad_norm", 0.0, 1e6, low_open=True)
+        from tasks import get_task
+
+        model = get_task(cfg["task"], cfg["seed"]).build_model()
+        from opacus.validators import ModuleValidator
+
+        errors = ModuleValidator.validate(model, strict=False)
+        if errors:
+            raise ConfigError(f"config: privacy=sample needs a model DP-SGD can train; {type(model).__name__} has "
+                              f"{'; '.join(sorted({str(e).splitlines()[0] for e in errors}))} (e.g. use GroupNorm "
+                              "instead of BatchNorm)")
+    if name == "client":
+        _float(cfg, "privacy.clipping_norm", 0.0, 1e6, low_open=True)
+        _choice(cfg, "privacy.clipping", ("server", "client"))
+        if cfg["codec"]["name"] != "none":
+            raise ConfigError("config: privacy=client clips and averages full float32 weights (Flower's DP wrappers); "
+                              "use codec=none with it")
+        if float(cfg["fleet"]["fraction_train"]) != 1.0 or cfg["fleet"].get("clients_per_round"):
+            raise ConfigError("config: privacy=client accounts every gateway in every round; keep "
+                              "fleet.fraction_train=1.0 and fleet.clients_per_round=null")
 
 
 def to_run_config(cfg: Mapping[str, Any], output_dir: str | Path) -> dict[str, Any]:

@@ -21,10 +21,15 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords
 
 from configs import from_run_config
 from clients.profiles import gateway_profiles, link_time, transfer_time
+from privacy.accounting import accounting_check
+from privacy.ledger import Ledger
+from privacy.ledger import load as load_ledger
+from server.netem import veth_counters
+from strategies.client_dp import rounds_within_budget
+from server.outages import Outages
 from server.report import write_report
 from server.rounds import DeadlineGrid
 from strategies import build_strategy
@@ -40,7 +45,8 @@ class RoundLog:
     bytes (its veth counters, on a shaped fleet), and the round time split into compute
     (the ClientApp's handler), transfer (bytes over the link rates plus round trips,
     ``clients/profiles.py``) and waiting (the rest: Flower's polling, process start-up,
-    queueing behind other gateways, outages). ``sim_s`` is the link-bound clock.
+    queueing behind other gateways, outages). ``bound_s`` = compute + transfer;
+    ``sim_s`` is the simulated clock (bound + Flower's overhead + outage waiting).
     """
 
     def __init__(self, path: Path, cfg: dict[str, Any], grid: DeadlineGrid, engine: str) -> None:
@@ -57,37 +63,38 @@ class RoundLog:
         links = _read_json(path.parent / "links.json")
         self.devs = {int(g["index"]): g["host_dev"] for g in links.get("gateways", []) if g.get("host_dev")}
         self.counters = self.read_counters()
+        # engine=sim: a simulated clock that also knows the outage schedule
+        self.outages = Outages(cfg, [])
+        self.deadline = float(cfg["fleet"]["round_timeout"])
+        self.sim_clock = 0.0
 
     def read_counters(self) -> dict[int, dict[str, int]]:
-        out = {}
-        for index, dev in self.devs.items():
-            base = Path("/sys/class/net") / dev / "statistics"
-            try:
-                out[index] = {"up": int((base / "rx_bytes").read_text()), "down": int((base / "tx_bytes").read_text())}
-            except OSError:
-                pass
-        return out
-
-    def aggregate_train(self, records: list[RecordDict], weighting_key: str) -> MetricRecord:
-        """The strategy's train-metrics hook: keep each gateway's figures, return the weighted mean."""
-        self.clients = [dict(rec["metrics"]) for rec in records if "metrics" in rec]
-        return aggregate_metricrecords(records, weighting_key)
+        return {i: c for i, dev in self.devs.items() if (c := veth_counters(dev)) is not None}
 
     def _gateways(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         trace = self.grid.train_trace
         now_counters = self.read_counters()
-        by_partition = {int(c["partition"]): c for c in self.clients}
+        self.clients = [trace.metrics[n] for n in trace.replied if n in trace.metrics]
         rows = []
         for node, pushed in trace.sent.items():
             part = self.node_partition.get(node)
-            c = by_partition.get(part) if part is not None else None
+            c = trace.metrics.get(node)
             prof = self.profiles.get(part) if part is not None else None
             row: dict[str, Any] = {"partition": part, "node": node, "class": prof.label if prof else None}
-            if node in trace.replied and c is not None and prof is not None:
+            if c is not None:
+                row["metrics"] = {k: v for k, v in c.items() if k.startswith("dp-")}
+            if c is not None and c.get("dp-stopped"):
+                row.update(status="budget-spent", bytes_up=0, epsilon=c.get("dp-epsilon"))
+            elif node in trace.replied and c is not None and prof is not None:
                 measured = trace.replied[node] - pushed
                 compute = float(c["t-end"] - c["t-start"])
-                transfer = transfer_time(prof.link, c["bytes-down"], c["bytes-up"])
+                objects = (c.get("objects-down"), c.get("objects-up"))
+                transfer = transfer_time(prof.link, c["bytes-down"], c["bytes-up"], *objects)
                 share = 1.0 if self.engine == "sim" else None
+                wait_outage = 0.0
+                if self.engine == "sim":
+                    back = self.outages.up_again(part, self.sim_clock, len(self.rows))
+                    wait_outage = back - self.sim_clock
                 row.update(
                     status="aggregated", bytes_down=c["bytes-down"], bytes_up=c["bytes-up"],
                     round_s=measured, compute_s=compute, transfer_s=transfer,
@@ -97,8 +104,10 @@ class RoundLog:
                     before_process_s=float(c["t-proc"]) - pushed if "t-proc" in c else None,
                     startup_s=float(c["t-start"] - c["t-proc"]) if "t-proc" in c else None,
                     after_reply_s=trace.replied[node] - float(c["t-end"]),
+                    bound_s=compute + transfer,
                     sim_s=link_time(prof.link, prof.device, compute, c["bytes-down"], c["bytes-up"],
-                                    measured_on_share=share),
+                                    outage_wait_s=wait_outage, measured_on_share=share,
+                                    objects_down=objects[0], objects_up=objects[1]),
                     train_loss=c.get("train_loss"),
                 )
             else:
@@ -110,24 +119,37 @@ class RoundLog:
             rows.append(row)
         self.counters = now_counters
         aggregated = [r for r in rows if r.get("status") == "aggregated"]
+        if self.engine == "sim":
+            # on the simulated clock a gateway past the deadline would have been late
+            for r in aggregated:
+                if r["sim_s"] > self.deadline:  # would have missed the deadline (outage, slow link)
+                    r["sim_late"], r["sim_s"] = True, self.deadline
+            sim_round = min(self.deadline, max((r["sim_s"] for r in aggregated), default=0.0))
+            self.sim_clock += sim_round
         summary = {
             "sampled": len(trace.sent),
             "aggregated": len(aggregated),
             "late": sorted(r["partition"] for r in rows if r["status"] == "late" and r["partition"] is not None),
             "skipped": trace.below_minimum,
             "train_s": trace.ended - trace.started,
-            "sim_round_s": max((r["sim_s"] for r in aggregated), default=0.0),
+            "sim_round_s": min(self.deadline, max((r["sim_s"] for r in aggregated), default=0.0)),
+            "bound_round_s": max((r["bound_s"] for r in aggregated), default=0.0),
+            "sim_late": sorted(r["partition"] for r in aggregated if r.get("sim_late")),
         }
         return sorted(rows, key=lambda r: (r["partition"] is None, r["partition"])), summary
 
-    def write(self, server_round: int, evaluation: dict[str, float]) -> None:
+    def write(self, server_round: int, evaluation: dict[str, float], privacy: dict[str, float] | None = None) -> None:
         now = time.time()
         gateways, summary = self._gateways() if server_round else ([], {})
+        device_eps = [g["metrics"]["dp-epsilon"] for g in gateways if "dp-epsilon" in g.get("metrics", {})]
+        if device_eps:
+            privacy = {**(privacy or {}), "device_epsilon_max": max(device_eps)}
         row = {
             "round": server_round,
             "time": now - self.start,
             "round_time": now - self.last if server_round else 0.0,
             "server": evaluation,
+            "privacy": privacy or {},
             **summary,
             "clients": self.clients,
             "gateways": gateways,
@@ -165,7 +187,8 @@ def federated_feature_sums(grid: Grid, nodes: list[int], timeout: float):
     if not replies:
         raise RuntimeError("no gateway answered the feature-statistics query; check the SuperNode logs")
     partitions = {r.metadata.src_node_id: int(r.content["gateway"]["partition"]) for r in replies}
-    return sum(r.content["stats"].to_numpy_ndarrays()[0] for r in replies), partitions
+    nbytes = {r.metadata.src_node_id: r.content["stats"].count_bytes() for r in replies}
+    return sum(r.content["stats"].to_numpy_ndarrays()[0] for r in replies), partitions, nbytes
 
 
 @app.main()
@@ -178,7 +201,7 @@ def main(grid: Grid, context: Context) -> None:
     timeout = float(fleet["round_timeout"])
 
     nodes = wait_for_nodes(grid, int(fleet["min_gateways"] or fleet["gateways"]), timeout)
-    sums, partitions = federated_feature_sums(grid, nodes, timeout)
+    sums, partitions, stats_bytes = federated_feature_sums(grid, nodes, timeout)
     normaliser = task.normaliser(sums)
     test = task.server_test_data(int(fleet["gateways"]))
     model = task.build_model()
@@ -186,20 +209,36 @@ def main(grid: Grid, context: Context) -> None:
     log = RoundLog(out / "metrics.jsonl", cfg, rounds, cfg["engine"]["name"])
     log.node_partition = partitions
 
+    privacy = (cfg.get("privacy") or {}).get("name", "none")
+    ledger = Ledger(out / "privacy_ledger.jsonl", cfg)
+    ledger.record_statistics(partitions, stats_bytes)
+
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         scores: dict[str, float] = {}
         if test is not None:
             model.load_state_dict(arrays.to_torch_state_dict())
             scores = task.evaluate(model, test, normaliser)
-        log.write(server_round, scores)
+        spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
+        privacy_row = {"epsilon": spent.epsilon, "delta": spent.delta} if spent is not None else {}
+        log.write(server_round, scores, privacy_row)
+        if server_round:
+            ledger.record(log.rows[-1], privacy_row.get("epsilon"), privacy_row.get("delta"))
         return MetricRecord(scores)
 
-    strategy = build_strategy(cfg, train_metrics_aggr_fn=log.aggregate_train, on_sampled=rounds.on_sampled)
+    strategy = build_strategy(cfg, on_sampled=rounds.on_sampled)
+    num_rounds, notes = int(fleet["rounds"]), []
+    if privacy == "client":
+        num_rounds = rounds_within_budget(cfg)
+        if num_rounds < int(fleet["rounds"]):
+            notes.append(f"client-level privacy budget epsilon={cfg['privacy']['budget']} allows {num_rounds} of "
+                         f"{fleet['rounds']} rounds; the run ended there")
+        if num_rounds == 0:
+            raise ValueError(notes[-1] + "; raise privacy.budget or privacy.noise_multiplier")
     norm = {"norm-sums": [float(v) for v in sums.ravel()], "norm-cols": int(sums.shape[1])}
     result = strategy.start(
         grid=rounds,
         initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=int(fleet["rounds"]),
+        num_rounds=num_rounds,
         timeout=timeout,
         train_config=ConfigRecord(
             {
@@ -221,6 +260,14 @@ def main(grid: Grid, context: Context) -> None:
         "gateways_connected": len(nodes),
         "rounds": log.rows,
         "client_evaluation": {str(k): dict(v) for k, v in result.evaluate_metrics_clientapp.items()},
+        "notes": notes,
+        "privacy": accounting_check(cfg, load_ledger(out / "privacy_ledger.jsonl"), log.rows),
     }
     (out / "metrics.json").write_text(json.dumps(summary, indent=2))
     write_report(out)
+    if num_rounds and not any(r.get("aggregated") for r in log.rows[1:]):
+        raise RuntimeError("no gateway update was aggregated in any round; see the SuperNode/ClientApp logs")
+    failed = [c for c in summary["privacy"].get("checks", []) if not c["ok"]]
+    if failed:
+        raise RuntimeError(f"privacy accounting check FAILED: reported epsilon and dp-accounting disagree by more "
+                           f"than 2% for {failed}; see report.md")

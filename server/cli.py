@@ -22,7 +22,8 @@ from configs import ConfigError, validate
 
 USAGE = """usage: iiotfl run [HYDRA OVERRIDES...]   run the federated job (e.g. engine=sim fleet.rounds=5, -m to sweep)
        iiotfl report DIR                 re-render the report of a run or the summary of a sweep
-       iiotfl cleanup                    remove what killed runs left (processes, namespaces, links, cgroups)"""
+       iiotfl cleanup                    remove what killed runs left (processes, namespaces, links, cgroups)
+       iiotfl audit DIR [--refs K]       membership-inference audit of a run's final model (audit.json, report)"""
 
 _failures: list[str] = []
 
@@ -74,6 +75,30 @@ def main(argv: list[str] | None = None) -> int:
             print(write_report(target))
         else:
             print(write_summary(target)[1])
+        return 0
+    if command == "audit":
+        from privacy.audit import audit_run
+        from server.report import write_report
+
+        refs = 4
+        if "--refs" in rest:
+            i = rest.index("--refs")
+            refs = int(rest[i + 1])
+            rest = rest[:i] + rest[i + 2:]
+        if len(rest) != 1 or not Path(rest[0]).is_dir():
+            print(f"error: iiotfl audit needs one run directory\n{USAGE}", file=sys.stderr)
+            return 2
+        try:
+            result = audit_run(rest[0], reference_models=refs)
+        except FileNotFoundError as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        write_report(rest[0])
+        for name in ("loss_threshold", "lira"):
+            if name in result:
+                r = result[name]
+                print(f"{name}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['at_fpr_1%']['tpr']:.3f}, "
+                      f"at 0.1% FPR {r['at_fpr_0.1%']['tpr']:.4f}")
         return 0
     if command == "cleanup":
         from server.fleet import cleanup

@@ -212,6 +212,15 @@ def cleanup_stale(is_alive: Callable[[str], bool]) -> list[str]:
 
 
 # -- one run's links ----------------------------------------------------------------------
+def veth_counters(host_dev: str) -> dict[str, int] | None:
+    """Wire bytes so far of a gateway: up = received on the host side, down = sent to it."""
+    base = Path("/sys/class/net") / host_dev / "statistics"
+    try:
+        return {"up": int((base / "rx_bytes").read_text()), "down": int((base / "tx_bytes").read_text())}
+    except OSError:
+        return None
+
+
 @dataclass
 class GatewayLink:
     profile: GatewayProfile
@@ -223,12 +232,7 @@ class GatewayLink:
     relay_port: int = 0
 
     def counters(self) -> dict[str, int]:
-        """Wire bytes so far: up = received on the host side, down = sent to the gateway."""
-        base = Path("/sys/class/net") / self.host_dev / "statistics"
-        try:
-            return {"up": int((base / "rx_bytes").read_text()), "down": int((base / "tx_bytes").read_text())}
-        except OSError:
-            return {"up": 0, "down": 0}
+        return veth_counters(self.host_dev) or {"up": 0, "down": 0}
 
     def set_up(self, up: bool) -> None:
         _ip("link", "set", "dev", self.host_dev, "up" if up else "down", check=False)

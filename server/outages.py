@@ -24,13 +24,15 @@ from typing import Any, Mapping
 
 
 class Outages:
-    def __init__(self, cfg: Mapping[str, Any], gateways: list, log: Path) -> None:
+    def __init__(self, cfg: Mapping[str, Any], gateways: list, log: Path | None = None) -> None:
         spec = cfg["fleet"].get("outage") or {"mode": "none"}
         self.mode = spec.get("mode", "none")
         self.spec = spec
         chosen = spec.get("gateways", "all")
         idx = None if chosen in (None, "all") else {int(i) for i in chosen}
         self.gateways = {g.profile.index: g for g in gateways if idx is None or g.profile.index in idx}
+        n = int(cfg["fleet"]["gateways"])
+        self.indices = set(range(n)) if idx is None else idx
         self.log = log
         self.down: set[int] = set()
         self.t0: float | None = None
@@ -61,6 +63,26 @@ class Outages:
             return any(a <= t < b for a, b in self.schedule[index])
         return False
 
+    def up_again(self, index: int, t: float, current_round: int) -> float:
+        """Simulated clock (engine=sim): when the link of gateway ``index``, asked at time ``t``
+        (seconds since the first round) in ``current_round``, is up; ``inf`` if not this round."""
+        if self.mode == "none" or index not in self.indices:
+            return t
+        if self.mode == "rounds":
+            return float("inf") if current_round in {int(r) for r in self.spec.get("rounds") or []} else t
+        if self.mode == "periodic":
+            off, period, down = float(self.spec["offset_s"]), float(self.spec["period_s"]), float(self.spec["down_s"])
+            if t < off:
+                return t
+            phase = (t - off) % period
+            return t + (down - phase) if phase < down else t
+        if index not in self.schedule:
+            self.schedule[index] = self._random_schedule(index, 7 * 24 * 3600)
+        for a, b in self.schedule[index]:
+            if a <= t < b:
+                return b
+        return t
+
     def tick(self, rows: list[dict[str, Any]]) -> None:
         """Apply the schedule; ``rows`` are the rounds logged so far (round r runs when r rows exist)."""
         if self.mode == "none" or not self.gateways or not rows:
@@ -74,6 +96,8 @@ class Outages:
             if want != (index in self.down):
                 gw.set_up(not want)
                 (self.down.add if want else self.down.discard)(index)
+                if self.log is None:
+                    continue
                 with self.log.open("a") as fh:
                     fh.write(json.dumps({"t": now - self.t0, "round": current, "gateway": index,
                                          "state": "down" if want else "up"}) + "\n")

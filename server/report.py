@@ -10,6 +10,7 @@ that says how far it got.
 from __future__ import annotations
 
 import csv
+import math
 import json
 from pathlib import Path
 from typing import Any
@@ -35,8 +36,8 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     launch = _read_json(run_dir / "launch.json")
     scored = [r for r in rounds if r["server"]]
     trained = [r for r in rounds if r["round"] > 0]
-    up = [c.get("bytes-up", 0) for r in trained for c in r["clients"]]
-    down = [c.get("bytes-down", 0) for r in trained for c in r["clients"]]
+    up = [c["bytes-up"] for r in trained for c in r["clients"] if "bytes-up" in c]
+    down = [c["bytes-down"] for r in trained for c in r["clients"] if "bytes-down" in c]
     first = scored[0]["server"] if scored else {}
     last = scored[-1]["server"] if scored else {}
     return {
@@ -61,12 +62,12 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _mean(values: list[Any]) -> float | None:
-    vals = [float(v) for v in values if isinstance(v, (int, float))]
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(v)]
     return sum(vals) / len(vals) if vals else None
 
 
 GATEWAY_FIGURES = ("bytes_up", "bytes_down", "wire_up", "wire_down", "compute_s", "transfer_s", "wait_s",
-                   "round_s", "sim_s")
+                   "round_s", "bound_s", "sim_s")
 
 
 def per_class(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
@@ -104,7 +105,7 @@ def plot_classes(classes: dict[str, dict[str, Any]], path: Path) -> bool:
         axes[0].bar(names, vals, bottom=bottom, label=key[:-2], color=colour)
         bottom = [b + v for b, v in zip(bottom, vals)]
     axes[0].scatter(names, [classes[n]["sim_s"] or 0.0 for n in names], marker="_", s=600, color="k",
-                    label="link-bound clock", zorder=3)
+                    label="simulated clock", zorder=3)
     axes[0].set_ylabel("seconds per gateway and round")
     axes[0].legend(fontsize=7)
     width = 0.2
@@ -148,7 +149,10 @@ def plot_rounds(rounds: list[dict[str, Any]], path: Path) -> bool:
     axes[0].legend()
     trained = [r for r in rounds if r["clients"]]
     for part in sorted({c.get("partition") for r in trained for c in r["clients"]}, key=str):
-        pts = [(r["round"], c["train_loss"]) for r in trained for c in r["clients"] if c.get("partition") == part]
+        pts = [(r["round"], c["train_loss"]) for r in trained for c in r["clients"]
+               if c.get("partition") == part and "train_loss" in c]
+        if not pts:
+            continue
         axes[1].plot(*zip(*pts), marker=".", label=f"gateway {int(part)}" if part is not None else "gateway")
     axes[1].set_xlabel("round")
     axes[1].set_ylabel("local training loss (MSE of RUL/cap)")
@@ -191,15 +195,17 @@ def write_report(run_dir: str | Path) -> Path:
         "",
         "## Rounds",
         "",
-        "| round | time [s] | link-bound [s] | RMSE | RMSE last cycle | PHM08 score | gateways | late | mean train loss |",
+        "| round | time [s] | simulated [s] | RMSE | RMSE last cycle | PHM08 score | gateways | late | mean train loss |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rounds:
         sv, cl = r["server"], r["clients"]
-        loss = sum(c["train_loss"] for c in cl) / len(cl) if cl else None
+        losses = [c["train_loss"] for c in cl if "train_loss" in c]
+        loss = sum(losses) / len(losses) if losses else None
         lines.append(
             f"| {r['round']} | {_fmt(r['round_time'])} | {_fmt(r.get('sim_round_s'))} | {_fmt(sv.get('rmse'))} "
-            f"| {_fmt(sv.get('rmse_last'))} | {_fmt(sv.get('phm_score'))} | {len(cl)} | {len(r.get('late') or [])} "
+            f"| {_fmt(sv.get('rmse_last'))} | {_fmt(sv.get('phm_score'))} | {r.get('aggregated', len(cl))} "
+            f"| {len(r.get('late') or [])} "
             f"| {_fmt(loss)} |"
         )
     if plot_rounds(rounds, run_dir / "metrics.png"):
@@ -211,11 +217,12 @@ def write_report(run_dir: str | Path) -> Path:
             "Means per gateway and round. Application bytes: the Flower message payload; wire bytes: the "
             "gateway's veth counters (headers, retransmissions, Flower's polling and heartbeats included). "
             "Round time (push to reply) = compute (the ClientApp's handler) + transfer (bytes over the link "
-            "rates plus round trips) + waiting (the rest). Link-bound: compute + transfer.",
+            "rates plus round trips) + waiting (the rest). Link bound: compute + transfer. Simulated: the "
+            "clock of engine=sim (link bound + Flower's own per-exchange overhead + outage waiting).",
             "",
             "| class | gateways | replies | late | app up [B] | app down [B] | wire up [B] | wire down [B] "
-            "| compute [s] | transfer [s] | waiting [s] | round [s] | link-bound [s] |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| compute [s] | transfer [s] | waiting [s] | round [s] | link bound [s] | simulated [s] |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for cls, c in classes.items():
             lines.append(f"| {cls} | {c['gateways']} | {c['replies']} | {c['late']} | "
@@ -230,11 +237,70 @@ def write_report(run_dir: str | Path) -> Path:
             events = [json.loads(x) for x in outages.read_text().splitlines() if x.strip()]
             lines += ["", "Outages: " + "; ".join(
                 f"gateway {e['gateway']} {e['state']} at {e['t']:.1f}s (round {e['round']})" for e in events)]
+    lines += privacy_section(run_dir, final)
     if launch.get("logs"):
         lines += ["", "## Logs", ""] + [f"- {name}: `{path}`" for name, path in launch["logs"].items()]
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def privacy_section(run_dir: Path, final: dict[str, Any]) -> list[str]:
+    """What left each plant, in what form, at what privacy cost (from privacy_ledger.jsonl)."""
+    from privacy.ledger import load
+
+    rows = load(run_dir / "privacy_ledger.jsonl")
+    if not rows:
+        return []
+    info = final.get("privacy") or {}
+    mechanism = info.get("mechanism") or "none"
+    lines = ["", "## Privacy: what left each plant", ""]
+    lines.append({
+        "none": "No differential privacy: updates left the gateways without noise (epsilon = infinity).",
+        "sample": "Sample-level DP: DP-SGD (Opacus) on every gateway protects each record of that plant; epsilon "
+                  "is per gateway, composed over every round it trained in.",
+        "client": "Client-level DP: Flower's DP wrappers clip each gateway's update and add Gaussian noise to the "
+                  "sum, protecting a whole plant's participation; epsilon (Flower's RDP accountant) is the fleet's.",
+    }.get(mechanism, mechanism))
+    lines += ["", "| gateway | rounds sent | bytes sent | form | clip norm | noise multiplier | epsilon spent | delta "
+              "| budget left | stopped |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    by_gw: dict[Any, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_gw.setdefault(r["gateway"], []).append(r)
+    for gw, rs in sorted(by_gw.items(), key=lambda kv: (kv[0] is None, kv[0])):
+        sent = [r for r in rs if r["status"] == "sent" and r["round"] > 0]
+        last = (sent or rs)[-1]
+        stopped = next((f"round {r['round']}: budget spent" for r in rs if r["status"] == "budget-spent"), "")
+        forms = sorted({r["form"] for r in rs if r["status"] == "sent"}) or ["nothing"]
+        lines.append(f"| {gw} | {len(sent)} | {_fmt(sum(r['bytes_sent'] or 0 for r in rs))} | {'; '.join(forms)} "
+                     f"| {_fmt(last.get('clip_norm'))} | {_fmt(last.get('noise_multiplier'))} "
+                     f"| {_fmt(last.get('epsilon'))} | {_fmt(last.get('delta'))} | {_fmt(last.get('budget_left'))} "
+                     f"| {stopped} |")
+    checks = info.get("checks") or []
+    if checks:
+        lines += ["", "Accounting check (every reported epsilon recomputed with Google's dp-accounting; it must "
+                  "agree with the RDP figure within 2%):", "",
+                  "| scope | delta | reported | dp-accounting RDP | dp-accounting PLD | agrees |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for c in checks:
+            lines.append(f"| {c['scope']} | {_fmt(c['delta'])} | {_fmt(c['reported'])} | {_fmt(c['rdp'])} "
+                         f"| {_fmt(c['pld'])} | {'yes' if c['ok'] else '**NO — CHECK FAILED**'} |")
+    audit = _read_json(run_dir / "audit.json")
+    if audit:
+        eps = audit.get("epsilon")
+        lines += ["", f"Membership-inference audit of the final model (`iiotfl audit`; epsilon "
+                      f"{_fmt(eps) if eps is not None else 'infinity'}, delta {_fmt(audit.get('delta'))}; the bound is "
+                      "e^epsilon x FPR + delta):", "",
+                  "| attack | ROC AUC | TPR at 1% FPR | bound | TPR at 0.1% FPR | bound |", "|---|---:|---:|---:|---:|---:|"]
+        for name in ("loss_threshold", "lira"):
+            if name in audit:
+                a = audit[name]
+                lines.append(f"| {name} | {_fmt(a['auc'])} | {_fmt(a['at_fpr_1%']['tpr'])} "
+                             f"| {_fmt(a['at_fpr_1%'].get('bound'))} | {_fmt(a['at_fpr_0.1%']['tpr'])} "
+                             f"| {_fmt(a['at_fpr_0.1%'].get('bound'))} |")
+    for note in final.get("notes") or []:
+        lines += ["", f"Note: {note}."]
+    return lines
 
 
 SUMMARY_COLUMNS = (

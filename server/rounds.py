@@ -34,6 +34,7 @@ class RoundTrace:
     extra: list[int] = field(default_factory=list)            # replied after the first K
     late: list[int] = field(default_factory=list)             # no reply by the deadline
     errors: list[int] = field(default_factory=list)           # replied with an error
+    metrics: dict[int, dict] = field(default_factory=dict)    # node -> the reply's metrics
     below_minimum: bool = False
     started: float = 0.0
     ended: float = 0.0
@@ -97,6 +98,8 @@ class DeadlineGrid(Grid):
             for reply in self.grid.pull_messages(ids):
                 ids.discard(reply.metadata.reply_to_message_id)
                 node = reply.metadata.src_node_id
+                if not reply.has_error() and "metrics" in reply.content:
+                    trace.metrics[node] = dict(reply.content["metrics"])
                 if reply.has_error():
                     trace.errors.append(node)
                     kept.append(reply)

@@ -4,7 +4,8 @@
 update codec of the ``codec`` group (``codecs.py``), the delta-encoded downlink and
 over-selection: configure_train samples ``ceil(K x (1 + fleet.over_selection))`` of
 the connected gateways, aggregate_train decodes their updates and averages them
-weighted by the ``num-examples`` each reports.
+weighted by the ``num-examples`` each reports. With ``privacy=client`` it is Flower's
+FedAvg inside Flower's DP wrappers (``client_dp.py``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,10 @@ def build_strategy(
     fleet = cfg["fleet"]
     name = cfg["strategy"]["name"]
     codec = cfg.get("codec") or {"name": "none", "downlink": "full"}
+    if (cfg.get("privacy") or {}).get("name") == "client":
+        from strategies.client_dp import build_client_dp
+
+        return build_client_dp(cfg)
     if name == "fedavg":
         return CodecFedAvg(
             codec=get_codec(codec),

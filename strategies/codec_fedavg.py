@@ -136,6 +136,10 @@ class CodecFedAvg(FedAvg):
         base = flatten(self.view) if self.view is not None else None
         for msg in valid:
             node = msg.metadata.src_node_id
+            if "update" not in msg.content and msg.content["metrics"].get("dp-stopped"):
+                log(INFO, "gateway %d has spent its privacy budget and sent no update", node)
+                self.current.add(node)  # it still holds this round's model
+                continue
             try:
                 update = self.codec.decode(record_arrays(msg.content["update"]), base.size)
                 weights = unflatten(base + update, self.view)

@@ -12,8 +12,9 @@ codec      wire format                                         error of one elem
 ``int8``   stochastic rounding to 255 levels, one float32      < scale = max|chunk| / 127
            scale per chunk of ``chunk`` elements
 ``int4``   as int8 with 15 levels (two per byte)               < scale = max|chunk| / 7
-``topk``   the ``k_fraction`` largest |x|: int32 index +        the dropped elements
-           float16 value each                                  (kept on the device by
+``topk``   the ``k_fraction`` largest |x|: position as a        < max|x| / 127 if kept;
+           uint8 gap to the previous one, value stochastically  the dropped elements (kept
+           rounded to int8 with a float32 scale per chunk       on the device by
                                                                 :class:`ErrorFeedback`)
 =========  ==================================================  ==========================
 
@@ -97,7 +98,7 @@ class Codec:
 
     name: str = "none"
     chunk: int = 256
-    k_fraction: float = 0.02
+    k_fraction: float = 0.1
 
     def encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded:
         x = np.asarray(x, dtype=np.float32).ravel()
@@ -112,9 +113,17 @@ class Codec:
             return {"q": q, "scales": scales}
         if self.name == "topk":
             k = max(1, int(np.ceil(self.k_fraction * x.size)))
-            idx = np.argpartition(np.abs(x), -k)[-k:].astype(np.int32)
-            idx.sort()
-            return {"index": idx, "values": x[idx].astype(np.float16)}
+            idx = np.sort(np.argpartition(np.abs(x), -k)[-k:]).astype(np.int64)
+            # positions as uint8 gaps; a gap over 255 is bridged by zero-valued filler entries
+            gaps = np.diff(idx, prepend=-1)
+            fill = (gaps - 1) // 255
+            if fill.any():
+                extra = np.concatenate([idx[i] - 255 * np.arange(fill[i], 0, -1) for i in np.nonzero(fill)[0]])
+                idx = np.union1d(idx, extra)
+                gaps = np.diff(idx, prepend=-1)
+            values = x[idx]
+            q, scales = quantise(values, 127, self.chunk, rng)
+            return {"gaps": gaps.astype(np.uint8), "q": q, "scales": scales}
         raise ValueError(f"unknown codec {self.name!r}")
 
     def decode(self, enc: Mapping[str, np.ndarray], size: int) -> np.ndarray:
@@ -133,10 +142,14 @@ class Codec:
                     raise ValueError(f"{q.size} codes and {scales.size} scales do not fit {size} values")
                 return dequantise(q, scales, size)
             if self.name == "topk":
-                idx = np.asarray(enc["index"]).astype(np.int64)
-                vals = np.asarray(enc["values"]).astype(np.float32)
-                if idx.size != vals.size or (idx.size and (idx.min() < 0 or idx.max() >= size)):
-                    raise ValueError("index and values do not match the model")
+                gaps = np.asarray(enc["gaps"]).astype(np.int64)
+                q, scales = np.asarray(enc["q"]), np.asarray(enc["scales"], dtype=np.float32)
+                if gaps.size == 0 or q.size != scales.size * self.chunk or not gaps.size <= q.size < gaps.size + self.chunk:
+                    raise ValueError("positions and values do not match")
+                idx = np.cumsum(gaps) - 1
+                if idx.min() < 0 or idx.max() >= size or (gaps[1:] == 0).any():
+                    raise ValueError("positions fall outside the model")
+                vals = dequantise(q, scales, gaps.size)
                 out = np.zeros(size, np.float32)
                 out[idx] = vals
                 return out
@@ -160,7 +173,10 @@ class Codec:
         if self.name == "topk":
             k = max(1, int(np.ceil(self.k_fraction * x.size)))
             kth = np.partition(np.abs(x), -k)[-k]
-            return np.where(np.abs(x) >= kth, np.abs(x) * 2.0**-11 + 2.0**-24, np.abs(x))
+            # kept values are int8-quantised against the largest kept magnitude of their chunk;
+            # bound it by the largest overall (chunks of kept values are not the input's chunks)
+            scale = np.abs(x).max() / 127
+            return np.where(np.abs(x) >= kth, scale * (1 + 1e-5), np.maximum(np.abs(x), scale * (1 + 1e-5)))
         raise ValueError(f"unknown codec {self.name!r}")
 
 
@@ -194,4 +210,4 @@ def get_codec(cfg: Mapping[str, Any] | None) -> Codec:
     if not cfg:
         return Codec()
     return Codec(name=str(cfg.get("name", "none")), chunk=int(cfg.get("chunk", 256)),
-                 k_fraction=float(cfg.get("k_fraction", 0.02)))
+                 k_fraction=float(cfg.get("k_fraction", 0.1)))

@@ -5,7 +5,7 @@ import pytest
 
 from strategies.codecs import Codec, ErrorFeedback, flatten, unflatten, wire_bytes
 
-CODECS = [Codec("none"), Codec("fp16"), Codec("int8"), Codec("int4"), Codec("topk", k_fraction=0.05)]
+CODECS = [Codec("none"), Codec("fp16"), Codec("int8"), Codec("int4"), Codec("topk", k_fraction=0.1)]
 
 
 def _update(n=10_001, seed=0):
@@ -46,7 +46,7 @@ def test_sizes_relative_to_float32():
     assert ratio["fp16"] == pytest.approx(0.5, abs=1e-3)
     assert ratio["int8"] <= 0.27
     assert ratio["int4"] <= 0.145
-    assert ratio["topk"] <= 0.05 * 1.5 + 1e-3
+    assert ratio["topk"] <= 0.052
 
 
 def test_malformed_update_is_rejected():
@@ -56,8 +56,11 @@ def test_malformed_update_is_rejected():
         codec.decode(enc, 5000)
     with pytest.raises(ValueError, match="missing"):
         codec.decode({"q": enc["q"]}, 1000)
+    top = Codec("topk").encode(_update(1000), np.random.default_rng(0))
+    with pytest.raises(ValueError, match="outside the model"):
+        Codec("topk").decode(top, 500)
     with pytest.raises(ValueError, match="do not match"):
-        Codec("topk").decode({"index": np.array([5, 99999], np.int32), "values": np.ones(2, np.float16)}, 100)
+        Codec("topk").decode({**top, "gaps": np.ones(top["q"].size + 300, np.uint8)}, 1000)
 
 
 def test_flatten_unflatten():

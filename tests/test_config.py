@@ -27,6 +27,14 @@ def test_plain_flwr_run_uses_defaults_and_flat_keys():
         ("train.lr=-0.1", r"train.lr=-0.1 is invalid"),
         ("task.data.source=csv", r"task.data.path is empty"),
         ("fleet.min_gateways=9", r"fleet.min_gateways=9 is invalid; it must be an integer between 1 and 4"),
+        ("codec.name=zip", r"codec.name='zip' is unknown; pick codec=<one of"),
+        ("+fleet.link_overrides.7=nb_iot", r"link_overrides names gateway 7, but the fleet has 0-3"),
+        ("+fleet.link_overrides.1=carrier_pigeon", r"link profile 'carrier_pigeon' does not exist; use one of"),
+        ("fleet.link_mix={lte_m:-1}", r"link_mix shares must be >= 0"),
+        ("link.up_kbit=0", r"link profile 'ethernet' needs up_kbit and down_kbit > 0"),
+        ("device.cpu_share=0", r"device profile 'gateway': cpu_share > 0"),
+        ("fleet.min_replies=5", r"fleet.min_replies=5 is invalid"),
+        ("fleet.outage.mode=sometimes", r"fleet.outage.mode='sometimes' is unknown"),
     ],
 )
 def test_bad_values_are_named(override, message):
@@ -48,3 +56,21 @@ def test_cli_names_an_unknown_config_group_option(tmp_path):
     proc = run_cli("run", "task=turbine", f"hydra.run.dir={tmp_path}", timeout=120)
     assert proc.returncode != 0
     assert "Could not find 'task/turbine'" in proc.stderr and "predictive_maintenance" in proc.stderr
+
+
+def test_topk_with_delta_downlink_is_refused():
+    with pytest.raises(ConfigError, match="codec.downlink=full"):
+        validate(compose(["codec=topk", "codec.downlink=delta"]))
+
+
+def test_link_mix_splits_the_fleet_and_overrides_win():
+    from clients.profiles import gateway_profiles
+
+    cfg = compose(["fleet.gateways=10", "fleet.link_mix={lte_m:0.7,nb_iot:0.3}", "+fleet.link_overrides.0=satellite",
+                   "+fleet.device_overrides.9=sensor"])
+    validate(cfg)
+    profiles = gateway_profiles(cfg)
+    names = [p.link.name for p in profiles]
+    assert names == ["satellite"] + ["lte_m"] * 6 + ["nb_iot"] * 3
+    assert profiles[7].link.up_kbit == 80 and profiles[7].link.rtt_ms == 400
+    assert [p.device.name for p in profiles].count("sensor") == 1 and profiles[9].device.cpu_share == 0.3

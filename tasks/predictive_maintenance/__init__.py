@@ -53,8 +53,11 @@ class PredictiveMaintenance:
                 rul_cap=self.rul_cap,
             )
         else:
+            from privacy.anonymise import anonymise, plant_key
+
             path = node_config.get("data-path") or str(data_cfg["path"]).format(partition=partition_id)
-            data = self._read(path)
+            # identifiers and exact times stop here, on the device (privacy/anonymise.py)
+            data = anonymise(self._read(path), plant_key(node_config, partition_id))
         return data.select_sensors(self.features)
 
     def gateway_data(

@@ -131,8 +131,9 @@ def load_csv(
     settings: list[str] | None = None,
     rul: str | None = "rul",
     sep: str = ",",
+    drop: list[str] | None = None,
 ) -> RunToFailure:
-    """Load run-to-failure records in the CSV schema above."""
+    """Load run-to-failure records in the CSV schema above (``drop``: columns never read)."""
     path = Path(path)
     if not path.is_file():
         raise DataFormatError(f"{path}: file not found; check task.data.path")
@@ -156,7 +157,7 @@ def load_csv(
                 "to the right column names"
             )
     if sensors is None:
-        taken = {unit, time, *settings, *([rul] if has_rul else [])}
+        taken = {unit, time, *settings, *([rul] if has_rul else []), *(drop or [])}
         sensors = [h for h in header if h not in taken]
     if not sensors:
         raise DataFormatError(f"{path}: no sensor columns besides {unit!r} and {time!r}; add sensor columns")

@@ -1,0 +1,1 @@
+"""Privacy: accounting, ledger, on-device anonymisation, audits."""

@@ -1,0 +1,98 @@
+"""The privacy ledger: one row per device per round of what left it, in what form, at what cost.
+
+``privacy_ledger.jsonl`` in the run directory. Each row: round, gateway, class, status
+(sent / budget-spent / late), bytes sent (application payload) and on the wire, the form
+of what was sent, clipping norm, noise multiplier, ε spent so far (sample-level: that
+device's; client-level: the fleet's), δ and the budget left. The rows of the DP history
+(sample rate, steps) let :mod:`privacy.accounting` recompute every ε.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Mapping
+
+CODEC_FORMS = {"none": "float32", "fp16": "float16", "int8": "int8-quantised", "int4": "int4-quantised",
+               "topk": "top-k sparsified"}
+
+
+def form_of(cfg: Mapping[str, Any]) -> str:
+    """What an update looks like when it leaves a device under this config."""
+    privacy = (cfg.get("privacy") or {}).get("name", "none")
+    codec = (cfg.get("codec") or {}).get("name", "none")
+    if privacy == "client":
+        clip = cfg["privacy"].get("clipping", "server")
+        where = "clipped on the device" if clip == "client" else "clipped at the server"
+        return f"model weights, float32, {where}; Gaussian noise added to the fleet sum at the server"
+    kind = "model update (new weights - received)"
+    if privacy == "sample":
+        return f"{kind}, DP-SGD noised on the device, {CODEC_FORMS.get(codec, codec)}"
+    return f"{kind}, plaintext {CODEC_FORMS.get(codec, codec)}"
+
+
+class Ledger:
+    def __init__(self, path: Path, cfg: Mapping[str, Any]) -> None:
+        self.path = path
+        self.cfg = cfg
+        self.form = form_of(cfg)
+        self.privacy = (cfg.get("privacy") or {}).get("name", "none")
+        path.write_text("")
+
+    def record_statistics(self, partitions: Mapping[int, int], nbytes: Mapping[int, int]) -> None:
+        """Round 0: the per-condition feature statistics each gateway sent for normalisation."""
+        with self.path.open("a") as fh:
+            for node, part in sorted(partitions.items(), key=lambda kv: kv[1]):
+                fh.write(json.dumps({
+                    "round": 0, "gateway": part, "class": None, "status": "sent", "bytes_sent": nbytes.get(node, 0),
+                    "wire_bytes_up": None, "form": "feature statistics: count, sum and sum of squares per sensor "
+                    "and operating condition over the plant (no record), plaintext",
+                    "clip_norm": None, "noise_multiplier": None, "epsilon": None, "delta": None, "budget_left": None,
+                }) + "\n")
+
+    def record(self, round_row: Mapping[str, Any], fleet_epsilon: float | None, fleet_delta: float | None) -> None:
+        rows = []
+        priv = self.cfg.get("privacy") or {}
+        for g in round_row.get("gateways") or []:
+            c = g.get("metrics") or {}
+            status = {"aggregated": "sent", "budget-spent": "budget-spent"}.get(g.get("status"), g.get("status"))
+            row: dict[str, Any] = {
+                "round": round_row["round"], "gateway": g.get("partition"), "class": g.get("class"),
+                "status": status, "bytes_sent": g.get("bytes_up", 0) if status == "sent" else 0,
+                "wire_bytes_up": g.get("wire_up"), "form": self.form if status == "sent" else "nothing",
+            }
+            if self.privacy == "sample":
+                row.update(clip_norm=c.get("dp-clip"), noise_multiplier=c.get("dp-sigma"),
+                           sample_rate=c.get("dp-q"), steps=c.get("dp-steps") if status == "sent" else 0,
+                           epsilon=c.get("dp-epsilon"), delta=c.get("dp-delta"),
+                           budget_left=c.get("dp-budget-left"))
+            elif self.privacy == "client":
+                row.update(clip_norm=priv.get("clipping_norm"), noise_multiplier=priv.get("noise_multiplier"),
+                           epsilon=fleet_epsilon, delta=fleet_delta,
+                           budget_left=(priv["budget"] - fleet_epsilon) if priv.get("budget") and fleet_epsilon
+                           is not None else None)
+            else:
+                row.update(clip_norm=None, noise_multiplier=None, epsilon=float("inf"), delta=None, budget_left=None)
+            rows.append(row)
+        with self.path.open("a") as fh:
+            for row in rows:
+                fh.write(json.dumps(row) + "\n")
+
+
+def load(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+
+
+def device_histories(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
+    """Per device: its DP-SGD history, last reported ε and δ (sample-level rows)."""
+    out: dict[int, dict[str, Any]] = {}
+    for r in rows:
+        if r.get("round") == 0 or r.get("noise_multiplier") is None or r.get("sample_rate") is None:
+            continue
+        d = out.setdefault(r["gateway"], {"history": [], "epsilon": 0.0, "delta": r.get("delta")})
+        if r["status"] == "sent" and r.get("steps"):
+            d["history"].append((r["noise_multiplier"], r["sample_rate"], r["steps"]))
+            d["epsilon"] = r["epsilon"]
+    return out
