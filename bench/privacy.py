@@ -7,6 +7,9 @@ Prints JSON lines:
                                     default fleet: final RMSE, ε reported, accounting check,
                                     membership AUC (loss threshold, LiRA) of the final model
   {"config": "client eps=<e>", ...} client-level DP (Flower's wrappers), same fleet
+  {"config": "information_loss", ...} utility cost of on-device data minimisation: RMSE with the
+                                    7 sensors of MINIMAL against all 14 informative ones (pseudonyms
+                                    and cycle positions are lossless by construction)
 
 ε = inf is the non-private run. Usage: python bench/privacy.py [--quick] [--refs K]
 """
@@ -76,6 +79,8 @@ def run(run_dir: Path, refs: int, *overrides: str) -> dict:
     out["accounting_check_ok"] = all(c["ok"] for c in checks) if checks else None
     if checks:
         out["epsilon_pld"] = round(max(c["pld"] for c in checks), 4)
+    if not refs:
+        return out
     audit = subprocess.run([str(IIOTFL), "audit", str(run_dir), "--refs", str(refs)], cwd=ROOT,
                            capture_output=True, text=True, timeout=3600)
     if audit.returncode == 0:
@@ -83,6 +88,9 @@ def run(run_dir: Path, refs: int, *overrides: str) -> dict:
         out.update(mia_auc_loss=round(a["loss_threshold"]["auc"], 4), mia_auc_lira=round(a["lira"]["auc"], 4),
                    tpr_at_1pct_fpr_lira=round(a["lira"]["at_fpr_1%"]["tpr"], 4))
     return out
+
+
+MINIMAL = "[T30,T50,P30,Ps30,phi,BPR,W31]"
 
 
 def main() -> None:
@@ -102,6 +110,13 @@ def main() -> None:
                     overrides = [f"privacy={level}", f"privacy.epsilon={eps}"]
                 res = run(tmp / f"{level}-{eps}", refs, *overrides)
                 print(json.dumps({"config": f"{level} eps={eps}", **res}), flush=True)
+                if level == "sample" and eps == float("inf"):
+                    full = res
+        small = run(tmp / "minimal", 0, f"task.features={MINIMAL}")
+        print(json.dumps({"config": "information_loss", "features": MINIMAL, "rmse_minimal": small.get("final_rmse"),
+                          "rmse_all_14": full.get("final_rmse"),
+                          "rmse_increase": round(small["final_rmse"] / full["final_rmse"] - 1, 4)
+                          if "final_rmse" in small and "final_rmse" in full else None}), flush=True)
 
 
 if __name__ == "__main__":
