@@ -2,7 +2,7 @@
 
 Prints JSON lines:
 
-  {"config": "step_time", ...}      DP-SGD step time / plain step time (same model, batch 64)
+  {"config": "step_time", ...}      DP-SGD step time / plain step time (same model, batch 64, medians)
   {"config": "sample eps=<e>", ...} sample-level DP (DP-SGD on every gateway), engine=sim,
                                     default fleet: final RMSE, ε reported, accounting check,
                                     membership AUC (loss threshold, LiRA) of the final model
@@ -31,38 +31,45 @@ sys.path.insert(0, str(ROOT))
 IIOTFL = Path(sys.executable).parent / "iiotfl"
 
 
-def step_time_ratio(repeats: int = 30) -> dict:
+def step_time_ratio(batches: int = 40) -> dict:
+    """Median time of one optimiser step: plain Adam, and DP-SGD as the gateways run it (Opacus
+    ghost clipping) and with Opacus' per-sample-gradient hooks."""
+    import statistics
+
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
     from tasks.predictive_maintenance.model import RulCNN
 
     torch.set_num_threads(1)
-    x = torch.randn(64 * repeats, 30, 14)
-    y = torch.rand(64 * repeats)
-    loss_fn = torch.nn.MSELoss()
+    data = TensorDataset(torch.randn(64 * batches, 30, 14), torch.rand(64 * batches))
 
-    def timed(model, opt, loader):
-        model.train()
-        it = iter(loader)
-        xb, yb = next(it)  # warm-up
-        opt.zero_grad(); loss_fn(model(xb), yb).backward(); opt.step()
-        start, steps = time.perf_counter(), 0
-        for xb, yb in it:
-            opt.zero_grad(); loss_fn(model(xb), yb).backward(); opt.step()
-            steps += 1
-        return (time.perf_counter() - start) / max(steps, 1)
+    def median_step(model, opt, loss_fn, loader):
+        times = []
+        for xb, yb in loader:
+            start = time.perf_counter()
+            opt.zero_grad()
+            loss_fn(model(xb), yb).backward()
+            opt.step()
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[3:])
 
-    data = TensorDataset(x, y)
     plain = RulCNN()
-    t_plain = timed(plain, torch.optim.Adam(plain.parameters()), DataLoader(data, batch_size=64))
-    dp = RulCNN()
-    model, opt, loader = PrivacyEngine().make_private(
-        module=dp, optimizer=torch.optim.Adam(dp.parameters()), data_loader=DataLoader(data, batch_size=64),
-        noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
-    t_dp = timed(model, opt, loader)
-    return {"config": "step_time", "plain_step_s": round(t_plain, 5), "dp_sgd_step_s": round(t_dp, 5),
-            "dp_over_plain": round(t_dp / t_plain, 3)}
+    t_plain = median_step(plain, torch.optim.Adam(plain.parameters()), torch.nn.MSELoss(),
+                          DataLoader(data, batch_size=64))
+    out = {"config": "step_time", "plain_step_s": round(t_plain, 5)}
+    for mode in ("ghost", "hooks"):
+        m = RulCNN()
+        extra = {"criterion": torch.nn.MSELoss()} if mode == "ghost" else {}
+        made = PrivacyEngine().make_private(
+            module=m, optimizer=torch.optim.Adam(m.parameters()), data_loader=DataLoader(data, batch_size=64),
+            noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, grad_sample_mode=mode, **extra)
+        model, opt, loader = made[0], made[1], made[-1]
+        loss_fn = made[2] if mode == "ghost" else torch.nn.MSELoss()
+        t = median_step(model, opt, loss_fn, loader)
+        out[f"dp_sgd_{mode}_step_s"] = round(t, 5)
+        out[f"dp_{mode}_over_plain"] = round(t / t_plain, 3)
+    return out
 
 
 def run(run_dir: Path, refs: int, *overrides: str) -> dict:

@@ -1,8 +1,9 @@
 """Membership-inference audit of a run's final global model.
 
 Members are the windows the gateways trained on (each gateway's training split);
-non-members are windows of fresh units of the same plants (the held-out set), so both
-come from the same distribution. Two attacks score every audited window; a higher score
+non-members are windows of the units each gateway held out of training (its local
+validation split: whole run-to-failure units of the same plant), so both come from the
+same distribution. Two attacks score every audited window; a higher score
 means "more likely a member":
 
 * **loss threshold** (Yeom et al. 2018): the negative squared error of the model;
@@ -63,12 +64,12 @@ def _losses(model: torch.nn.Module, task, x: np.ndarray, y: np.ndarray) -> np.nd
 
 
 def _audit_data(task, gateways: int, per_side: int, seed: int):
-    trains = [task.gateway_data(i)[0] for i in range(gateways)]
-    normaliser = task.normaliser(sum(task.feature_sums(t) for t in trains))
-    members = [task.windows(t, normaliser) for t in trains]
-    xm = np.concatenate([m[0] for m in members])
-    ym = np.concatenate([m[1] for m in members])
-    xn, yn = task.windows(task.server_test_data(gateways), normaliser)
+    splits = [task.gateway_data(i) for i in range(gateways)]
+    normaliser = task.normaliser(sum(task.feature_sums(t) for t, _ in splits))
+    members = [task.windows(t, normaliser) for t, _ in splits]
+    held_out = [task.windows(v, normaliser) for _, v in splits]
+    xm, ym = np.concatenate([m[0] for m in members]), np.concatenate([m[1] for m in members])
+    xn, yn = np.concatenate([m[0] for m in held_out]), np.concatenate([m[1] for m in held_out])
     rng = np.random.default_rng(seed)
     im = rng.choice(len(xm), min(per_side, len(xm)), replace=False)
     inn = rng.choice(len(xn), min(per_side, len(xn)), replace=False)
