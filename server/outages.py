@@ -50,22 +50,10 @@ class Outages:
             t = end
         return out
 
-    def _wanted_down(self, index: int, now: float, current_round: int) -> bool:
-        if self.mode == "rounds":
-            return current_round in {int(r) for r in self.spec.get("rounds") or []}
-        t = now - self.t0
-        if self.mode == "periodic":
-            t -= float(self.spec["offset_s"])
-            return t >= 0 and (t % float(self.spec["period_s"])) < float(self.spec["down_s"])
-        if self.mode == "random":
-            if index not in self.schedule:
-                self.schedule[index] = self._random_schedule(index, 7 * 24 * 3600)
-            return any(a <= t < b for a, b in self.schedule[index])
-        return False
-
     def up_again(self, index: int, t: float, current_round: int) -> float:
-        """Simulated clock (engine=sim): when the link of gateway ``index``, asked at time ``t``
-        (seconds since the first round) in ``current_round``, is up; ``inf`` if not this round."""
+        """When the link of gateway ``index``, asked at ``t`` (seconds since the first round) in
+        ``current_round``, is up: ``t`` if it is up now, ``inf`` if not again this round. Drives
+        the real links (:meth:`tick`) and the simulated clock of engine=sim alike."""
         if self.mode == "none" or index not in self.indices:
             return t
         if self.mode == "rounds":
@@ -92,7 +80,7 @@ class Outages:
             self.t0 = now
         current = len(rows)
         for index, gw in self.gateways.items():
-            want = self._wanted_down(index, now, current)
+            want = self.up_again(index, now - self.t0, current) > now - self.t0
             if want != (index in self.down):
                 gw.set_up(not want)
                 (self.down.add if want else self.down.discard)(index)
