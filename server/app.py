@@ -124,7 +124,8 @@ class RoundLog:
             for r in aggregated:
                 if r["sim_s"] > self.deadline:  # would have missed the deadline (outage, slow link)
                     r["sim_late"], r["sim_s"] = True, self.deadline
-            sim_round = min(self.deadline, max((r["sim_s"] for r in aggregated), default=0.0))
+        sim_round = min(self.deadline, max((r["sim_s"] for r in aggregated), default=0.0))
+        if self.engine == "sim":
             self.sim_clock += sim_round
         summary = {
             "sampled": len(trace.sent),
@@ -132,7 +133,7 @@ class RoundLog:
             "late": sorted(r["partition"] for r in rows if r["status"] == "late" and r["partition"] is not None),
             "skipped": trace.below_minimum,
             "train_s": trace.ended - trace.started,
-            "sim_round_s": min(self.deadline, max((r["sim_s"] for r in aggregated), default=0.0)),
+            "sim_round_s": sim_round,
             "bound_round_s": max((r["bound_s"] for r in aggregated), default=0.0),
             "sim_late": sorted(r["partition"] for r in aggregated if r.get("sim_late")),
         }

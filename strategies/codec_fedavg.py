@@ -98,25 +98,23 @@ class CodecFedAvg(FedAvg):
             self.on_sampled(server_round, node_ids, need)
         config["server-round"] = server_round
         model = {k: v.numpy().astype(np.float32) for k, v in arrays.items()}
-        messages = []
         delta_record = None
-        base_round = self.view_round
         if self.downlink == "delta" and self.view is not None:
-            diff = flatten(model) - flatten(self.view)
-            enc = self.codec.encode(diff, self.down_rng)
+            base = flatten(self.view)
+            enc = self.codec.encode(flatten(model) - base, self.down_rng)
             delta_record = encoded_record(enc)
-            new_view = unflatten(flatten(self.view) + self.codec.decode(enc, diff.size), model)
+            new_view = unflatten(base + self.codec.decode(enc, base.size), model)
         else:
             new_view = model
+        full_record = ArrayRecord({k: Array(v) for k, v in new_view.items()})
+        messages = []
         for node in node_ids:
             cfg = ConfigRecord(dict(config))
             if delta_record is not None and node in self.current:
-                cfg["base-round"] = base_round
+                cfg["base-round"] = self.view_round
                 content = RecordDict({"delta": delta_record, self.configrecord_key: cfg})
             else:
-                view = new_view if delta_record is not None else model
-                content = RecordDict({self.arrayrecord_key: ArrayRecord({k: Array(v) for k, v in view.items()}),
-                                      self.configrecord_key: cfg})
+                content = RecordDict({self.arrayrecord_key: full_record, self.configrecord_key: cfg})
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         self.view, self.view_round = new_view, server_round
         log(INFO, "configure_train: %d gateways sampled for %d needed (%s downlink)", len(node_ids), need, self.downlink)
