@@ -24,6 +24,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/foundation.py
 	$(VENV)/bin/python bench/links.py
 	$(VENV)/bin/python bench/privacy.py
+	$(VENV)/bin/python bench/he.py
 
 clean:
 	rm -rf $(VENV) runs multirun

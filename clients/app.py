@@ -23,11 +23,14 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from clients.training import train_local, train_local_dp
 from configs import from_run_config
 from privacy.accounting import DeviceAccountant, noise_for_target, steps_per_round
+from strategies import he
 from strategies.codec_fedavg import encoded_record, record_arrays
+from strategies.he_fedavg import digest
 from strategies.codecs import ErrorFeedback, flatten, get_codec, unflatten
 from tasks import get_task
 
@@ -60,13 +63,65 @@ def _normaliser(task, config: ConfigRecord):
     return task.normaliser(sums)
 
 
+def _device_keys(cfg, context: Context) -> he.KeySet:
+    """This gateway's HE key set: node config ``he-key``, else ``<strategy.keys>/device.he``."""
+    path = context.node_config.get("he-key") or os.path.join(str(cfg["strategy"].get("keys") or ""), he.DEVICE_FILE)
+    keys = he.KeySet.load(path)
+    if not keys.can_decrypt:
+        raise he.HEError(f"{path} has no secret key; a gateway needs device.he from `iiotfl keys`")
+    return keys
+
+
+def _encrypted(payload: bytes, keys: he.KeySet, key: str) -> dict:
+    return {key: ArrayRecord({"ct": Array(np.frombuffer(payload, dtype=np.uint8))}),
+            "he": ConfigRecord({"fingerprint": keys.fingerprint, "digest": digest(payload)})}
+
+
 @app.query("feature_stats")
 def feature_stats(msg: Message, context: Context) -> Message:
-    _, task, train, _, partition = _plant(context)
+    """Per-condition (count, sum, sum of squares). Under strategy=he only their encrypted,
+    exact fixed-point limbs leave the gateway (the server learns the fleet's sum only)."""
+    cfg, task, train, _, partition = _plant(context)
     sums = task.feature_sums(train)
-    reply = RecordDict({"stats": ArrayRecord(numpy_ndarrays=[sums]),
-                        "gateway": MetricRecord({"partition": partition})})
+    examples = len(task.windows(train, task.normaliser(sums))[1])  # the FedAvg weight, public anyway
+    gateway = MetricRecord({"partition": partition, "num-examples": examples, "rows": int(sums.shape[0]),
+                            "cols": int(sums.shape[1])})
+    if cfg["strategy"]["name"] == "he":
+        keys = _device_keys(cfg, context)
+        reply = RecordDict({**_encrypted(keys.encrypt_slots(he.to_limbs(sums)), keys, "stats-he"), "gateway": gateway})
+    else:
+        reply = RecordDict({"stats": ArrayRecord(numpy_ndarrays=[sums]), "gateway": gateway})
     return Message(content=reply, reply_to=msg)
+
+
+@app.query("he_decrypt")
+def he_decrypt(msg: Message, context: Context) -> Message:
+    """Decrypt a *sum* of encrypted updates or statistics (never fewer than min-aggregate)."""
+    cfg, _ = from_run_config(context.run_config)
+    config = msg.content["config"]
+    keys = _device_keys(cfg, context)
+    if int(config["contributors"]) < max(2, int(config["min-aggregate"])):
+        raise he.HEError(f"asked to decrypt a sum of {config['contributors']} update(s); this gateway decrypts only "
+                         f"sums of at least {max(2, int(config['min-aggregate']))}")
+    if config["fingerprint"] != keys.fingerprint:
+        raise he.HEError("the sum is under another key set than this gateway's device.he")
+    payload = msg.content["sum"]["ct"].numpy().tobytes()
+    if digest(payload) != config["digest"]:
+        raise he.HEError("the sum's bytes do not match their digest")
+    slots = keys.decrypt_slots(payload)
+    return Message(content=RecordDict({"slots": ArrayRecord({"slots": Array(slots)})}), reply_to=msg)
+
+
+def _he_update(cfg, context: Context, config: ConfigRecord, update: np.ndarray, view, rng) -> tuple[dict, dict]:
+    """Clip and noise (client-level DP), quantise, pack and encrypt this round's update."""
+    keys = _device_keys(cfg, context)
+    if config.get("he-fingerprint") != keys.fingerprint:
+        raise he.HEError(f"the server uses key set {config.get('he-fingerprint')}, this gateway's device.he is "
+                         f"{keys.fingerprint}; give it the fleet's device.he")
+    update, extra = _noised(update, config, rng)  # distributed DP: clip, add this gateway's noise share
+    ranges = np.repeat(np.asarray(config["he-ranges"], dtype=np.float64), [v.size for v in view.values()])
+    payload, saturated = he.encrypt_update(keys, update, ranges, float(config["he-weight"]), rng)
+    return _encrypted(payload, keys, "he-update"), {"he-saturated": saturated, **extra}
 
 
 def _start_view(msg: Message, context: Context, codec) -> dict[str, np.ndarray]:
@@ -126,9 +181,76 @@ def _client_clipping(msg: Message, context: Context, call_next) -> Message:
     return call_next(msg, context)
 
 
-@app.train(mods=[_client_clipping])
+def _secagg(msg: Message, context: Context, call_next) -> Message:
+    """Flower's SecAgg+ mod, for the messages of a SecAgg+ round (strategy=secagg)."""
+    from flwr.client.mod import secaggplus_mod
+
+    if RECORD_KEY_CONFIGS in msg.content.config_records:
+        return secaggplus_mod(msg, context, call_next)
+    return call_next(msg, context)
+
+
+def _noised(update: np.ndarray, config, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
+    """Client-level DP inside secure aggregation: clip to ``he-dp-clip``, add this gateway's noise share."""
+    if "he-dp-clip" not in config:
+        return update, {}
+    clip, sigma = float(config["he-dp-clip"]), float(config["he-dp-sigma"])
+    norm = float(np.linalg.norm(update))
+    update = update * min(1.0, clip / max(norm, 1e-12)) + rng.normal(0.0, sigma, update.shape)
+    return update, {"dp-clip": clip, "dp-norm": norm, "dp-share-sigma": sigma}
+
+
+def _secagg_fit(msg: Message, context: Context, started: float) -> Message:
+    """A SecAgg+ round's training step (Flower's legacy fit format, which SecAgg+ masks)."""
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.compat.common.recorddict_compat import arrayrecord_to_parameters, fitres_to_recorddict
+
+    cfg, task, data, _, partition = _plant(context)
+    config = msg.content.config_records["fitins.config"]  # lists (normalisation sums) need the record itself
+    parameters = arrayrecord_to_parameters(msg.content.array_records["fitins.parameters"], keep_input=True)
+    model = task.build_model()
+    names = list(model.state_dict().keys())
+    view = dict(zip(names, parameters_to_ndarrays(parameters)))
+    model.load_state_dict({k: torch.from_numpy(np.asarray(v, dtype=np.float32).copy()) for k, v in view.items()})
+    x, y = task.windows(data, _normaliser(task, config))
+    server_round = int(config["server-round"])
+    stats = train_local(model, x, task.target(y), epochs=int(config["local-epochs"]),
+                        batch_size=int(config["batch-size"]), lr=float(config["lr"]),
+                        seed=hash((cfg["seed"], partition, server_round)) % 2**31)
+    base = flatten(view)
+    update = flatten({k: v.detach().numpy() for k, v in model.state_dict().items()}) - base
+    update, extra = _noised(update, config, np.random.default_rng([cfg["seed"], partition, server_round]))
+    weights = base + update
+    clip_range = float(cfg["strategy"]["clipping_range"])
+    examples = 1 if extra else len(y)  # DP: equal weights, what the accountant assumes
+    metrics = {**stats, **extra, "partition": partition, "num-examples": examples,
+               "secagg-saturated": float(np.mean(np.abs(weights) > clip_range)),
+               "t-proc": _process_started(), "t-start": started,
+               "bytes-down": sum(len(t) for t in parameters.tensors),
+               # SecAgg+ sends int64 masked integers: 8 bytes per weight, plus the weight factor
+               "bytes-up": 8 * (weights.size + 1) + 128 * (len(view) + 1),
+               "objects-down": 2 + len(msg.content) + len(view), "objects-up": 4, "t-end": time.time()}
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(list(unflatten(weights, view).values())), examples,
+                 {k: v for k, v in metrics.items() if isinstance(v, (int, float))})
+    content = fitres_to_recorddict(res, keep_input=True)
+    content["metrics"] = MetricRecord(metrics)
+    return Message(content=content, reply_to=msg)
+
+
+def _crash_if_asked(msg: Message, context: Context) -> None:
+    """``fleet.crash``: fail this round after receiving its train message (a gateway dying mid-round)."""
+    cfgrec = msg.content.config_records.get("config") or msg.content.config_records.get("fitins.config") or {}
+    crash = int(context.node_config.get("crash-round", 0) or 0)
+    if crash and int(cfgrec.get("server-round", -1)) == crash:
+        raise RuntimeError(f"fault injection: this gateway fails in round {crash} (fleet.crash)")
+
+
+@app.train(mods=[_client_clipping, _secagg])
 def train(msg: Message, context: Context) -> Message:
     started = time.time()
+    _crash_if_asked(msg, context)
+    if "fitins.config" in msg.content.config_records:
+        return _secagg_fit(msg, context, started)
     cfg, task, data, _, partition = _plant(context)
     config = msg.content["config"]
     codec = get_codec(cfg.get("codec"))
@@ -162,7 +284,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         stats = train_local(model, x, task.target(y), **common)
     timing = {"partition": partition, "t-proc": _process_started(), "t-start": started}
-    if privacy == "client":
+    if privacy == "client" and cfg["strategy"]["name"] == "fedavg":
         # Flower's DP wrappers clip and average full weights, every gateway with equal weight
         arrays = ArrayRecord({k: Array(v.detach().numpy().copy()) for k, v in model.state_dict().items()})
         metrics = MetricRecord({**stats, **timing, "num-examples": len(y), "dp-weight": 1, "bytes-down": bytes_down,
@@ -172,6 +294,14 @@ def train(msg: Message, context: Context) -> Message:
     # The update leaves the device encoded (the DP noise is already in it).
     update = flatten({k: v.detach().numpy() for k, v in model.state_dict().items()}) - flatten(view)
     rng = np.random.default_rng([cfg["seed"], partition, server_round])
+    if cfg["strategy"]["name"] == "he":
+        records, extra = _he_update(cfg, context, config, update, view, rng)
+        metrics = MetricRecord({**stats, **dp, **timing, **extra, "num-examples": len(y), "bytes-down": bytes_down,
+                                "bytes-up": records["he-update"].count_bytes(),
+                                "objects-down": 2 + len(msg.content) + sum(len(r) for r in
+                                                                           msg.content.array_records.values()),
+                                "objects-up": 2 + 3 + 1, "t-end": time.time()})
+        return Message(content=RecordDict({**records, "metrics": metrics}), reply_to=msg)
     if (cfg.get("codec") or {}).get("error_feedback"):
         residual = context.state["residual"].to_numpy_ndarrays()[0] if "residual" in context.state else None
         feedback = ErrorFeedback(codec, residual)

@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
-STRATEGIES = ("fedavg",)
+STRATEGIES = ("fedavg", "he", "secagg")
 ENGINES = ("fleet", "sim")
 DATA_SOURCES = ("generator", "csv", "cmapss")
 CODECS = ("none", "fp16", "int8", "int4", "topk")
@@ -140,6 +140,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _int(cfg, "fleet.min_replies", 1, gateways)
     _choice(cfg, "fleet.outage.mode", OUTAGE_MODES)
     _validate_privacy(cfg)
+    _validate_secure(cfg)
     from clients.profiles import ProfileError, gateway_profiles
 
     try:
@@ -188,6 +189,49 @@ def _validate_privacy(cfg: Mapping[str, Any]) -> None:
         if float(cfg["fleet"]["fraction_train"]) != 1.0 or cfg["fleet"].get("clients_per_round"):
             raise ConfigError("config: privacy=client accounts every gateway in every round; keep "
                               "fleet.fraction_train=1.0 and fleet.clients_per_round=null")
+
+
+def _validate_secure(cfg: Mapping[str, Any]) -> None:
+    """strategy=he / secagg: parameters, and the combinations that cannot work."""
+    name = cfg["strategy"]["name"]
+    if name == "fedavg":
+        return
+    gateways = int(cfg["fleet"]["gateways"])
+    if cfg["codec"]["name"] != "none":
+        raise ConfigError(f"config: strategy={name} quantises updates itself; use codec=none with it")
+    if name == "he":
+        from strategies.he import MAX_DEVICES
+
+        _float(cfg, "strategy.initial_range", 0.0, 1e6, low_open=True)
+        _float(cfg, "strategy.range_factor", 1.0, 1e6)
+        _int(cfg, "strategy.min_aggregate", 2)
+        if gateways > MAX_DEVICES:
+            raise ConfigError(f"config: strategy=he sums at most {MAX_DEVICES} gateways per round (digit headroom); "
+                              f"set fleet.clients_per_round <= {MAX_DEVICES}")
+        if gateways < 2:
+            raise ConfigError("config: strategy=he needs fleet.gateways >= 2 (one gateway's sum is its update)")
+    if name == "secagg":
+        if gateways < 3:
+            raise ConfigError("config: strategy=secagg needs fleet.gateways >= 3 (Flower's SecAgg+ needs more than "
+                              "two shares)")
+        shares = _get(cfg, "strategy.num_shares")
+        if not isinstance(shares, numbers.Real) or shares <= 0 or (isinstance(shares, int) and 1 < shares <= 2):
+            raise ConfigError(f"config: strategy.num_shares={shares!r}; give an int > 2 or a fraction in (0, 1]")
+        threshold = _get(cfg, "strategy.reconstruction_threshold")
+        if not isinstance(threshold, numbers.Real) or threshold <= 0 or (isinstance(threshold, float) and threshold > 1):
+            raise ConfigError(f"config: strategy.reconstruction_threshold={threshold!r}; give an int >= 2 or a "
+                              "fraction in (0, 1]")
+        if isinstance(shares, int) and isinstance(threshold, int) and threshold >= shares:
+            raise ConfigError("config: strategy.reconstruction_threshold must be below strategy.num_shares")
+        _float(cfg, "strategy.clipping_range", 0.0, 1e6, low_open=True)
+        q = _int(cfg, "strategy.quantization_range", 2)
+        m = _int(cfg, "strategy.modulus_range", 2, 2**32)
+        if m & (m - 1):
+            raise ConfigError(f"config: strategy.modulus_range={m} must be a power of two (at most 2^32)")
+        if m < q * gateways:
+            raise ConfigError(f"config: strategy.modulus_range={m} < gateways x quantization_range = {q * gateways}: "
+                              "the masked sum would wrap around; lower strategy.quantization_range")
+        _float(cfg, "strategy.max_weight", 0.0, 1e12, low_open=True)
 
 
 def to_run_config(cfg: Mapping[str, Any], output_dir: str | Path) -> dict[str, Any]:

@@ -104,7 +104,10 @@ def accounting_check(cfg, ledger_rows: list[dict], rounds: list[dict], tolerance
             from strategies.client_dp import noise_multiplier
 
             last = done[-1]["privacy"]
-            history = [(noise_multiplier(cfg), 1.0, len(done))]  # no amplification: q = 1
+            if all("noise_multiplier" in r["privacy"] for r in done):  # per-round noise (distributed DP)
+                history = [(float(r["privacy"]["noise_multiplier"]), 1.0, 1) for r in done]
+            else:
+                history = [(noise_multiplier(cfg), 1.0, len(done))]  # no amplification: q = 1
             out["checks"].append({"scope": "fleet", "delta": last["delta"],
                                   **check(float(last["epsilon"]), history, float(last["delta"]), tolerance)})
     return out

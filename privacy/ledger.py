@@ -21,6 +21,16 @@ def form_of(cfg: Mapping[str, Any]) -> str:
     """What an update looks like when it leaves a device under this config."""
     privacy = (cfg.get("privacy") or {}).get("name", "none")
     codec = (cfg.get("codec") or {}).get("name", "none")
+    strategy = (cfg.get("strategy") or {}).get("name", "fedavg")
+    if strategy == "he":
+        noise = ("clipped and noised on the device (its share of the fleet's Gaussian noise), " if privacy == "client"
+                 else "")
+        return (f"model update, {noise}int8-quantised, encrypted (BFV, packed 4 per slot); the server adds "
+                f"ciphertexts and learns only the sum")
+    if strategy == "secagg":
+        noise = ("clipped and noised on the device (its share of the fleet's Gaussian noise), " if privacy == "client"
+                 else "")
+        return f"model weights, {noise}quantised and masked (SecAgg+); the server learns only the sum"
     if privacy == "client":
         clip = cfg["privacy"].get("clipping", "server")
         where = "clipped on the device" if clip == "client" else "clipped at the server"
@@ -39,14 +49,17 @@ class Ledger:
         self.privacy = (cfg.get("privacy") or {}).get("name", "none")
         path.write_text("")
 
-    def record_statistics(self, partitions: Mapping[int, int], nbytes: Mapping[int, int]) -> None:
+    def record_statistics(self, partitions: Mapping[int, int], nbytes: Mapping[int, int],
+                          encrypted: bool = False) -> None:
         """Round 0: the per-condition feature statistics each gateway sent for normalisation."""
+        how = ("encrypted (BFV, exact fixed-point limbs); the server learns only the fleet's sum" if encrypted
+               else "plaintext")
         with self.path.open("a") as fh:
             for node, part in sorted(partitions.items(), key=lambda kv: kv[1]):
                 fh.write(json.dumps({
                     "round": 0, "gateway": part, "class": None, "status": "sent", "bytes_sent": nbytes.get(node, 0),
                     "wire_bytes_up": None, "form": "feature statistics: count, sum and sum of squares per sensor "
-                    "and operating condition over the plant (no record), plaintext",
+                    f"and operating condition over the plant (no record), {how}",
                     "clip_norm": None, "noise_multiplier": None, "epsilon": None, "delta": None, "budget_left": None,
                 }) + "\n")
 
@@ -67,7 +80,9 @@ class Ledger:
                            epsilon=c.get("dp-epsilon"), delta=c.get("dp-delta"),
                            budget_left=c.get("dp-budget-left"))
             elif self.privacy == "client":
-                row.update(clip_norm=priv.get("clipping_norm"), noise_multiplier=priv.get("noise_multiplier"),
+                row.update(clip_norm=priv.get("clipping_norm"),
+                           noise_multiplier=(round_row.get("privacy") or {}).get("noise_multiplier",
+                                                                                 priv.get("noise_multiplier")),
                            epsilon=fleet_epsilon, delta=fleet_delta,
                            budget_left=(priv["budget"] - fleet_epsilon) if priv.get("budget") and fleet_epsilon
                            is not None else None)

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import time
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
 from configs import from_run_config
@@ -178,8 +181,12 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float) -> list[int]:
         time.sleep(0.5)
 
 
-def federated_feature_sums(grid: Grid, nodes: list[int], timeout: float):
-    """Sum of every gateway's per-condition (count, sum, sum of squares), and node -> partition."""
+def federated_feature_sums(grid: Grid, nodes: list[int], timeout: float, keys=None, min_aggregate: int = 2):
+    """Fleet-wide per-condition (count, sum, sum of squares), node -> partition, bytes, examples.
+
+    With ``keys`` (strategy=he) every gateway sends its statistics encrypted; the server
+    adds the ciphertexts and one gateway decrypts the sum: no plant's own statistics are
+    ever seen (the same path as the model updates, ``strategies/he_fedavg.py``)."""
     messages = [
         Message(content=RecordDict({"config": ConfigRecord({})}), dst_node_id=n, message_type="query.feature_stats")
         for n in nodes
@@ -187,9 +194,66 @@ def federated_feature_sums(grid: Grid, nodes: list[int], timeout: float):
     replies = [r for r in grid.send_and_receive(messages, timeout=timeout) if r.has_content()]
     if not replies:
         raise RuntimeError("no gateway answered the feature-statistics query; check the SuperNode logs")
-    partitions = {r.metadata.src_node_id: int(r.content["gateway"]["partition"]) for r in replies}
-    nbytes = {r.metadata.src_node_id: r.content["stats"].count_bytes() for r in replies}
-    return sum(r.content["stats"].to_numpy_ndarrays()[0] for r in replies), partitions, nbytes
+    gateways = {r.metadata.src_node_id: r.content["gateway"] for r in replies}
+    partitions = {n: int(g["partition"]) for n, g in gateways.items()}
+    examples = {n: int(g["num-examples"]) for n, g in gateways.items()}
+    if keys is None:
+        nbytes = {r.metadata.src_node_id: r.content["stats"].count_bytes() for r in replies}
+        return sum(r.content["stats"].to_numpy_ndarrays()[0] for r in replies), partitions, nbytes, examples
+    from strategies import he
+    from strategies.he_fedavg import decrypt_sum, digest
+
+    shape = {(int(g["rows"]), int(g["cols"])) for g in gateways.values()}
+    if len(shape) != 1:
+        raise RuntimeError(f"gateways disagree on the statistics' shape {sorted(shape)}; they run different tasks")
+    rows, cols = shape.pop()
+    payloads, senders = [], []
+    for r in replies:
+        payload = r.content["stats-he"]["ct"].numpy().tobytes()
+        if r.content["he"]["fingerprint"] != keys.fingerprint or digest(payload) != r.content["he"]["digest"]:
+            log(WARNING, "gateway %d sent statistics under another key set or corrupted; left out",
+                r.metadata.src_node_id)
+            continue
+        payloads.append(payload)
+        senders.append(r.metadata.src_node_id)
+    if len(senders) < max(2, min_aggregate):
+        raise RuntimeError(f"only {len(senders)} gateway(s) sent valid encrypted statistics; secure aggregation "
+                           f"needs at least {max(2, min_aggregate)}")
+    slots = decrypt_sum(grid, keys.add(payloads), senders, 0, keys, min_aggregate)
+    if slots is None:
+        raise RuntimeError("no gateway decrypted the fleet's statistics; see the SuperNode logs")
+    sums = he.from_limbs(slots, rows * cols, len(senders)).reshape(rows, cols)
+    nbytes = {n: len(p) for n, p in zip(senders, payloads)}
+    return sums, {n: partitions[n] for n in senders}, nbytes, {n: examples[n] for n in senders}
+
+
+def run_secagg(grid: Grid, rounds: DeadlineGrid, context: Context, cfg: dict[str, Any], model: torch.nn.Module,
+               train_config: dict[str, Any], evaluate, num_rounds: int, strategy) -> tuple[ArrayRecord, dict]:
+    """strategy=secagg: Flower's DefaultWorkflow with SecAggPlusWorkflow as its fit step."""
+    from flwr.server import LegacyContext, ServerConfig
+    from flwr.server.workflow import DefaultWorkflow
+
+    from strategies.secagg import to_parameters, workflow
+
+    names = list(model.state_dict().keys())
+    final: dict[str, ArrayRecord] = {}
+
+    def as_record(ndarrays) -> ArrayRecord:
+        return ArrayRecord({k: Array(np.asarray(v, dtype=np.float32)) for k, v in zip(names, ndarrays)})
+
+    def evaluate_fn(server_round: int, ndarrays, config):  # noqa: ARG001
+        final["arrays"] = as_record(ndarrays)
+        scores = dict(evaluate(server_round, final["arrays"]))
+        return float(next(iter(scores.values()), 0.0)), scores
+
+    strategy.evaluate_fn = evaluate_fn
+    strategy.train_config = dict(train_config)
+    strategy.initial_parameters = to_parameters(v.detach().numpy() for v in model.state_dict().values())
+    legacy = LegacyContext(context=context, config=ServerConfig(num_rounds=num_rounds,
+                                                                round_timeout=float(cfg["fleet"]["round_timeout"])),
+                           strategy=strategy)
+    DefaultWorkflow(fit_workflow=workflow(cfg))(rounds, legacy)
+    return final["arrays"], {}
 
 
 @app.main()
@@ -202,17 +266,22 @@ def main(grid: Grid, context: Context) -> None:
     timeout = float(fleet["round_timeout"])
 
     nodes = wait_for_nodes(grid, int(fleet["min_gateways"] or fleet["gateways"]), timeout)
-    sums, partitions, stats_bytes = federated_feature_sums(grid, nodes, timeout)
+    rounds = DeadlineGrid(grid, deadline_s=timeout, min_replies=int(fleet.get("min_replies") or 1))
+    strategy = build_strategy(cfg, on_sampled=rounds.on_sampled)
+    keys = getattr(strategy, "keys", None)  # server.he: public material only
+    sums, partitions, stats_bytes, examples = federated_feature_sums(
+        rounds, nodes, timeout, keys, int(cfg["strategy"].get("min_aggregate") or 2))
+    if hasattr(strategy, "counts"):
+        strategy.counts.update(examples)
     normaliser = task.normaliser(sums)
     test = task.server_test_data(int(fleet["gateways"]))
     model = task.build_model()
-    rounds = DeadlineGrid(grid, deadline_s=timeout, min_replies=int(fleet.get("min_replies") or 1))
     log = RoundLog(out / "metrics.jsonl", cfg, rounds, cfg["engine"]["name"])
     log.node_partition = partitions
 
     privacy = (cfg.get("privacy") or {}).get("name", "none")
     ledger = Ledger(out / "privacy_ledger.jsonl", cfg)
-    ledger.record_statistics(partitions, stats_bytes)
+    ledger.record_statistics(partitions, stats_bytes, encrypted=keys is not None)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         scores: dict[str, float] = {}
@@ -221,12 +290,13 @@ def main(grid: Grid, context: Context) -> None:
             scores = task.evaluate(model, test, normaliser)
         spent = strategy.privacy_spent() if hasattr(strategy, "privacy_spent") else None
         privacy_row = {"epsilon": spent.epsilon, "delta": spent.delta} if spent is not None else {}
+        if spent is not None and getattr(spent, "noise_multiplier", None) is not None:
+            privacy_row["noise_multiplier"] = spent.noise_multiplier  # this round's, as accounted
         log.write(server_round, scores, privacy_row)
         if server_round:
             ledger.record(log.rows[-1], privacy_row.get("epsilon"), privacy_row.get("delta"))
         return MetricRecord(scores)
 
-    strategy = build_strategy(cfg, on_sampled=rounds.on_sampled)
     num_rounds, notes = int(fleet["rounds"]), []
     if privacy == "client":
         num_rounds = rounds_within_budget(cfg)
@@ -236,31 +306,35 @@ def main(grid: Grid, context: Context) -> None:
         if num_rounds == 0:
             raise ValueError(notes[-1] + "; raise privacy.budget or privacy.noise_multiplier")
     norm = {"norm-sums": [float(v) for v in sums.ravel()], "norm-cols": int(sums.shape[1])}
-    result = strategy.start(
-        grid=rounds,
-        initial_arrays=ArrayRecord(model.state_dict()),
-        num_rounds=num_rounds,
-        timeout=timeout,
-        train_config=ConfigRecord(
-            {
-                "local-epochs": int(cfg["train"]["local_epochs"]),
-                "batch-size": int(cfg["train"]["batch_size"]),
-                "lr": float(cfg["train"]["lr"]),
-                **norm,
-            }
-        ),
-        evaluate_config=ConfigRecord(norm),
-        evaluate_fn=evaluate,
-    )
-    torch.save(result.arrays.to_torch_state_dict(), out / "model.pt")
+    train_config = {
+        "local-epochs": int(cfg["train"]["local_epochs"]),
+        "batch-size": int(cfg["train"]["batch_size"]),
+        "lr": float(cfg["train"]["lr"]),
+        **norm,
+    }
+    if cfg["strategy"]["name"] == "secagg":
+        final, client_eval = run_secagg(grid, rounds, context, cfg, model, train_config, evaluate, num_rounds,
+                                        strategy)
+    else:
+        result = strategy.start(
+            grid=rounds,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=num_rounds,
+            timeout=timeout,
+            train_config=ConfigRecord(train_config),
+            evaluate_config=ConfigRecord(norm),
+            evaluate_fn=evaluate,
+        )
+        final, client_eval = result.arrays, {str(k): dict(v) for k, v in result.evaluate_metrics_clientapp.items()}
+    torch.save(final.to_torch_state_dict(), out / "model.pt")
     summary = {
         "task": task.name,
         "primary_metric": task.primary_metric,
         "parameters": sum(p.numel() for p in model.parameters()),
-        "model_bytes": result.arrays.count_bytes(),
+        "model_bytes": final.count_bytes(),
         "gateways_connected": len(nodes),
         "rounds": log.rows,
-        "client_evaluation": {str(k): dict(v) for k, v in result.evaluate_metrics_clientapp.items()},
+        "client_evaluation": client_eval,
         "notes": notes,
         "privacy": accounting_check(cfg, load_ledger(out / "privacy_ledger.jsonl"), log.rows),
     }

@@ -4,6 +4,9 @@
   the chosen engine, write the run directory. ``-m`` sweeps; a sweep ends with
   ``summary.csv`` / ``summary.md`` in its directory.
 * ``iiotfl report DIR`` — re-render ``report.md`` of a run, or the summary of a sweep.
+* ``iiotfl keys DIR`` — an HE key set for ``strategy=he``: ``device.he`` (parameters,
+  public and secret key; 0600; copy to every gateway) and ``server.he`` (parameters and
+  public key; the only file the server is given). Never overwrites without ``--force``.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from configs import ConfigError, validate
 USAGE = """usage: iiotfl run [HYDRA OVERRIDES...]   run the federated job (e.g. engine=sim fleet.rounds=5, -m to sweep)
        iiotfl report DIR                 re-render the report of a run or the summary of a sweep
        iiotfl cleanup                    remove what killed runs left (processes, namespaces, links, cgroups)
-       iiotfl audit DIR [--refs K]       membership-inference audit of a run's final model (audit.json, report)"""
+       iiotfl audit DIR [--refs K]       membership-inference audit of a run's final model (audit.json, report)
+       iiotfl keys DIR [--force]         provision an HE key set: DIR/device.he (gateways, 0600), DIR/server.he"""
 
 _failures: list[str] = []
 
@@ -99,6 +103,23 @@ def main(argv: list[str] | None = None) -> int:
                 r = result[name]
                 print(f"{name}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['at_fpr_1%']['tpr']:.3f}, "
                       f"at 0.1% FPR {r['at_fpr_0.1%']['tpr']:.4f}")
+        return 0
+    if command == "keys":
+        from strategies.he import HEError, KeySet
+
+        force = "--force" in rest
+        rest = [a for a in rest if a != "--force"]
+        if len(rest) != 1:
+            print(f"error: iiotfl keys needs one directory\n{USAGE}", file=sys.stderr)
+            return 2
+        try:
+            device, server = KeySet.generate().write(rest[0], force=force)
+        except (HEError, OSError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        print(f"device key set (secret, 0600; copy to each gateway): {device}\n"
+              f"server key set (public; the server's only HE material): {server}\n"
+              f"run with: iiotfl run strategy=he strategy.keys={Path(rest[0]).resolve()}")
         return 0
     if command == "cleanup":
         from server.fleet import cleanup

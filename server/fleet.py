@@ -253,6 +253,7 @@ class Deployment:
                 self.links.start_relays(self.port)
             n = int(self.cfg["fleet"]["gateways"])
             profiles = gateway_profiles(self.cfg)
+            crash = self.cfg["fleet"].get("crash") or {}
             for i in range(n):
                 superlink = f"127.0.0.1:{self.port}"
                 if self.gateway_links:
@@ -261,7 +262,9 @@ class Deployment:
                     str(BIN / "flower-supernode"), "--insecure", "--superlink", superlink,
                     "--host", "127.0.0.1", "--port", str(free_port()),
                     "--node-config",
-                    f"partition-id={i} num-partitions={n} torch-threads={profiles[i].device.torch_threads}",
+                    f"partition-id={i} num-partitions={n} torch-threads={profiles[i].device.torch_threads}"
+                    + (f" crash-round={int(crash['round'])}" if crash.get("round") and i in crash.get("gateways", [])
+                       else ""),
                 ]
                 self.spawn(f"supernode-{i}", self.gateway_links[i].wrap(argv) if self.gateway_links else argv)
         self.write_connection()
@@ -367,6 +370,12 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     fleet, engine = cfg["fleet"], cfg["engine"]
     info: dict[str, Any] = {"engine": engine["name"], "gateways": int(fleet["gateways"]), "status": "starting"}
     started = time.time()
+    if cfg["strategy"]["name"] == "he" and not cfg["strategy"].get("keys"):
+        # local fleet: a fresh key set per run (a real deployment provisions with `iiotfl keys`)
+        from strategies.he import KeySet
+
+        KeySet.generate().write(run_dir / "he-keys")
+        cfg["strategy"]["keys"] = str(run_dir / "he-keys")
     progress = Progress(int(fleet["rounds"]))
     deadline = started + float(engine["startup_timeout"]) + float(fleet["round_timeout"]) * (int(fleet["rounds"]) + 1)
     try:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import Message, MessageType
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 from flwr.serverapp import Grid
 
 
@@ -38,6 +39,12 @@ class RoundTrace:
     below_minimum: bool = False
     started: float = 0.0
     ended: float = 0.0
+
+
+def _trains(msg: Message) -> bool:
+    """Whether a TRAIN message makes the gateway train (SecAgg+'s key stages do not)."""
+    stage = msg.content.config_records.get(RECORD_KEY_CONFIGS, {}).get("stage")
+    return stage in (None, "collect_masked_vectors")
 
 
 class DeadlineGrid(Grid):
@@ -78,7 +85,7 @@ class DeadlineGrid(Grid):
         messages = list(messages)
         trace = RoundTrace(started=time.time())
         self.trace = trace
-        if messages and messages[0].metadata.message_type == MessageType.TRAIN:
+        if messages and messages[0].metadata.message_type == MessageType.TRAIN and _trains(messages[0]):
             self.train_trace = trace
         if not messages:
             trace.ended = trace.started

@@ -34,7 +34,7 @@ def fleet_delta(cfg: Mapping[str, Any]) -> float:
     return float(cfg["privacy"].get("delta") or 1.0 / (10 * int(cfg["fleet"]["gateways"])))
 
 
-def _privacy_config(cfg: Mapping[str, Any]) -> PrivacyConfig:
+def privacy_config(cfg: Mapping[str, Any]) -> PrivacyConfig:
     budget = cfg["privacy"].get("budget")
     return PrivacyConfig(
         target_delta=fleet_delta(cfg), population_size=int(cfg["fleet"]["gateways"]),
@@ -45,7 +45,7 @@ def _privacy_config(cfg: Mapping[str, Any]) -> PrivacyConfig:
 
 
 def _epsilon(cfg: Mapping[str, Any], sigma: float, rounds: int) -> float:
-    pc = _privacy_config(cfg)
+    pc = privacy_config(cfg)
     acc = RdpAccountant(PrivacyConfig(pc.target_delta, pc.population_size, pc.neighboring_relation, pc.sampling_method))
     n = pc.population_size
     acc.compose(GaussianPrivacyEvent(noise_multiplier=sigma, sample_size=n, population_size=n), rounds)
@@ -68,7 +68,7 @@ def noise_multiplier(cfg: Mapping[str, Any]) -> float:
 def rounds_within_budget(cfg: Mapping[str, Any]) -> int:
     """How many of ``fleet.rounds`` the budget allows (all of them without a budget)."""
     rounds = int(cfg["fleet"]["rounds"])
-    pc = _privacy_config(cfg)
+    pc = privacy_config(cfg)
     if pc.max_epsilon is None:
         return rounds
     acc = RdpAccountant(pc)
@@ -92,4 +92,4 @@ def build_client_dp(cfg: Mapping[str, Any]) -> Strategy:
     wrapper = (DifferentialPrivacyClientSideFixedClipping if priv.get("clipping") == "client"
                else DifferentialPrivacyServerSideFixedClipping)
     return wrapper(base, noise_multiplier=noise_multiplier(cfg), clipping_norm=float(priv["clipping_norm"]),
-                   num_sampled_clients=n, accountant=RdpAccountant(_privacy_config(cfg)))
+                   num_sampled_clients=n, accountant=RdpAccountant(privacy_config(cfg)))
