@@ -30,7 +30,7 @@ from configs import from_run_config
 from privacy.accounting import DeviceAccountant, noise_for_target, steps_per_round
 from strategies import he
 from strategies.codec_fedavg import encoded_record, record_arrays
-from strategies.he_fedavg import digest
+from strategies.he_fedavg import digest, verified_payload
 from strategies.codecs import ErrorFeedback, flatten, get_codec, unflatten
 from tasks import get_task
 
@@ -103,11 +103,7 @@ def he_decrypt(msg: Message, context: Context) -> Message:
     if int(config["contributors"]) < max(2, int(config["min-aggregate"])):
         raise he.HEError(f"asked to decrypt a sum of {config['contributors']} update(s); this gateway decrypts only "
                          f"sums of at least {max(2, int(config['min-aggregate']))}")
-    if config["fingerprint"] != keys.fingerprint:
-        raise he.HEError("the sum is under another key set than this gateway's device.he")
-    payload = msg.content["sum"]["ct"].numpy().tobytes()
-    if digest(payload) != config["digest"]:
-        raise he.HEError("the sum's bytes do not match their digest")
+    payload = verified_payload(msg.content["sum"], config, keys.fingerprint)
     slots = keys.decrypt_slots(payload)
     return Message(content=RecordDict({"slots": ArrayRecord({"slots": Array(slots)})}), reply_to=msg)
 
@@ -119,7 +115,7 @@ def _he_update(cfg, context: Context, config: ConfigRecord, update: np.ndarray, 
         raise he.HEError(f"the server uses key set {config.get('he-fingerprint')}, this gateway's device.he is "
                          f"{keys.fingerprint}; give it the fleet's device.he")
     update, extra = _noised(update, config, rng)  # distributed DP: clip, add this gateway's noise share
-    ranges = np.repeat(np.asarray(config["he-ranges"], dtype=np.float64), [v.size for v in view.values()])
+    ranges = he.element_ranges(config["he-ranges"], view)
     payload, saturated = he.encrypt_update(keys, update, ranges, float(config["he-weight"]), rng)
     return _encrypted(payload, keys, "he-update"), {"he-saturated": saturated, **extra}
 

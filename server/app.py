@@ -201,7 +201,7 @@ def federated_feature_sums(grid: Grid, nodes: list[int], timeout: float, keys=No
         nbytes = {r.metadata.src_node_id: r.content["stats"].count_bytes() for r in replies}
         return sum(r.content["stats"].to_numpy_ndarrays()[0] for r in replies), partitions, nbytes, examples
     from strategies import he
-    from strategies.he_fedavg import decrypt_sum, digest
+    from strategies.he_fedavg import decrypt_sum, verified_payload
 
     shape = {(int(g["rows"]), int(g["cols"])) for g in gateways.values()}
     if len(shape) != 1:
@@ -209,10 +209,10 @@ def federated_feature_sums(grid: Grid, nodes: list[int], timeout: float, keys=No
     rows, cols = shape.pop()
     payloads, senders = [], []
     for r in replies:
-        payload = r.content["stats-he"]["ct"].numpy().tobytes()
-        if r.content["he"]["fingerprint"] != keys.fingerprint or digest(payload) != r.content["he"]["digest"]:
-            log(WARNING, "gateway %d sent statistics under another key set or corrupted; left out",
-                r.metadata.src_node_id)
+        try:
+            payload = verified_payload(r.content["stats-he"], r.content["he"], keys.fingerprint)
+        except he.HEError as err:
+            log(WARNING, "gateway %d: statistics left out: %s", r.metadata.src_node_id, err)
             continue
         payloads.append(payload)
         senders.append(r.metadata.src_node_id)

@@ -211,9 +211,7 @@ class KeySet:
         return self._prefix
 
     def _from_bytes(self, data: bytes) -> seal.Ciphertext:
-        raw = np.zeros((CT_COEFFS, 8), np.uint8)
-        raw[:, :COEFF_BYTES] = np.frombuffer(data, np.uint8).reshape(CT_COEFFS, COEFF_BYTES)
-        body = self._template() + raw.tobytes()
+        body = self._template() + self.coefficients(data, 1).astype("<u8").tobytes()
         header = struct.pack("<HBBBBHQ", 0xA15E, 16, 4, 3, 0, 0, 16 + len(body))
         ct = seal.Ciphertext()
         with tempfile.NamedTemporaryFile(dir=_tmp_dir()) as tmp:
@@ -328,6 +326,11 @@ def unpack(slots: np.ndarray, size: int) -> np.ndarray:
 # -- updates -----------------------------------------------------------------------------
 def steps(ranges: np.ndarray) -> np.ndarray:
     return np.asarray(ranges, dtype=np.float64) / LEVELS
+
+
+def element_ranges(per_tensor, tensors) -> np.ndarray:
+    """The per-tensor ranges the server sends, one per element of the flattened update."""
+    return np.repeat(np.asarray(per_tensor, dtype=np.float64), [np.size(v) for v in tensors.values()])
 
 
 def quantise_update(update: np.ndarray, ranges: np.ndarray, weight: float,

@@ -42,6 +42,17 @@ def digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
+def verified_payload(record: ArrayRecord, meta: ConfigRecord, fingerprint: str) -> bytes:
+    """Ciphertext bytes of ``record`` after checking ``meta``'s key-set fingerprint and digest."""
+    if meta.get("fingerprint") != fingerprint:
+        raise he.HEError(f"encrypted under key set {meta.get('fingerprint')!r}, the fleet's is "
+                         f"{fingerprint!r} (give the gateway this run's device.he)")
+    payload = record["ct"].numpy().tobytes()
+    if digest(payload) != meta.get("digest"):
+        raise he.HEError("ciphertext bytes do not match their digest (tampered or corrupted in transit)")
+    return payload
+
+
 class HEFedAvg(CodecFedAvg):
     """CodecFedAvg whose uplink is packed BFV ciphertexts, summed without a secret key."""
 
@@ -98,13 +109,7 @@ class HEFedAvg(CodecFedAvg):
         content = msg.content
         if "he-update" not in content or "he" not in content:
             raise he.HEError("no encrypted update in the reply (is the gateway running strategy=he?)")
-        meta = content["he"]
-        if meta.get("fingerprint") != self.keys.fingerprint:
-            raise he.HEError(f"encrypted under key set {meta.get('fingerprint')!r}, the fleet's is "
-                             f"{self.keys.fingerprint!r} (give the gateway this run's device.he)")
-        payload = content["he-update"]["ct"].numpy().tobytes()
-        if digest(payload) != meta.get("digest"):
-            raise he.HEError("ciphertext bytes do not match their digest (tampered or corrupted in transit)")
+        payload = verified_payload(content["he-update"], content["he"], self.keys.fingerprint)
         self.keys.coefficients(payload, expected)
         return payload
 
@@ -138,7 +143,7 @@ class HEFedAvg(CodecFedAvg):
         slots = self.decrypt(total, nodes, server_round)
         if slots is None:
             return None, None
-        ranges = np.repeat(np.asarray(self.sent_ranges, dtype=np.float64), [v.size for v in self.view.values()])
+        ranges = he.element_ranges(self.sent_ranges, self.view)
         total_weight = sum(self.weights[n] for n in nodes)
         if self.dp is not None:
             self.dp.record(len(nodes))
