@@ -218,8 +218,12 @@ def _secagg_fit(msg: Message, context: Context, started: float) -> Message:
     update, extra = _noised(update, config, np.random.default_rng([cfg["seed"], partition, server_round]))
     weights = base + update
     clip_range = float(cfg["strategy"]["clipping_range"])
-    examples = 1 if extra else len(y)  # DP: equal weights, what the accountant assumes
-    metrics = {**stats, **extra, "partition": partition, "num-examples": examples,
+    # SecAgg+ scales every weight by num-examples / max_weight before quantising: report
+    # max_weight itself under DP (equal weights, what the accountant assumes) and otherwise
+    # the count scaled so the largest gateway is at max_weight (full quantisation precision)
+    max_weight = float(cfg["strategy"]["max_weight"])
+    examples = int(max_weight if extra else min(max_weight, len(y) * float(config.get("secagg-weight-scale", 1.0))))
+    metrics = {**stats, **extra, "partition": partition, "num-examples": len(y),
                "secagg-saturated": float(np.mean(np.abs(weights) > clip_range)),
                "t-proc": _process_started(), "t-start": started,
                "bytes-down": sum(len(t) for t in parameters.tensors),

@@ -74,9 +74,12 @@ def recompute(history: list[tuple[float, float, int]], delta: float) -> dict[str
     composed = dp_accounting.ComposedDpEvent(list(_events(history)))
     rdp = rdp_privacy_accountant.RdpAccountant(list(RDP_ORDERS))
     rdp.compose(composed)
-    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=1e-3)
+    eps_rdp = float(rdp.get_epsilon(delta))
+    # PLD's grid spans the privacy-loss range (about 1/(2 sigma^2)): a fixed 1e-3 step needs
+    # gigabytes at tiny noise, so the step grows with epsilon (relative error stays ~1e-4)
+    pld = pld_privacy_accountant.PLDAccountant(value_discretization_interval=max(1e-3, 1e-4 * eps_rdp))
     pld.compose(composed)
-    return {"rdp": float(rdp.get_epsilon(delta)), "pld": float(pld.get_epsilon(delta))}
+    return {"rdp": eps_rdp, "pld": float(pld.get_epsilon(delta))}
 
 
 def check(reported: float, history: list[tuple[float, float, int]], delta: float,

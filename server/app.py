@@ -313,6 +313,9 @@ def main(grid: Grid, context: Context) -> None:
         **norm,
     }
     if cfg["strategy"]["name"] == "secagg":
+        # SecAgg+ multiplies each weight by num-examples / max_weight before quantising, so
+        # a small ratio costs precision: scale the largest gateway's count up to max_weight
+        train_config["secagg-weight-scale"] = float(cfg["strategy"]["max_weight"]) / max(max(examples.values(), default=1), 1)
         final, client_eval = run_secagg(grid, rounds, context, cfg, model, train_config, evaluate, num_rounds,
                                         strategy)
     else:

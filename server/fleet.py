@@ -290,8 +290,8 @@ class Deployment:
 
     def run_id(self) -> int | None:
         text = (self.logs / "serverapp.log").read_text(errors="replace")
-        m = re.search(r"Successfully started run (\d+)", text)
-        return int(m.group(1)) if m else None
+        found = re.findall(r"Successfully started run (\d+)", text)  # the last: a reused run dir keeps old logs
+        return int(found[-1]) if found else None
 
     def run_info(self, run_id: int) -> dict[str, Any]:
         out = subprocess.run(

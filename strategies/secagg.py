@@ -7,7 +7,8 @@
   with ``num_shares`` neighbours; ``reconstruction_threshold`` shares rebuild them.
 * **collect masked vectors**: each gateway trains (``clients/app.py``, legacy fit
   format), clips every weight to ``±clipping_range``, quantises it to
-  ``quantization_range`` levels, multiplies by its weight (num-examples ÷ ``max_weight``)
+  ``quantization_range`` levels, multiplies by its weight (num-examples ÷ ``max_weight``;
+  the server scales counts so the largest gateway's ratio is 1, DP sets every ratio to 1)
   and adds pairwise and private masks modulo ``modulus_range``.
 * **unmask**: the survivors send the shares that remove the masks (a dropped gateway's
   pairwise masks are rebuilt from its neighbours' shares). The server learns only the

@@ -32,6 +32,15 @@ def test_check_fails_when_the_reported_epsilon_is_wrong():
     assert not check(right * 0.9, history, 1e-5)["ok"]
 
 
+def test_recompute_at_tiny_noise_stays_small_and_consistent():
+    # the PLD grid spans ~1/(2 sigma^2); at a fixed step this needed >13 GB and killed the ServerApp
+    import resource
+
+    again = recompute([(0.002, 1.0, 1)] * 3, 0.03)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss < 4 * 2**20  # KiB: well under 4 GiB
+    assert 0 < again["pld"] <= again["rdp"] and again["pld"] > 0.8 * again["rdp"]
+
+
 def test_budget_stops_before_it_is_exceeded():
     q, steps = steps_per_round(1000, 50, 1)
     acc = DeviceAccountant(1e-4)
