@@ -20,7 +20,7 @@ from typing import Any, Mapping
 CONFIG_DIR = Path(__file__).resolve().parent
 
 STRATEGIES = ("fedavg", "he", "secagg")
-ENGINES = ("fleet", "sim")
+ENGINES = ("fleet", "sim", "remote")
 DATA_SOURCES = ("generator", "csv", "cmapss")
 CODECS = ("none", "fp16", "int8", "int4", "topk")
 OUTAGE_MODES = ("none", "periodic", "random", "rounds")
@@ -119,7 +119,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
             low = _int(cfg, "task.data.units_min", 2)
             _int(cfg, "task.data.units_max", low)
             _int(cfg, "task.data.test_units", 1)
-        elif not _get(cfg, "task.data.path"):
+        elif not _get(cfg, "task.data.path") and cfg["engine"]["name"] != "remote":  # remote: `gateway --data`
             raise ConfigError(
                 f"config: task.data.path is empty but task.data.source={source}; give each gateway's file "
                 "(\"{partition}\" is replaced by its partition id)"
@@ -141,6 +141,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _choice(cfg, "fleet.outage.mode", OUTAGE_MODES)
     _validate_privacy(cfg)
     _validate_secure(cfg)
+    _validate_tls(cfg)
     from clients.profiles import ProfileError, gateway_profiles
 
     try:
@@ -151,6 +152,15 @@ def validate(cfg: Mapping[str, Any]) -> None:
         _int(cfg, "engine.client_cpus", 1)
         if _get(cfg, "engine.num_cpus") is not None:
             _int(cfg, "engine.num_cpus", 1)
+    if cfg["engine"]["name"] == "remote":
+        address = str(_get(cfg, "engine.superlink") or "")
+        host, _, port = address.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"config: engine.superlink={address!r} is not host:port; give the SuperLink's address, "
+                              "e.g. engine.superlink=superlink.plant.example:9093")
+        if not _get(cfg, "engine.insecure") and not _get(cfg, "engine.ca"):
+            raise ConfigError("config: engine=remote needs engine.ca (the SuperLink's ca.crt from `iiotfl certs`), or "
+                              "engine.insecure=true for a SuperLink started with --insecure")
 
 
 def _validate_privacy(cfg: Mapping[str, Any]) -> None:
@@ -232,6 +242,26 @@ def _validate_secure(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(f"config: strategy.modulus_range={m} < gateways x quantization_range = {q * gateways}: "
                               "the masked sum would wrap around; lower strategy.quantization_range")
         _float(cfg, "strategy.max_weight", 0.0, 1e12, low_open=True)
+
+
+def _validate_tls(cfg: Mapping[str, Any]) -> None:
+    """engine=fleet: TLS and node authentication unless engine.insecure; a given certs directory must hold
+    what the fleet reads (the SuperLink certificate's addresses are checked at start, once links are known)."""
+    if cfg["engine"]["name"] != "fleet":
+        return
+    insecure, given = _get(cfg, "engine.insecure"), _get(cfg, "engine.certs")
+    if not isinstance(insecure, bool):
+        raise ConfigError(f"config: engine.insecure={insecure!r} is invalid; it must be true or false")
+    if given is None:
+        return
+    if insecure:
+        raise ConfigError("config: engine.certs is set but engine.insecure=true runs without TLS; drop one of them")
+    from server.certs import CertsError, check_dir
+
+    try:
+        check_dir(Path(str(given)).expanduser(), int(cfg["fleet"]["gateways"]))
+    except CertsError as err:
+        raise ConfigError(f"config: engine.certs: {err}") from None
 
 
 def to_run_config(cfg: Mapping[str, Any], output_dir: str | Path) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 
 from clients.training import train_local
+from server.artefacts import FINAL_CHECKPOINT, load_model_state
 from tasks import get_task
 
 
@@ -114,8 +115,8 @@ def audit_run(run_dir: str | Path, reference_models: int = 4, per_side: int = 20
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml" if (run_dir / "config.yaml").exists() else run_dir / ".hydra" / "config.yaml"
-    if not cfg_path.exists() or not (run_dir / "model.pt").exists():
-        raise FileNotFoundError(f"{run_dir} is not a finished run (needs config.yaml and model.pt)")
+    if not cfg_path.exists() or not (run_dir / FINAL_CHECKPOINT).exists():
+        raise FileNotFoundError(f"{run_dir} is not a finished run (needs config.yaml and {FINAL_CHECKPOINT})")
     cfg = yaml.safe_load(cfg_path.read_text())
     summary = json.loads((run_dir / "metrics.json").read_text()) if (run_dir / "metrics.json").exists() else {}
     epsilon, delta = None, None
@@ -128,7 +129,7 @@ def audit_run(run_dir: str | Path, reference_models: int = 4, per_side: int = 20
             checks = (summary.get("privacy") or {}).get("checks") or []
             epsilon = float(last["device_epsilon_max"])
             delta = max((float(c["delta"]) for c in checks), default=None)
-    state = torch.load(run_dir / "model.pt")
+    state = load_model_state(run_dir)  # signature checked, then decrypted
     result = membership_audit(cfg, state, epsilon, delta, reference_models, per_side)
     (run_dir / "audit.json").write_text(json.dumps(result, indent=2))
     return result

@@ -8,7 +8,9 @@
    replies, minimum replies). After every round the global model is scored on the
    held-out set and one line is appended to ``metrics.jsonl`` with the figures of
    every sampled gateway (this is what ``iiotfl run`` shows as progress).
-4. Write the final model, ``metrics.json`` and the report into the output directory.
+4. Write the final model, ``metrics.json`` and the report into the output directory. Every
+   global model (``checkpoints/round-N.ckpt``, the final ``model.ckpt``) is written
+   encrypted and signed (``server/artefacts.py``).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from clients.profiles import gateway_profiles, link_time, transfer_time
 from privacy.accounting import accounting_check
 from privacy.ledger import Ledger
 from privacy.ledger import load as load_ledger
+from server.artefacts import FINAL_CHECKPOINT, save_checkpoint
 from server.netem import veth_counters
 from strategies.client_dp import rounds_within_budget
 from server.outages import Outages
@@ -295,6 +298,8 @@ def main(grid: Grid, context: Context) -> None:
         log.write(server_round, scores, privacy_row)
         if server_round:
             ledger.record(log.rows[-1], privacy_row.get("epsilon"), privacy_row.get("delta"))
+            save_checkpoint(out / "checkpoints" / f"round-{server_round}.ckpt", arrays.to_torch_state_dict(), sums,
+                            server_round, run_dir=out)
         return MetricRecord(scores)
 
     num_rounds, notes = int(fleet["rounds"]), []
@@ -329,7 +334,8 @@ def main(grid: Grid, context: Context) -> None:
             evaluate_fn=evaluate,
         )
         final, client_eval = result.arrays, {str(k): dict(v) for k, v in result.evaluate_metrics_clientapp.items()}
-    torch.save(final.to_torch_state_dict(), out / "model.pt")
+    # encrypted and signed, keys outside the run directory (server/artefacts.py)
+    save_checkpoint(out / FINAL_CHECKPOINT, final.to_torch_state_dict(), sums, num_rounds)
     summary = {
         "task": task.name,
         "primary_metric": task.primary_metric,

@@ -7,6 +7,12 @@
 * ``iiotfl keys DIR`` — an HE key set for ``strategy=he``: ``device.he`` (parameters,
   public and secret key; 0600; copy to every gateway) and ``server.he`` (parameters and
   public key; the only file the server is given). Never overwrites without ``--force``.
+* ``iiotfl gateway ...`` — a plant's gateway joining a remote SuperLink (``clients/gateway.py``).
+* ``iiotfl certs DIR`` — CA, SuperLink TLS certificate and one node key pair per gateway
+  (``server/certs.py``; private keys 0600, never overwritten without ``--force``);
+  ``--register HOST:PORT`` registers every gateway's public key with a running SuperLink.
+* ``iiotfl export DIR`` — the run's final model as signed int8 TorchScript for devices, with its size,
+  latency and metric change in ``report.md`` (``server/export.py``; keys: ``server/artefacts.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,12 @@ USAGE = """usage: iiotfl run [HYDRA OVERRIDES...]   run the federated job (e.g. 
        iiotfl report DIR                 re-render the report of a run or the summary of a sweep
        iiotfl cleanup                    remove what killed runs left (processes, namespaces, links, cgroups)
        iiotfl audit DIR [--refs K]       membership-inference audit of a run's final model (audit.json, report)
-       iiotfl keys DIR [--force]         provision an HE key set: DIR/device.he (gateways, 0600), DIR/server.he"""
+       iiotfl export DIR                 the run's final model as signed int8 TorchScript (DIR/export/, report)
+       iiotfl keys DIR [--force]         provision an HE key set: DIR/device.he (gateways, 0600), DIR/server.he
+       iiotfl gateway --superlink H:P --ca CA --key KEY --data DIR [--link L]
+                                         run this plant's gateway against a remote SuperLink (--help)
+       iiotfl certs DIR [--san NAME ...] [--gateways N] [--force] | DIR --register HOST:PORT
+                                         TLS CA + SuperLink certificate + gateway node keys; register the keys"""
 
 _failures: list[str] = []
 
@@ -92,9 +103,11 @@ def main(argv: list[str] | None = None) -> int:
         if len(rest) != 1 or not Path(rest[0]).is_dir():
             print(f"error: iiotfl audit needs one run directory\n{USAGE}", file=sys.stderr)
             return 2
+        from server.artefacts import ArtefactError
+
         try:
             result = audit_run(rest[0], reference_models=refs)
-        except FileNotFoundError as err:
+        except (FileNotFoundError, ArtefactError) as err:
             print(f"error: {err}", file=sys.stderr)
             return 2
         write_report(rest[0])
@@ -103,6 +116,25 @@ def main(argv: list[str] | None = None) -> int:
                 r = result[name]
                 print(f"{name}: AUC {r['auc']:.3f}, TPR at 1% FPR {r['at_fpr_1%']['tpr']:.3f}, "
                       f"at 0.1% FPR {r['at_fpr_0.1%']['tpr']:.4f}")
+        return 0
+    if command == "export":
+        from server.artefacts import ArtefactError
+        from server.export import export_run
+        from server.report import write_report
+
+        if len(rest) != 1 or not Path(rest[0]).is_dir():
+            print(f"error: iiotfl export needs one run directory\n{USAGE}", file=sys.stderr)
+            return 2
+        try:
+            ex = export_run(rest[0])
+        except (FileNotFoundError, ArtefactError) as err:
+            print(f"error: {err}", file=sys.stderr)
+            return 2
+        write_report(rest[0])
+        f32, i8 = ex["metrics"].get("float32", {}), ex["metrics"].get("int8", {})
+        print(f"{Path(rest[0]) / ex['file']}: int8 TorchScript {ex['int8_bytes']} B (float32 {ex['float32_bytes']} B), "
+              f"{ex['latency_us']['int8']:.0f} us per sample (float32 {ex['latency_us']['float32']:.0f} us)"
+              + (f", RMSE {i8['rmse']:.3f} (float32 {f32['rmse']:.3f})" if i8 else ""))
         return 0
     if command == "keys":
         from strategies.he import HEError, KeySet
@@ -121,6 +153,14 @@ def main(argv: list[str] | None = None) -> int:
               f"server key set (public; the server's only HE material): {server}\n"
               f"run with: iiotfl run strategy=he strategy.keys={Path(rest[0]).resolve()}")
         return 0
+    if command == "certs":
+        from server.certs import main as certs_main
+
+        return certs_main(rest)
+    if command == "gateway":
+        from clients.gateway import main as gateway_main
+
+        return gateway_main(rest)
     if command == "cleanup":
         from server.fleet import cleanup
 

@@ -1,7 +1,12 @@
 """Run the app on a real local Flower deployment, or on Flower's simulation engine.
 
 ``engine=fleet``: one ``flower-superlink`` and one ``flower-supernode`` per gateway
-(each spawns the SuperExec and ClientApp/ServerApp processes flwr 1.42 uses).
+(each spawns the SuperExec and ClientApp/ServerApp processes flwr 1.42 uses), with TLS
+and SuperNode authentication unless ``engine.insecure=true``: certificates and node keys
+from ``engine.certs`` or fresh ones in ``<run>/certs`` (``server/certs.py``), the SuperLink
+started with ``--ssl-*`` and ``--enable-supernode-auth``, every gateway's public key
+registered through the Control API before its SuperNode starts with ``--root-certificates``
+and ``--auth-supernode-private-key``, and the ``flwr`` connection verifying the CA.
 ``engine=sim``: one ``flower-superlink --simulation``; Flower runs the virtual
 gateways on Ray.
 
@@ -33,7 +38,8 @@ import tomli_w
 
 from clients.profiles import gateway_profiles
 from configs import to_run_config
-from server import netem
+from clients.gateway import supernode_failure
+from server import certs, netem
 from server.outages import Outages
 from server.report import load_rounds, write_report
 
@@ -146,6 +152,9 @@ class Deployment:
         self.links: netem.LinkFleet | None = None
         self.gateway_links: list[netem.GatewayLink] = []
         self.emulation = "loopback"  # what the links are, said in the report's first lines
+        self.certs: Path | None = None  # the run's `iiotfl certs` directory; None: no TLS
+        self.transport = ""  # TLS and node authentication or not, said in the report
+        self.profiles: list[Any] | None = None
         self.env = {
             **os.environ,
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -232,45 +241,94 @@ class Deployment:
     def start(self) -> None:
         engine = self.cfg["engine"]
         timeout = float(engine["startup_timeout"])
+        fleet = engine["name"] == "fleet"
         self.port = free_port()
-        argv = [
-            str(BIN / "flower-superlink"), "--insecure", "--host", "127.0.0.1", "--port", str(self.port),
-            "--disable-runtime-dependency-installation",
-        ]
-        if engine["name"] == "sim":
-            argv.append("--simulation")
-        if engine["name"] == "fleet":
+        if fleet:
             self.setup_links()
+            self.certs = None if engine.get("insecure") else self.provision_certs()
+            self.transport = (
+                f"TLS (CA {self.certs / certs.CA_CRT}) and SuperNode authentication (registered node keys)"
+                if self.certs else "INSECURE: no TLS and no SuperNode authentication (engine.insecure=true)")
         else:
+            self.transport = "no network: Flower's simulation engine runs the gateways inside the SuperLink"
             self.emulation = "simulated: link and device profiles give the simulated clock (sim_s)"
             profiles = gateway_profiles(self.cfg)
             (self.run_dir / "links.json").write_text(json.dumps(
                 {"emulation": self.emulation, "gateways": [p.as_dict() for p in profiles]}, indent=2))
-        sl = self.spawn("superlink", argv)
+        sl = self.spawn("superlink", self.superlink_argv())
         wait_port(self.port, sl, timeout, "flower-superlink", self.logs / "superlink.log")
-        if engine["name"] == "fleet":
+        if fleet:
+            n = int(self.cfg["fleet"]["gateways"])
+            if self.certs is not None:
+                try:
+                    certs.register([certs.gateway_pub(self.certs, i) for i in range(n)], f"127.0.0.1:{self.port}",
+                                   self.certs / certs.CA_CRT, env=self.env, timeout=timeout)
+                except certs.CertsError as err:
+                    raise LaunchError(f"registering the gateways' node keys failed: {err}") from None
             if self.links is not None:
                 self.links.start_relays(self.port)
-            n = int(self.cfg["fleet"]["gateways"])
-            profiles = gateway_profiles(self.cfg)
-            crash = self.cfg["fleet"].get("crash") or {}
             for i in range(n):
                 superlink = f"127.0.0.1:{self.port}"
                 if self.gateway_links:
                     superlink = f"{netem.SERVER_ADDRESS}:{self.gateway_links[i].relay_port}"
-                argv = [
-                    str(BIN / "flower-supernode"), "--insecure", "--superlink", superlink,
-                    "--host", "127.0.0.1", "--port", str(free_port()),
-                    "--node-config",
-                    f"partition-id={i} num-partitions={n} torch-threads={profiles[i].device.torch_threads}"
-                    + (f" crash-round={int(crash['round'])}" if crash.get("round") and i in crash.get("gateways", [])
-                       else ""),
-                ]
+                argv = self.gateway_argv(i, superlink)
                 self.spawn(f"supernode-{i}", self.gateway_links[i].wrap(argv) if self.gateway_links else argv)
         self.write_connection()
 
+    # -- TLS and node authentication (engine=fleet) ------------------------------------
+    def provision_certs(self) -> Path:
+        """``engine.certs``, checked, or a fresh CA, SuperLink certificate and node keys in
+        ``<run>/certs``; the certificate must name every address the SuperNodes dial."""
+        n = int(self.cfg["fleet"]["gateways"])
+        dialled = ["127.0.0.1"] + ([netem.SERVER_ADDRESS] if self.gateway_links else [])
+        given = self.cfg["engine"].get("certs")
+        where = Path(str(given)).expanduser().resolve() if given else self.run_dir / "certs"
+        try:
+            if not given:
+                certs.create(where, sans=[netem.SERVER_ADDRESS], gateways=n)
+            certs.check_dir(where, n, dialled)
+        except certs.CertsError as err:
+            raise LaunchError(f"engine.certs: {err}" if given else str(err)) from None
+        return where
+
+    def superlink_argv(self) -> list[str]:
+        argv = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                "--disable-runtime-dependency-installation"]
+        if self.certs is None:
+            argv.append("--insecure")
+        else:
+            argv += ["--ssl-ca-certfile", str(self.certs / certs.CA_CRT),
+                     "--ssl-certfile", str(self.certs / certs.SERVER_CRT),
+                     "--ssl-keyfile", str(self.certs / certs.SERVER_KEY), "--enable-supernode-auth"]
+        if self.cfg["engine"]["name"] == "sim":
+            argv.append("--simulation")
+        return argv
+
+    def gateway_argv(self, i: int, superlink: str) -> list[str]:
+        """Gateway i as the fleet starts it: ``iiotfl gateway``, the compose gateways' entrypoint
+        (clients/gateway.py), which checks its inputs and runs and restarts flower-supernode.
+        Its link is already shaped by :class:`netem.LinkFleet` with the same ``apply_link``."""
+        n = int(self.cfg["fleet"]["gateways"])
+        if self.profiles is None:
+            self.profiles = gateway_profiles(self.cfg)
+        crash = self.cfg["fleet"].get("crash") or {}
+        argv = [str(BIN / "iiotfl"), "gateway", "--superlink", superlink, "--partition-id", str(i),
+                "--num-partitions", str(n), "--clientappio-port", str(free_port()),
+                "--node-config", f"torch-threads={self.profiles[i].device.torch_threads}"]
+        if crash.get("round") and i in crash.get("gateways", []):
+            argv += ["--node-config", f"crash-round={int(crash['round'])}"]
+        if self.certs is None:
+            return argv + ["--insecure"]
+        return argv + ["--ca", str(self.certs / certs.CA_CRT), "--key", str(certs.gateway_key(self.certs, i))]
+
+    def supernode_argv(self, i: int, superlink: str) -> list[str]:
+        """The flower-supernode command gateway i's ``iiotfl gateway`` runs."""
+        from clients import gateway
+
+        return gateway.supernode_argv(gateway.parser().parse_args(self.gateway_argv(i, superlink)[2:]))
+
     def write_connection(self) -> None:
-        conn: dict[str, Any] = {"address": f"127.0.0.1:{self.port}", "insecure": True}
+        conn = certs.flwr_connection(f"127.0.0.1:{self.port}", self.certs / certs.CA_CRT if self.certs else None)
         engine = self.cfg["engine"]
         if engine["name"] == "sim":
             backend: dict[str, Any] = {"client-resources": {"num-cpus": int(engine["client_cpus"]), "num-gpus": 0.0}}
@@ -316,6 +374,16 @@ class Deployment:
 
     def dead_supernodes(self) -> list[str]:
         return [n for n, p in self.procs.items() if n.startswith("supernode") and p.poll() is not None]
+
+    def supernode_refused(self) -> str | None:
+        """One line for the first SuperNode that ended on a TLS or node-key failure (no retry fixes those)."""
+        for name in self.dead_supernodes():
+            log = self.logs / f"{name}.log"
+            why = supernode_failure(log.read_text(errors="replace") if log.exists() else "")
+            if why:
+                return f"{name.replace('supernode-', 'gateway ')}: {why}; see logs/{name}.log"
+        return None
+
 
 
 @contextmanager
@@ -379,10 +447,17 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     progress = Progress(int(fleet["rounds"]))
     deadline = started + float(engine["startup_timeout"]) + float(fleet["round_timeout"]) * (int(fleet["rounds"]) + 1)
     try:
-        with _sigterm_as_interrupt(), Deployment(cfg, run_dir) as dep:
+        if engine["name"] == "remote":  # an existing SuperLink with real gateways (server/remote.py)
+            from server.remote import RemoteDeployment as kind
+        else:
+            kind = Deployment
+        with _sigterm_as_interrupt(), kind(cfg, run_dir) as dep:
             info["logs"] = {"superlink": "logs/superlink.log", "serverapp": "logs/serverapp.log"}
             dep.start()
             info["links"] = dep.emulation
+            info["transport"] = dep.transport
+            if dep.certs is not None:
+                info["certs"] = str(dep.certs)
             outages = Outages(cfg, dep.gateway_links, run_dir / "outages.jsonl")
             client = dep.submit()
             info["status"] = "running"
@@ -399,7 +474,10 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
                     progress.update(row)
                 seen = len(rows)
                 outages.tick(rows)
-                if dep.procs["superlink"].poll() is not None:
+                refused = dep.supernode_refused()
+                if refused:
+                    raise LaunchError(refused)
+                if "superlink" in dep.procs and dep.procs["superlink"].poll() is not None:
                     raise LaunchError(f"flower-superlink exited with code {dep.procs['superlink'].returncode}; "
                                       "see logs/superlink.log")
                 if time.time() > deadline:

@@ -99,8 +99,8 @@ def has_netem() -> bool:
         _ip("netns", "del", probe, check=False)
 
 
-def drop_randomly(netns: str, dev: str, loss_pct: float) -> bool:
-    """Random packet loss both ways on ``dev`` inside ``netns`` (nftables); False if nft is missing."""
+def drop_randomly(netns: str | None, dev: str, loss_pct: float) -> bool:
+    """Random packet loss both ways on ``dev`` inside ``netns`` (None: here) with nftables; False if nft is missing."""
     if shutil.which("nft") is None:
         return False
     threshold = int(round(loss_pct / 100 * 1_000_000))
@@ -112,9 +112,10 @@ def drop_randomly(netns: str, dev: str, loss_pct: float) -> bool:
         f" iifname \"{dev}\" numgen random mod 1000000 < {threshold} drop; }}\n"
         "}\n"
     )
-    out = subprocess.run(["ip", "netns", "exec", netns, "nft", "-f", "-"], input=rules, capture_output=True, text=True)
+    pre = ["ip", "netns", "exec", netns] if netns else []
+    out = subprocess.run([*pre, "nft", "-f", "-"], input=rules, capture_output=True, text=True)
     if out.returncode != 0:
-        raise OSError(f"nft in {netns}: {out.stderr.strip()}")
+        raise OSError(f"nft in {netns or 'this namespace'}: {out.stderr.strip()}")
     return True
 
 
@@ -274,10 +275,11 @@ class LinkFleet:
             _ip("-n", ns, "link", "set", "eth0", "up")
             link: LinkProfile = prof.link
             if link.shaped:
-                shape(dev, link.down_kbit)
-                shape("eth0", link.up_kbit, netns=ns)
-                if link.loss_pct > 0:
-                    gw.loss_emulated = drop_randomly(ns, "eth0", link.loss_pct)
+                from clients.gateway import apply_link  # what a compose gateway applies to its own eth0
+
+                shape(dev, link.down_kbit)  # downlink on the host side of the veth
+                applied = apply_link(link, "eth0", netns=ns)
+                gw.loss_emulated = link.loss_pct == 0 or any(a.startswith("loss") for a in applied)
             gw.cgroups = make_cgroup(f"{PREFIX}{self.tag}-{i}", prof.device)
         return self.gateways
 

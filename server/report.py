@@ -1,8 +1,9 @@
 """Run reports: ``report.md`` and ``metrics.png`` per run, one summary table per multirun.
 
 A run directory holds what the ServerApp wrote (``metrics.jsonl`` as rounds finish,
-``metrics.json`` and ``model.pt`` at the end) and what the launcher wrote
-(``launch.json``: engine, status, wall time, traffic seen by the SuperLink).
+``metrics.json`` and the encrypted, signed ``model.ckpt`` at the end), what the launcher wrote
+(``launch.json``: engine, status, wall time, traffic seen by the SuperLink) and what
+``iiotfl export`` measured (``export/export.json``).
 :func:`write_report` renders whatever is there, so a failed run still gets a report
 that says how far it got.
 """
@@ -177,6 +178,8 @@ def write_report(run_dir: str | Path) -> Path:
     lines = ["# iiotfl run report", ""]
     if links:
         lines += [f"**Links: {links}.**", ""]
+    if launch.get("transport"):
+        lines += [f"**Transport: {launch['transport']}.**", ""]
     for note in launch.get("notes", []):
         lines.append(f"> {note}")
     if launch.get("notes"):
@@ -238,6 +241,7 @@ def write_report(run_dir: str | Path) -> Path:
             lines += ["", "Outages: " + "; ".join(
                 f"gateway {e['gateway']} {e['state']} at {e['t']:.1f}s (round {e['round']})" for e in events)]
     lines += privacy_section(run_dir, final)
+    lines += export_section(run_dir)
     if launch.get("logs"):
         lines += ["", "## Logs", ""] + [f"- {name}: `{path}`" for name, path in launch["logs"].items()]
     path = run_dir / "report.md"
@@ -300,6 +304,32 @@ def privacy_section(run_dir: Path, final: dict[str, Any]) -> list[str]:
                              f"| {_fmt(a['at_fpr_0.1%'].get('bound'))} |")
     for note in final.get("notes") or []:
         lines += ["", f"Note: {note}."]
+    return lines
+
+
+def export_section(run_dir: Path) -> list[str]:
+    """The on-device model of ``iiotfl export``: size, latency and metrics, int8 beside float32."""
+    ex = _read_json(run_dir / "export" / "export.json")
+    if not ex:
+        return []
+    lines = ["", "## On-device model (`iiotfl export`)", "",
+             f"`{ex['file']}`: dynamic int8 TorchScript (quantised layers: {', '.join(ex['quantised_layers'])}; "
+             "the rest stays float32), signed with the run's artefact key; `server.export.load_export` checks the "
+             "signature (`verify.pub`) before loading it.", "",
+             "| model | TorchScript size [B] | latency per sample [µs] | RMSE | RMSE last cycle | PHM08 score |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for name in ("float32", "int8"):
+        m = ex["metrics"].get(name) or {}
+        lines.append(f"| {name} | {_fmt(ex[f'{name}_bytes'])} | {_fmt(ex['latency_us'][name])} | {_fmt(m.get('rmse'))} "
+                     f"| {_fmt(m.get('rmse_last'))} | {_fmt(m.get('phm_score'))} |")
+    if ex["metrics"]:
+        f32, i8 = ex["metrics"]["float32"], ex["metrics"]["int8"]
+        delta = ", ".join(f"{k} {i8[k] - f32[k]:+.4g}" for k in ("rmse", "rmse_last", "phm_score"))
+        lines += ["", f"Change int8 − float32 on the server's test data: {delta}; largest change of one prediction: "
+                      f"{_fmt(ex['max_abs_prediction_change'])} cycles."]
+    lines += ["", f"Latency: {ex['latency_setup']}."]
+    if ex.get("note"):
+        lines += ["", f"Note: {ex['note']}."]
     return lines
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,13 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subpro
     return subprocess.run(
         [str(IIOTFL), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _artefact_keys(tmp_path_factory):
+    """Artefact keys (server/artefacts.py) of every run the tests start: never the user's own."""
+    os.environ["IIOTFL_ARTEFACT_KEYS"] = str(tmp_path_factory.mktemp("artefact-keys"))
+    os.environ["IIOTFL_PLANT_KEYS"] = str(tmp_path_factory.mktemp("plant-keys"))  # privacy/anonymise.py
 
 
 @pytest.fixture(scope="session")

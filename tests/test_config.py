@@ -74,3 +74,12 @@ def test_link_mix_splits_the_fleet_and_overrides_win():
     assert names == ["satellite"] + ["lte_m"] * 6 + ["nb_iot"] * 3
     assert profiles[7].link.up_kbit == 80 and profiles[7].link.rtt_ms == 400
     assert [p.device.name for p in profiles].count("sensor") == 1 and profiles[9].device.cpu_share == 0.3
+
+
+def test_remote_engine_needs_an_address_and_a_ca_or_an_explicit_insecure():
+    with pytest.raises(ConfigError, match=r"engine.superlink='superlink' is not host:port"):
+        validate(compose(["engine=remote", "engine.superlink=superlink", "engine.ca=/c/ca.crt"]))
+    with pytest.raises(ConfigError, match=r"engine=remote needs engine.ca .* or engine.insecure=true"):
+        validate(compose(["engine=remote"]))
+    validate(compose(["engine=remote", "engine.insecure=true"]))
+    validate(compose(["engine=remote", "engine.ca=/c/ca.crt"]))

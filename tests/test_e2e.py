@@ -11,9 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 
 from server import netem
+from server.artefacts import load_model_state
 from server.fleet import processes_with_env
 from tasks.predictive_maintenance.model import RulCNN
 from tests.conftest import IIOTFL, ROOT, run_cli
@@ -56,11 +56,13 @@ def test_fleet_run_used_real_processes(fleet_run):
 
 def test_fleet_run_directory_has_all_artefacts(fleet_run):
     run_dir, _ = fleet_run
-    for name in ("config.yaml", "metrics.json", "metrics.jsonl", "model.pt", "report.md", "metrics.png", "launch.json"):
+    for name in ("config.yaml", "metrics.json", "metrics.jsonl", "model.ckpt", "report.md", "metrics.png", "launch.json"):
         assert (run_dir / name).is_file(), name
     assert (run_dir / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = RulCNN()
-    model.load_state_dict(torch.load(run_dir / "model.pt"))
+    model.load_state_dict(load_model_state(run_dir))
+    assert (run_dir / "model.ckpt").read_bytes()[:6] == b"IIOTFL"  # encrypted and signed, not a plain torch file
+    assert (run_dir / "checkpoints" / "round-3.ckpt").is_file()
     report = (run_dir / "report.md").read_text()
     assert "status: **completed**" in report and "| 3 |" in report
 

@@ -112,3 +112,24 @@ def test_malformed_cmapss_gives_one_line_error(tmp_path, content, expected):
     with pytest.raises(DataFormatError, match=expected) as err:
         load_cmapss(path)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_growing_data_directory_is_read_as_one_table(tmp_path, plant):
+    whole = tmp_path / "whole.csv"
+    save_csv(plant, whole)
+    lines = whole.read_text().splitlines()
+    header, body = lines[0], lines[1:]
+    days = tmp_path / "gateway-data"
+    days.mkdir()
+    half = len(body) // 2  # units span both files
+    (days / "2026-11-01.csv").write_text("\n".join([header, *body[:half]]) + "\n")
+    (days / "2026-11-02.csv").write_text("\n".join([header, *body[half:]]) + "\n")
+    back = load_csv(days, settings=list(plant.setting_names))
+    assert np.array_equal(back.unit, plant.unit) and np.array_equal(back.cycle, plant.cycle)
+    assert np.allclose(back.sensors, plant.sensors) and np.allclose(back.rul, plant.rul)
+    (days / "2026-11-03.csv").write_text(header.replace("unit", "serial") + "\n")
+    with pytest.raises(DataFormatError, match="2026-11-03.csv: header .* differs"):
+        load_csv(days)
+    (tmp_path / "no-files-yet").mkdir()
+    with pytest.raises(DataFormatError, match="no \\*.csv files"):
+        load_csv(tmp_path / "no-files-yet")

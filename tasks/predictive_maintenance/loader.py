@@ -133,20 +133,39 @@ def load_csv(
     sep: str = ",",
     drop: list[str] | None = None,
 ) -> RunToFailure:
-    """Load run-to-failure records in the CSV schema above (``drop``: columns never read)."""
+    """Load run-to-failure records in the CSV schema above (``drop``: columns never read).
+
+    ``path`` may be a directory: every ``*.csv`` in it (same header) is read, in name order,
+    as one table, so a plant can append a file a day and units may span files."""
     path = Path(path)
-    if not path.is_file():
+    if path.is_dir():  # a gateway's data directory: every *.csv, one header, rows appended in name order
+        files = sorted(path.glob("*.csv"))
+        if not files:
+            raise DataFormatError(f"{path}: no *.csv files in this data directory; export the plant's records "
+                                  "there in the CSV schema of tasks/predictive_maintenance/loader.py")
+    elif path.is_file():
+        files = [path]
+    else:
         raise DataFormatError(f"{path}: file not found; check task.data.path")
-    with path.open(newline="", encoding="utf-8") as fh:
-        rows = list(csv.reader(fh, delimiter=sep))
-    rows = [r for r in rows if any(cell.strip() for cell in r)]
-    if not rows:
-        raise DataFormatError(f"{path}: file is empty; it needs a header row and at least two rows per unit")
-    header = [h.strip() for h in rows[0]]
-    if len(header) == 1 and sep not in rows[0][0] and any(s in rows[0][0] for s in ",;\t"):
-        raise DataFormatError(
-            f"{path}: header {rows[0][0]!r} was not split by separator {sep!r}; set task.data.csv.sep"
-        )
+    header: list[str] = []
+    rows: list[list[str]] = [[]]
+    where: list[tuple[Path, int]] = [(path, 1)]  # (file, line) of every row, for error messages
+    for file in files:
+        with file.open(newline="", encoding="utf-8") as fh:
+            lines = [(n, r) for n, r in enumerate(csv.reader(fh, delimiter=sep), 1) if any(c.strip() for c in r)]
+        if not lines:
+            raise DataFormatError(f"{file}: file is empty; it needs a header row and at least two rows per unit")
+        first = [h.strip() for h in lines[0][1]]
+        if len(first) == 1 and sep not in lines[0][1][0] and any(s in lines[0][1][0] for s in ",;\t"):
+            raise DataFormatError(
+                f"{file}: header {lines[0][1][0]!r} was not split by separator {sep!r}; set task.data.csv.sep"
+            )
+        if header and first != header:
+            raise DataFormatError(f"{file}: header {first} differs from {files[0].name}'s {header}; every file "
+                                  "in a data directory needs the same columns")
+        header = header or first
+        rows += [r for _, r in lines[1:]]
+        where += [(file, n) for n, _ in lines[1:]]
     settings = list(settings or [])
     has_rul = rul is not None and rul in header
     needed = [unit, time, *settings, *(sensors or [])]
@@ -170,20 +189,20 @@ def load_csv(
     sets = np.zeros((len(rows) - 1, len(settings)))
     ruls = np.zeros(len(rows) - 1) if has_rul else None
     for i, r in enumerate(rows[1:]):
-        line = i + 2
+        file, line = where[i + 1]
         if len(r) != len(header):
             raise DataFormatError(
-                f"{path}: row {line} has {len(r)} fields, header has {len(header)}; fix that row or set "
+                f"{file}: row {line} has {len(r)} fields, header has {len(header)}; fix that row or set "
                 "task.data.csv.sep"
             )
         units.append(r[col[unit]].strip())
-        times[i] = _time_value(r[col[time]], f"{path}: row {line}, column {time!r}")
+        times[i] = _time_value(r[col[time]], f"{file}: row {line}, column {time!r}")
         for j, name in enumerate(sensors):
-            sens[i, j] = _number(r[col[name]], f"{path}: row {line}, column {name!r}")
+            sens[i, j] = _number(r[col[name]], f"{file}: row {line}, column {name!r}")
         for j, name in enumerate(settings):
-            sets[i, j] = _number(r[col[name]], f"{path}: row {line}, column {name!r}")
+            sets[i, j] = _number(r[col[name]], f"{file}: row {line}, column {name!r}")
         if ruls is not None:
-            ruls[i] = _number(r[col[rul]], f"{path}: row {line}, column {rul!r}")
+            ruls[i] = _number(r[col[rul]], f"{file}: row {line}, column {rul!r}")
     return _assemble(path, units, times, sets, sens, ruls, tuple(sensors), tuple(settings), first_row=2)
 
 
