@@ -214,10 +214,10 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
-def _run_supernode(argv: list[str]) -> tuple[int, str | None]:
+def _run_supernode(argv: list[str]) -> tuple[int, str | None, bool]:
     """Run flower-supernode (and the SuperExec it starts) to its end; pass its output through.
 
-    Returns (exit code, the one-line TLS / node-key failure or None). flwr reports such a
+    Returns (exit code, the one-line TLS / node-key failure or None, whether it joined). flwr reports such a
     failure as a block ending in "For more information, visit ..." while its SuperExec keeps
     the output open and retries; the whole process group is ended there."""
     import queue
@@ -244,7 +244,8 @@ def _run_supernode(argv: list[str]) -> tuple[int, str | None]:
         code = proc.wait() if why is None else 305
         while not lines.empty():
             tail.append(lines.get())
-        return code, why or (supernode_failure("".join(tail)) if code else None)
+        joined = any("SuperNode ID:" in x for x in tail)
+        return code, why or (supernode_failure("".join(tail)) if code else None), joined
     finally:
         try:
             os.killpg(proc.pid, signal.SIGTERM)  # its SuperExec too
@@ -255,11 +256,17 @@ def _run_supernode(argv: list[str]) -> tuple[int, str | None]:
 
 def supervise(args: argparse.Namespace, say=print) -> int:
     """Run flower-supernode until it ends on its own terms; restart it after failures."""
-    delay = 1.0
+    delay, joined_before = 1.0, False
     while True:
         wait_for_superlink(args.superlink, None if args.insecure else str(args.ca), args.max_wait, say)
         started = time.monotonic()
-        code, why = _run_supernode(supernode_argv(args))
+        code, why, joined = _run_supernode(supernode_argv(args))
+        joined_before = joined_before or joined
+        if why and "[code: 2004]" in why and joined_before:
+            # this key joined before: the SuperLink still holds the session of the SuperNode
+            # that died until its heartbeat expires (about a minute), then it takes the key again
+            why = None
+            say("iiotfl gateway: the SuperLink still holds this node's previous session; waiting for it to expire")
         if why:  # a refused key or certificate: no retry fixes it
             raise GatewayError(why)
         if code == 0:
