@@ -247,11 +247,15 @@ def _run_supernode(argv: list[str]) -> tuple[int, str | None, bool]:
         joined = any("SuperNode ID:" in x for x in tail)
         return code, why or (supernode_failure("".join(tail)) if code else None), joined
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)  # its SuperExec too
-        except ProcessLookupError:
-            pass
-        proc.wait()
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # its SuperExec too
+            try:
+                os.killpg(proc.pid, sig)
+                proc.wait(timeout=10)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
 
 
 def supervise(args: argparse.Namespace, say=print) -> int:
