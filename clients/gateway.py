@@ -50,16 +50,15 @@ class GatewayError(RuntimeError):
 
 # -- checks -----------------------------------------------------------------------------
 def check_ca(path: str | Path) -> None:
-    from cryptography import x509
+    from server.certs import CertsError, load_cert
 
     path = Path(path)
     if not path.is_file():
         raise GatewayError(f"CA certificate {path} not found; copy ca.crt from the server's `iiotfl certs` directory")
     try:
-        cert = x509.load_pem_x509_certificate(path.read_bytes())
-    except ValueError:
-        raise GatewayError(f"CA certificate {path} is not a PEM certificate; copy ca.crt (not a key) from "
-                           "`iiotfl certs`") from None
+        cert = load_cert(path)
+    except CertsError as err:
+        raise GatewayError(f"CA certificate {err}") from None
     now = dt.datetime.now(dt.timezone.utc)
     if cert.not_valid_after_utc < now:
         raise GatewayError(f"CA certificate {path} expired on {cert.not_valid_after_utc:%Y-%m-%d}; create new "
@@ -70,20 +69,16 @@ def check_ca(path: str | Path) -> None:
 
 
 def check_node_key(path: str | Path) -> None:
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+    from server.certs import CertsError, load_node_key
 
     path = Path(path)
     if not path.is_file():
         raise GatewayError(f"node key {path} not found; copy this gateway's key from `iiotfl certs DIR` "
                            "(DIR/gateways/gateway-<i>.key)")
     try:
-        key = load_ssh_private_key(path.read_bytes(), None)
-    except (ValueError, TypeError):
-        key = None
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise GatewayError(f"node key {path} is not an OpenSSH EC private key; use gateway-<i>.key from "
-                           "`iiotfl certs` (not the .pub file)")
+        load_node_key(path)
+    except CertsError as err:
+        raise GatewayError(str(err)) from None
 
 
 def check_data(path: str | Path) -> None:
@@ -115,12 +110,9 @@ def apply_link(link: LinkProfile, interface: str, netns: str | None = None, down
         pre = ["-n", netns] if netns else []
         rate = f"{link.down_kbit:.3f}kbit"
         burst = str(max(1600, int(link.down_kbit * 1000 / 8 / 100)))
-        for args in (["qdisc", "replace", "dev", interface, "handle", "ffff:", "ingress"],
-                     ["filter", "replace", "dev", interface, "parent", "ffff:", "matchall", "action", "police",
-                      "rate", rate, "burst", burst, "drop"]):
-            out = subprocess.run(["tc", *pre, *args], capture_output=True, text=True)
-            if out.returncode != 0:
-                raise OSError(f"tc {' '.join(args)}: {out.stderr.strip()}")
+        netem._tc(*pre, "qdisc", "replace", "dev", interface, "handle", "ffff:", "ingress")
+        netem._tc(*pre, "filter", "replace", "dev", interface, "parent", "ffff:", "matchall", "action", "police",
+                  "rate", rate, "burst", burst, "drop")
         done.append(f"downlink police {link.down_kbit:g} kbit/s on {interface}")
     if link.loss_pct > 0:
         if netem.drop_randomly(netns, interface, link.loss_pct):

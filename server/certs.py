@@ -210,8 +210,8 @@ def load_node_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
     except (ValueError, TypeError):
         key = None
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise CertsError(f"node key {path} is not an unencrypted OpenSSH EC private key; use gateway-<i>.key "
-                         "from `iiotfl certs`")
+        raise CertsError(f"node key {path} is not an OpenSSH EC private key (unencrypted); use gateway-<i>.key "
+                         "from `iiotfl certs` (not the .pub file)")
     return key
 
 

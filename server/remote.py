@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import tomli_w
 
+from server import certs
 from server.fleet import CONNECTION, Deployment, LaunchError
 
 
@@ -33,15 +33,11 @@ class RemoteDeployment(Deployment):
 
     def write_connection(self) -> None:
         eng = self.cfg["engine"]
-        conn: dict[str, Any] = {"address": str(eng["superlink"])}
-        if eng.get("insecure"):
-            conn["insecure"] = True
-        else:
-            ca = Path(str(eng.get("ca") or ""))
-            if not ca.is_file():
-                raise LaunchError(f"engine.ca={eng.get('ca')!r} is not a file; pass the SuperLink's ca.crt "
-                                  "(`iiotfl certs`) or engine.insecure=true for a SuperLink without TLS")
-            conn["root-certificates"] = str(ca.resolve())
+        ca = None if eng.get("insecure") else Path(str(eng.get("ca") or ""))
+        if ca is not None and not ca.is_file():
+            raise LaunchError(f"engine.ca={eng.get('ca')!r} is not a file; pass the SuperLink's ca.crt "
+                              "(`iiotfl certs`) or engine.insecure=true for a SuperLink without TLS")
+        conn = certs.flwr_connection(str(eng["superlink"]), ca)
         (self.home / "config.toml").write_text(tomli_w.dumps({"superlink": {"default": CONNECTION, CONNECTION: conn}}))
 
     def serverapp_alive(self) -> bool:
