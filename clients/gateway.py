@@ -317,7 +317,12 @@ def main(argv: list[str]) -> int:
             if os.geteuid() != 0 or shutil.which("tc") is None:
                 raise GatewayError(f"--link {args.link} needs root and iproute2's tc (in a container: cap_add "
                                    "NET_ADMIN)")
-            for what in apply_link(link, args.interface, downlink=args.shape_downlink):
+            try:
+                applied = apply_link(link, args.interface, downlink=args.shape_downlink)
+            except OSError as err:  # e.g. a kernel without the ingress policer (cls_matchall, act_police)
+                raise GatewayError(f"cannot shape {args.interface} for --link {args.link}: {err}; load the missing "
+                                   "tc module on the host or leave out --shape-downlink / --link") from None
+            for what in applied:
                 say(f"iiotfl gateway: {what}")
         if args.check:
             return 0

@@ -194,3 +194,21 @@ def test_gateway_entrypoint_shapes_like_the_fleet():
         subprocess.run(["ip", "link", "del", veth], capture_output=True)
         subprocess.run(["ip", "netns", "del", ns_b], capture_output=True)
         fleet.remove()
+
+
+@pytest.mark.skipif(subprocess.run(["id", "-u"], capture_output=True, text=True).stdout.strip() != "0",
+                    reason="network namespaces need root")
+def test_shaping_that_the_kernel_refuses_is_one_line():
+    """The downlink policer needs tc modules some kernels lack: the gateway says so in one line
+    (here on a device that does not exist in a fresh namespace, which tc refuses the same way)."""
+    ns = f"iiotfl-{uuid.uuid4().hex[:6]}-chk"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        proc = subprocess.run(["ip", "netns", "exec", ns, str(IIOTFL), "gateway", "--superlink", "superlink:1",
+                               "--insecure", "--link", "nb_iot", "--interface", "eth9", "--check"],
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "cannot shape eth9 for --link nb_iot" in line and "tc" in line
