@@ -216,14 +216,19 @@ def _run_supernode(argv: list[str]) -> tuple[int, str | None, bool]:
     import signal
     import threading
 
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # it starts flower-superexec by name
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, env=env)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] and None, daemon=True).start()
     tail: list[str] = []
     why = None
+
+    def exited() -> bool:  # without reaping: while the leader is a zombie its pid (the group id) is not reused
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
     try:
-        while proc.poll() is None and why is None:
+        while not exited() and why is None:
             try:
                 line = lines.get(timeout=0.5)
             except queue.Empty:
@@ -233,21 +238,36 @@ def _run_supernode(argv: list[str]) -> tuple[int, str | None, bool]:
             tail = (tail + [line])[-200:]
             if "For more information, visit" in line:
                 why = supernode_failure("".join(tail))
-        code = proc.wait() if why is None else 305
-        while not lines.empty():
-            tail.append(lines.get())
-        joined = any("SuperNode ID:" in x for x in tail)
-        return code, why or (supernode_failure("".join(tail)) if code else None), joined
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # its SuperExec too
+        for sig in (signal.SIGTERM, signal.SIGKILL):  # its SuperExec too, before the leader is reaped
             try:
                 os.killpg(proc.pid, sig)
-                proc.wait(timeout=10)
-                break
             except ProcessLookupError:
                 break
-            except subprocess.TimeoutExpired:
-                continue
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and _group_alive(proc.pid):
+                time.sleep(0.1)
+            if not _group_alive(proc.pid):
+                break
+        code = proc.wait()
+    if why is not None:
+        code = 305
+    while not lines.empty():
+        tail.append(lines.get())
+    joined = any("SuperNode ID:" in x for x in tail)
+    return code, why or (supernode_failure("".join(tail)) if code else None), joined
+
+
+def _group_alive(pgid: int) -> bool:
+    """Whether a process of group ``pgid`` other than its (zombie) leader still runs."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
 
 
 def supervise(args: argparse.Namespace, say=print) -> int:

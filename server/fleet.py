@@ -130,7 +130,9 @@ def wait_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if proc.poll() is not None:
-            raise LaunchError(f"{what} exited with code {proc.returncode} during start-up; see {log}")
+            last = [x for x in log.read_text(errors="replace").splitlines() if x.strip()][-1:] if log.exists() else []
+            said = f" (its last line: {last[0].strip()[:200]!r})" if last else ""
+            raise LaunchError(f"{what} exited with code {proc.returncode} during start-up{said}; see {log}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", port)) == 0:
                 return

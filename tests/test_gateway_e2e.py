@@ -33,7 +33,8 @@ def _export(plant, directory, name):
 def test_pilot_gateways_join_a_remote_tls_superlink_and_read_their_growing_exports(tmp_path):
     d = tmp_path / "certs"
     assert subprocess.run([str(IIOTFL), "certs", str(d), "--gateways", "3"], capture_output=True).returncode == 0
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr")}
+    # not activated, as CI runs it: the SuperLink must still find flower-superexec
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr"), "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     port = free_port()
     procs: list[subprocess.Popen] = []
     logs = tmp_path / "logs"
@@ -94,11 +95,9 @@ def test_pilot_gateways_join_a_remote_tls_superlink_and_read_their_growing_expor
         assert launch["status"] == "completed" and launch["transport"].startswith("TLS")
         assert "remote SuperLink" in (run_dir / "report.md").read_text()
     finally:
-        for p in procs:
-            try:
+        for p in procs:  # a reaped process's pid may belong to someone else by now
+            if p.poll() is None:
                 os.killpg(p.pid, 15)
-            except ProcessLookupError:
-                pass
         for p in procs:
             try:
                 p.wait(timeout=15)
