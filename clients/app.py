@@ -212,7 +212,7 @@ def _secagg_fit(msg: Message, context: Context, started: float) -> Message:
     server_round = int(config["server-round"])
     stats = train_local(model, x, task.target(y), epochs=int(config["local-epochs"]),
                         batch_size=int(config["batch-size"]), lr=float(config["lr"]),
-                        seed=hash((cfg["seed"], partition, server_round)) % 2**31)
+                        seed=hash((cfg["seed"], partition, server_round)) % 2**31, loss_fn=task.loss())
     base = flatten(view)
     update = flatten({k: v.detach().numpy() for k, v in model.state_dict().items()}) - base
     update, extra = _noised(update, config, np.random.default_rng([cfg["seed"], partition, server_round]))
@@ -263,7 +263,7 @@ def train(msg: Message, context: Context) -> Message:
     server_round = int(config["server-round"])
     seed = hash((cfg["seed"], partition, server_round)) % 2**31
     common = dict(epochs=int(config["local-epochs"]), batch_size=int(config["batch-size"]),
-                  lr=float(config["lr"]), seed=seed)
+                  lr=float(config["lr"]), seed=seed, loss_fn=task.loss())
     dp: dict[str, float] = {}
     if privacy == "sample":
         accountant, sigma, q, steps, budget = _sample_dp(cfg, context, len(y), config, partition)

@@ -1,4 +1,4 @@
-"""Local training on a gateway: plain mini-batch Adam on MSE."""
+"""Local training on a gateway: mini-batch Adam on the task's loss (MSE unless it says otherwise)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ def train_local(
     batch_size: int,
     lr: float,
     seed: int,
+    loss_fn: nn.Module | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on (x, y); return mean loss of the last epoch and seconds spent."""
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
     opt = torch.optim.Adam(model.parameters(), lr=lr)
-    loss_fn = nn.MSELoss()
+    loss_fn = loss_fn or nn.MSELoss()
     model.train()
     last = 0.0
     for _ in range(epochs):
@@ -53,6 +54,7 @@ def train_local_dp(
     seed: int,
     noise_multiplier: float,
     max_grad_norm: float,
+    loss_fn: nn.Module | None = None,
 ) -> dict[str, float]:
     """DP-SGD with Opacus: Poisson-sampled batches of expected size ``batch_size``,
     per-sample gradients clipped to ``max_grad_norm``, Gaussian noise of
@@ -73,7 +75,7 @@ def train_local_dp(
     private, opt, loss_fn, loader = engine.make_private(
         module=model, optimizer=opt, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=max_grad_norm, poisson_sampling=True, noise_generator=gen,
-        grad_sample_mode="ghost", criterion=nn.MSELoss(),
+        grad_sample_mode="ghost", criterion=loss_fn or nn.MSELoss(),
     )
     private.train()
     steps, last = 0, 0.0

@@ -93,7 +93,7 @@ def _choice(cfg: Mapping[str, Any], path: str, choices: tuple[str, ...], group: 
 
 def validate(cfg: Mapping[str, Any]) -> None:
     """Check every value the run uses; raise ConfigError on the first bad one."""
-    from tasks import TASKS
+    from tasks import TASKS, task_class
 
     _int(cfg, "seed", 0)
     _choice(cfg, "task.name", TASKS, group="task")
@@ -111,20 +111,9 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _int(cfg, "train.batch_size", 1)
     _float(cfg, "train.lr", 0.0, 10.0, low_open=True)
     _int(cfg, "train.torch_threads", 1)
-    if cfg["task"]["name"] == "predictive_maintenance":
-        _int(cfg, "task.window", 2)
-        _int(cfg, "task.rul_cap", 1)
-        source = _choice(cfg, "task.data.source", DATA_SOURCES)
-        if source == "generator":
-            low = _int(cfg, "task.data.units_min", 2)
-            _int(cfg, "task.data.units_max", low)
-            _int(cfg, "task.data.test_units", 1)
-        elif not _get(cfg, "task.data.path") and cfg["engine"]["name"] != "remote":  # remote: `gateway --data`
-            raise ConfigError(
-                f"config: task.data.path is empty but task.data.source={source}; give each gateway's file "
-                "(\"{partition}\" is replaced by its partition id)"
-            )
-        _float(cfg, "task.data.local_val_fraction", 0.0, 0.9)
+    check = getattr(task_class(cfg["task"]["name"]), "validate", None)
+    if check is not None:  # the task's own keys (tasks/<name>/__init__.py)
+        check(cfg)
     _choice(cfg, "codec.name", CODECS, group="codec")
     _choice(cfg, "codec.downlink", ("full", "delta"))
     if cfg["codec"]["name"] in ("int8", "int4"):

@@ -339,6 +339,7 @@ def main(grid: Grid, context: Context) -> None:
     summary = {
         "task": task.name,
         "primary_metric": task.primary_metric,
+        "higher_is_better": bool(task.higher_is_better),
         "parameters": sum(p.numel() for p in model.parameters()),
         "model_bytes": final.count_bytes(),
         "gateways_connected": len(nodes),

@@ -403,11 +403,11 @@ def _sigterm_as_interrupt() -> Iterator[None]:
 class Progress:
     """A progress bar with the current metric on a terminal, one line per round otherwise."""
 
-    def __init__(self, total: int) -> None:
+    def __init__(self, total: int, metric: str | None = None) -> None:
         from rich.console import Console
 
         self.console = Console(stderr=True)
-        self.total = total
+        self.total, self.metric = total, metric
         self.bar = None
         if self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bar, TextColumn, TimeElapsedColumn
@@ -421,7 +421,8 @@ class Progress:
 
     def update(self, row: dict[str, Any]) -> None:
         sv = row["server"]
-        metric = f"RMSE {sv['rmse']:.2f}" if "rmse" in sv else ""
+        key = self.metric or next((k for k in sv if k != "num-examples"), None)
+        metric = f"{key} {sv[key]:.3f}" if key in sv else ""
         if self.bar is not None:
             self.bar.update(self.task, completed=row["round"], metric=metric)
         else:
@@ -446,7 +447,9 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
 
         KeySet.generate().write(run_dir / "he-keys")
         cfg["strategy"]["keys"] = str(run_dir / "he-keys")
-    progress = Progress(int(fleet["rounds"]))
+    from tasks import task_class
+
+    progress = Progress(int(fleet["rounds"]), task_class(cfg["task"]["name"]).primary_metric)
     deadline = started + float(engine["startup_timeout"]) + float(fleet["round_timeout"]) * (int(fleet["rounds"]) + 1)
     try:
         if engine["name"] == "remote":  # an existing SuperLink with real gateways (server/remote.py)

@@ -23,7 +23,7 @@ def test_plain_flwr_run_uses_defaults_and_flat_keys():
         ("fleet.rounds=-1", r"fleet.rounds=-1 is invalid; it must be an integer >= 1"),
         ("fleet.gateways=0", r"fleet.gateways=0 is invalid"),
         ("fleet.fraction_train=0", r"fleet.fraction_train=0 is invalid; it must be a number in \(0.0, 1.0\]"),
-        ("task.name=turbine", r"task.name='turbine' is unknown; pick task=<one of \['predictive_maintenance'\]>"),
+        ("task.name=turbine", r"task.name='turbine' is unknown; pick task=<one of \['predictive_maintenance', 'energy_anomaly', 'quality_control'\]>"),
         ("train.lr=-0.1", r"train.lr=-0.1 is invalid"),
         ("task.data.source=csv", r"task.data.path is empty"),
         ("fleet.min_gateways=9", r"fleet.min_gateways=9 is invalid; it must be an integer between 1 and 4"),

@@ -22,7 +22,8 @@ class PredictiveMaintenance:
     """
 
     name = "predictive_maintenance"
-    primary_metric = "rmse"  # lower is better
+    primary_metric = "rmse"
+    higher_is_better = False
 
     def __init__(self, cfg: Mapping[str, Any], seed: int) -> None:
         self.cfg = cfg
@@ -31,6 +32,25 @@ class PredictiveMaintenance:
         self.rul_cap = int(cfg["rul_cap"])
         self.features = list(cfg.get("features") or SENSORS)
         self.conditions = CONDITIONS
+
+    @staticmethod
+    def validate(cfg: Mapping[str, Any]) -> None:
+        """Check the task section of a run config; raise configs.ConfigError naming the key and the fix."""
+        from configs import DATA_SOURCES, ConfigError, _choice, _float, _get, _int
+
+        _int(cfg, "task.window", 2)
+        _int(cfg, "task.rul_cap", 1)
+        source = _choice(cfg, "task.data.source", DATA_SOURCES)
+        if source == "generator":
+            low = _int(cfg, "task.data.units_min", 2)
+            _int(cfg, "task.data.units_max", low)
+            _int(cfg, "task.data.test_units", 1)
+        elif not _get(cfg, "task.data.path") and cfg["engine"]["name"] != "remote":  # remote: `gateway --data`
+            raise ConfigError(
+                f"config: task.data.path is empty but task.data.source={source}; give each gateway's file "
+                "(\"{partition}\" is replaced by its partition id)"
+            )
+        _float(cfg, "task.data.local_val_fraction", 0.0, 0.9)
 
     # -- data -------------------------------------------------------------------
     def _read(self, path: str, rul_path: str | None = None) -> RunToFailure:
@@ -104,6 +124,9 @@ class PredictiveMaintenance:
 
     def target(self, y: np.ndarray) -> np.ndarray:
         return y / self.rul_cap
+
+    def loss(self) -> torch.nn.Module:
+        return torch.nn.MSELoss()
 
     @torch.no_grad()
     def predict(self, model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
