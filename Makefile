@@ -12,6 +12,7 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: the CPU build; any other spec pulls a multi-GB CUDA build.
 	$(VENV)/bin/pip install torch==2.13.0
 	$(VENV)/bin/pip install -e ".[test]"
+	$(VENV)/bin/pip install --no-deps openoa==3.2  # La Haute Borne SCADA zip only (task=energy_anomaly); never imported
 	touch $(STAMP)
 
 run: $(STAMP)

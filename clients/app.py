@@ -213,6 +213,7 @@ def _secagg_fit(msg: Message, context: Context, started: float) -> Message:
     stats = train_local(model, x, task.target(y), epochs=int(config["local-epochs"]),
                         batch_size=int(config["batch-size"]), lr=float(config["lr"]),
                         seed=hash((cfg["seed"], partition, server_round)) % 2**31, loss_fn=task.loss())
+    stats.update(_poison(model, view, cfg, context, partition))
     base = flatten(view)
     update = flatten({k: v.detach().numpy() for k, v in model.state_dict().items()}) - base
     update, extra = _noised(update, config, np.random.default_rng([cfg["seed"], partition, server_round]))
@@ -235,6 +236,33 @@ def _secagg_fit(msg: Message, context: Context, started: float) -> Message:
     content = fitres_to_recorddict(res, keep_input=True)
     content["metrics"] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)
+
+
+def _poison(model: torch.nn.Module, view: dict, cfg, context: Context, partition: int) -> dict:
+    """``fleet.poison``: replace this gateway's update u by factor x u (``scale``) or -factor x u
+    (``sign_flip``) before it is encoded, by moving the trained model to view + that. Settings: the
+    node config's ``poison`` / ``poison-factor`` (engine=fleet sets them, as ``crash-round``), else
+    the run config's ``fleet.poison`` for this partition (Flower's simulation engine gives virtual
+    nodes only partition-id and num-partitions). Returns the reply's metrics: "poisoned" 1 or 0 (every
+    gateway reports it: Flower's strategies refuse replies whose metric keys differ)."""
+    poison = cfg["fleet"].get("poison") or {}
+    if "poison" in context.node_config:
+        kind, factor = str(context.node_config["poison"]), float(context.node_config.get("poison-factor", 10.0))
+    elif partition in (poison.get("gateways") or []):
+        kind, factor = str(poison.get("kind", "none")), float(poison.get("factor", 10.0))
+    else:
+        kind, factor = "none", 1.0
+    if kind == "none":
+        return {"poisoned": 0}
+    if kind not in ("scale", "sign_flip"):
+        raise ValueError(f"poison={kind!r} is unknown; use none, scale or sign_flip")
+    scale = -factor if kind == "sign_flip" else factor
+    with torch.no_grad():
+        for name, tensor in model.state_dict().items():
+            if tensor.is_floating_point():
+                start = torch.from_numpy(np.asarray(view[name], dtype=np.float32)).to(tensor.dtype)
+                tensor.copy_(start + scale * (tensor - start))
+    return {"poisoned": 1}
 
 
 def _crash_if_asked(msg: Message, context: Context) -> None:
@@ -283,6 +311,7 @@ def train(msg: Message, context: Context) -> Message:
                    "dp-steps": accountant.history[-1][2]})
     else:
         stats = train_local(model, x, task.target(y), **common)
+    stats.update(_poison(model, view, cfg, context, partition))  # fleet.poison: a poisoned gateway's update
     timing = {"partition": partition, "t-proc": _process_started(), "t-start": started}
     if privacy == "client" and cfg["strategy"]["name"] == "fedavg":
         # Flower's DP wrappers clip and average full weights, every gateway with equal weight

@@ -133,6 +133,10 @@ def probe(superlink: str, ca: str | None, timeout: float = 5.0) -> None:
         try:
             with ctx.wrap_socket(sock, server_hostname=host):
                 return
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionResetError) as err:
+            # something accepted the connection and closed it mid-handshake: a SuperLink
+            # restarting behind a relay or load balancer, not a certificate problem
+            raise ConnectionError(f"the connection was closed during the TLS handshake ({err})") from None
         except ssl.SSLCertVerificationError as err:
             why = err.verify_message or str(err)
             if "hostname" in why.lower() or "ip address mismatch" in why.lower():
@@ -222,7 +226,7 @@ def _run_supernode(argv: list[str]) -> tuple[int, str | None, bool]:
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] and None, daemon=True).start()
     tail: list[str] = []
-    why = None
+    why, lost = None, False
 
     def exited() -> bool:  # without reaping: while the leader is a zombie its pid (the group id) is not reused
         return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
@@ -238,6 +242,13 @@ def _run_supernode(argv: list[str]) -> tuple[int, str | None, bool]:
             tail = (tail + [line])[-200:]
             if "For more information, visit" in line:
                 why = supernode_failure("".join(tail))
+            elif "SSL/TLS handshake error detected" in line:
+                # Flower gives up for good when a handshake fails, also when the SuperLink was
+                # only down (EOF from a restarting server); the SuperNode then idles. End it:
+                # supervise() probes the SuperLink (a real certificate problem is named there)
+                # and starts it again.
+                lost = True
+                break
     finally:
         for sig in (signal.SIGTERM, signal.SIGKILL):  # its SuperExec too, before the leader is reaped
             try:
@@ -250,11 +261,15 @@ def _run_supernode(argv: list[str]) -> tuple[int, str | None, bool]:
             if not _group_alive(proc.pid):
                 break
         code = proc.wait()
-    if why is not None:
+    if why is not None or (lost and code == 0):
         code = 305
     while not lines.empty():
         tail.append(lines.get())
+        sys.stdout.write(tail[-1])
+    sys.stdout.flush()
     joined = any("SuperNode ID:" in x for x in tail)
+    if lost:  # supervise() probes the SuperLink: a real certificate problem is named there
+        return code, None, joined
     return code, why or (supernode_failure("".join(tail)) if code else None), joined
 
 

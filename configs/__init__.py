@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import numbers
+import re
 from pathlib import Path
 from typing import Any, Mapping
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
-STRATEGIES = ("fedavg", "he", "secagg")
+STRATEGIES = ("fedavg", "krum", "median", "trimmed_mean", "he", "secagg")
+ROBUST = ("krum", "median", "trimmed_mean")  # strategies/robust.py: Flower's rules on plaintext updates
+POISON_KINDS = ("none", "scale", "sign_flip")
 ENGINES = ("fleet", "sim", "remote")
 DATA_SOURCES = ("generator", "csv", "cmapss")
 CODECS = ("none", "fp16", "int8", "int4", "topk")
@@ -106,6 +109,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if _get(cfg, "fleet.min_gateways") is not None:
         _int(cfg, "fleet.min_gateways", 1, gateways)
     _float(cfg, "fleet.round_timeout", 0.0, 1e7, low_open=True)
+    if cfg["fleet"].get("resume_attempts") is not None:
+        _int(cfg, "fleet.resume_attempts", 0, 100)
     _float(cfg, "engine.startup_timeout", 0.0, 1e5, low_open=True)
     _int(cfg, "train.local_epochs", 1)
     _int(cfg, "train.batch_size", 1)
@@ -130,6 +135,8 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _choice(cfg, "fleet.outage.mode", OUTAGE_MODES)
     _validate_privacy(cfg)
     _validate_secure(cfg)
+    _validate_robust(cfg)
+    _validate_poison(cfg)
     _validate_tls(cfg)
     from clients.profiles import ProfileError, gateway_profiles
 
@@ -141,6 +148,14 @@ def validate(cfg: Mapping[str, Any]) -> None:
         _int(cfg, "engine.client_cpus", 1)
         if _get(cfg, "engine.num_cpus") is not None:
             _int(cfg, "engine.num_cpus", 1)
+        ray = cfg["engine"].get("ray_address")
+        if ray is not None:
+            if not re.fullmatch(r"(auto|[\w.-]+:\d{1,5})", str(ray)):
+                raise ConfigError(f"config: engine.ray_address={ray!r} is not host:port; give the Ray head's address "
+                                  "as `ray start --head` printed it, e.g. engine.ray_address=10.0.0.5:6379")
+            if _get(cfg, "engine.num_cpus") is not None:
+                raise ConfigError("config: engine.num_cpus cannot be set with engine.ray_address; the Ray cluster "
+                                  "brings its own CPUs (set engine.num_cpus=null)")
     if cfg["engine"]["name"] == "remote":
         address = str(_get(cfg, "engine.superlink") or "")
         host, _, port = address.rpartition(":")
@@ -193,7 +208,7 @@ def _validate_privacy(cfg: Mapping[str, Any]) -> None:
 def _validate_secure(cfg: Mapping[str, Any]) -> None:
     """strategy=he / secagg: parameters, and the combinations that cannot work."""
     name = cfg["strategy"]["name"]
-    if name == "fedavg":
+    if name not in ("he", "secagg"):
         return
     gateways = int(cfg["fleet"]["gateways"])
     if cfg["codec"]["name"] != "none":
@@ -231,6 +246,67 @@ def _validate_secure(cfg: Mapping[str, Any]) -> None:
             raise ConfigError(f"config: strategy.modulus_range={m} < gateways x quantization_range = {q * gateways}: "
                               "the masked sum would wrap around; lower strategy.quantization_range")
         _float(cfg, "strategy.max_weight", 0.0, 1e12, low_open=True)
+
+
+def _validate_robust(cfg: Mapping[str, Any]) -> None:
+    """strategy=krum / median / trimmed_mean (Flower's rules, strategies/robust.py): parameters, enough
+    updates per round for the rule to neutralise what it is set to tolerate, and what cannot go with them.
+    (strategy=he / secagg show the server only the sum: they are the other choices of the same key.)"""
+    name = cfg["strategy"]["name"]
+    if name not in ROBUST:
+        return
+    if cfg["privacy"]["name"] == "client":
+        raise ConfigError(f"config: strategy={name} with privacy=client: Flower's DP wrappers calibrate the noise "
+                          f"to a mean of clipped updates, which {name} is not, so the reported epsilon would be "
+                          "false; use privacy=sample (DP-SGD on the gateways) with it, or strategy=fedavg")
+    if cfg["codec"]["name"] == "topk":
+        raise ConfigError(f"config: strategy={name} with codec=topk: every gateway sends its own 2% largest "
+                          f"changes, so {name} would judge sparsity patterns, not outliers (and drop what error "
+                          "feedback holds back); use codec=int8, int4, fp16 or none with it")
+    gateways = int(cfg["fleet"]["gateways"])
+    per_round = cfg["fleet"].get("clients_per_round") or max(1, int(gateways * float(cfg["fleet"]["fraction_train"])))
+    fix = "raise fleet.gateways (or fleet.clients_per_round / fleet.fraction_train)"
+    if name == "krum":
+        f = _int(cfg, "strategy.num_malicious_nodes", 0)
+        keep = _int(cfg, "strategy.num_nodes_to_keep", 1)
+        if per_round < 2 * f + 3:
+            raise ConfigError(f"config: strategy=krum with strategy.num_malicious_nodes={f} needs >= 2f+3 = "
+                              f"{2 * f + 3} updates per round, the fleet gives {per_round}; {fix} or lower "
+                              "strategy.num_malicious_nodes")
+        if keep > per_round - f:
+            raise ConfigError(f"config: strategy.num_nodes_to_keep={keep} would keep poisoned updates: with "
+                              f"{per_round} updates per round and num_malicious_nodes={f}, keep at most "
+                              f"{per_round - f}")
+    if name == "median" and per_round < 3:
+        raise ConfigError(f"config: strategy=median needs >= 3 updates per round (the median of two is their mean), "
+                          f"the fleet gives {per_round}; {fix}")
+    if name == "trimmed_mean":
+        from strategies.robust import updates_needed
+
+        beta = _float(cfg, "strategy.beta", 0.0, 0.5, low_open=True)
+        if beta >= 0.5:
+            raise ConfigError(f"config: strategy.beta={beta} would trim everything; it must be in (0, 0.5)")
+        if per_round < (need := updates_needed(cfg)):
+            raise ConfigError(f"config: strategy=trimmed_mean with strategy.beta={beta} trims int(beta x "
+                              f"{per_round}) = 0 updates per end, which is plain FedAvg; raise strategy.beta to "
+                              f">= {1 / per_round:.2g} or the updates per round to >= {need}")
+
+
+def _validate_poison(cfg: Mapping[str, Any]) -> None:
+    """fleet.poison: which gateways send a scaled or sign-flipped update (a poisoning scenario)."""
+    if cfg["fleet"].get("poison") is None:
+        return
+    kind = _choice(cfg, "fleet.poison.kind", POISON_KINDS)
+    _float(cfg, "fleet.poison.factor", 0.0, 1e6, low_open=True)
+    gateways = int(cfg["fleet"]["gateways"])
+    chosen = _get(cfg, "fleet.poison.gateways")
+    if not isinstance(chosen, list) or not all(isinstance(g, int) and not isinstance(g, bool) and 0 <= g < gateways
+                                               for g in chosen):
+        raise ConfigError(f"config: fleet.poison.gateways={chosen!r} must be a list of gateway indices in "
+                          f"0-{gateways - 1}, e.g. fleet.poison.gateways=[1]")
+    if kind != "none" and not chosen:
+        raise ConfigError(f"config: fleet.poison.kind={kind} poisons no gateway; name them, e.g. "
+                          "fleet.poison.gateways=[1]")
 
 
 def _validate_tls(cfg: Mapping[str, Any]) -> None:

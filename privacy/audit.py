@@ -58,10 +58,13 @@ def attack_figures(member: np.ndarray, non: np.ndarray, epsilon: float | None, d
 
 
 def _losses(model: torch.nn.Module, task, x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Per-record loss under the task's own criterion (squared error for RUL, BCE for failures)."""
     model.eval()
+    criterion = task.loss()
+    criterion.reduction = "none"
     with torch.no_grad():
-        pred = model(torch.from_numpy(x)).numpy()
-    return (pred - task.target(y)) ** 2
+        out = criterion(model(torch.from_numpy(x)), torch.from_numpy(np.asarray(task.target(y), dtype=np.float32)))
+    return out.reshape(len(x), -1).mean(1).numpy()
 
 
 def _audit_data(task, gateways: int, per_side: int, seed: int):
@@ -96,7 +99,8 @@ def membership_audit(cfg: Mapping[str, Any], model_state: Mapping[str, torch.Ten
         ref = fresh.build_model()
         torch.manual_seed(k)
         train_local(ref, np.concatenate(xs), fresh.target(np.concatenate(ys)), epochs=epochs,
-                    batch_size=int(cfg["train"]["batch_size"]), lr=float(cfg["train"]["lr"]), seed=k)
+                    batch_size=int(cfg["train"]["batch_size"]), lr=float(cfg["train"]["lr"]), seed=k,
+                    loss_fn=fresh.loss())
         ref_m.append(_losses(ref, task, xm, ym))
         ref_n.append(_losses(ref, task, xn, yn))
     if reference_models:

@@ -41,13 +41,27 @@ def form_of(cfg: Mapping[str, Any]) -> str:
     return f"{kind}, plaintext {CODEC_FORMS.get(codec, codec)}"
 
 
+def keep_rounds(path: Path, upto: int | None) -> list[dict[str, Any]]:
+    """Rows of the JSONL file ``path`` with ``round <= upto`` (rewritten atomically); ``upto=None``
+    starts the file empty."""
+    rows: list[dict[str, Any]] = []
+    if upto is not None and path.exists():
+        rows = [r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())
+                if int(r.get("round", 0)) <= upto]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    tmp.replace(path)
+    return rows
+
+
 class Ledger:
-    def __init__(self, path: Path, cfg: Mapping[str, Any]) -> None:
+    def __init__(self, path: Path, cfg: Mapping[str, Any], keep_upto: int | None = None) -> None:
+        """A new ledger, or with ``keep_upto`` the rows of rounds up to it (a resumed run)."""
         self.path = path
         self.cfg = cfg
         self.form = form_of(cfg)
         self.privacy = (cfg.get("privacy") or {}).get("name", "none")
-        path.write_text("")
+        keep_rounds(path, keep_upto)
 
     def record_statistics(self, partitions: Mapping[int, int], nbytes: Mapping[int, int],
                           encrypted: bool = False) -> None:
@@ -58,8 +72,8 @@ class Ledger:
             for node, part in sorted(partitions.items(), key=lambda kv: kv[1]):
                 fh.write(json.dumps({
                     "round": 0, "gateway": part, "class": None, "status": "sent", "bytes_sent": nbytes.get(node, 0),
-                    "wire_bytes_up": None, "form": "feature statistics: count, sum and sum of squares per sensor "
-                    f"and operating condition over the plant (no record), {how}",
+                    "wire_bytes_up": None, "form": "feature statistics: count, sum and sum of squares per feature "
+                    f"(per operating condition where the task has them) over the plant (no record), {how}",
                     "clip_norm": None, "noise_multiplier": None, "epsilon": None, "delta": None, "budget_left": None,
                 }) + "\n")
 

@@ -31,6 +31,7 @@ from configs import from_run_config
 from clients.profiles import gateway_profiles, link_time, transfer_time
 from privacy.accounting import accounting_check
 from privacy.ledger import Ledger
+from privacy.ledger import keep_rounds
 from privacy.ledger import load as load_ledger
 from server.artefacts import FINAL_CHECKPOINT, save_checkpoint
 from server.netem import veth_counters
@@ -55,15 +56,16 @@ class RoundLog:
     ``sim_s`` is the simulated clock (bound + Flower's overhead + outage waiting).
     """
 
-    def __init__(self, path: Path, cfg: dict[str, Any], grid: DeadlineGrid, engine: str) -> None:
+    def __init__(self, path: Path, cfg: dict[str, Any], grid: DeadlineGrid, engine: str,
+                 keep_upto: int | None = None) -> None:
         self.path = path
-        self.path.write_text("")
+        kept = keep_rounds(path, keep_upto)  # a resumed run keeps its completed rounds
         self.start = time.time()
         self.last = self.start
         self.grid = grid
         self.engine = engine
         self.clients: list[dict[str, Any]] = []
-        self.rows: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = kept
         self.profiles = {p.index: p for p in gateway_profiles(cfg)}
         self.node_partition: dict[int, int] = {}
         links = _read_json(path.parent / "links.json")
@@ -268,6 +270,8 @@ def main(grid: Grid, context: Context) -> None:
     task = get_task(cfg["task"], cfg["seed"])
     timeout = float(fleet["round_timeout"])
 
+    # a run resumed after a SuperLink restart (server/fleet.py) continues from its last checkpoint
+    resume = int(cfg.get("_resume_round") or 0)
     nodes = wait_for_nodes(grid, int(fleet["min_gateways"] or fleet["gateways"]), timeout)
     rounds = DeadlineGrid(grid, deadline_s=timeout, min_replies=int(fleet.get("min_replies") or 1))
     strategy = build_strategy(cfg, on_sampled=rounds.on_sampled)
@@ -276,17 +280,29 @@ def main(grid: Grid, context: Context) -> None:
         rounds, nodes, timeout, keys, int(cfg["strategy"].get("min_aggregate") or 2))
     if hasattr(strategy, "counts"):
         strategy.counts.update(examples)
+    model = task.build_model()
+    if resume:
+        from server.artefacts import load_checkpoint
+
+        ckpt = load_checkpoint(out / "checkpoints" / f"round-{resume}.ckpt")
+        model.load_state_dict(ckpt.model)
+        if ckpt.norm_sums is not None:  # the normalisation the model was trained with
+            sums = ckpt.norm_sums
     normaliser = task.normaliser(sums)
     test = task.server_test_data(int(fleet["gateways"]))
-    model = task.build_model()
-    log = RoundLog(out / "metrics.jsonl", cfg, rounds, cfg["engine"]["name"])
+    log = RoundLog(out / "metrics.jsonl", cfg, rounds, cfg["engine"]["name"], keep_upto=resume if resume else None)
     log.node_partition = partitions
 
     privacy = (cfg.get("privacy") or {}).get("name", "none")
-    ledger = Ledger(out / "privacy_ledger.jsonl", cfg)
-    ledger.record_statistics(partitions, stats_bytes, encrypted=keys is not None)
+    ledger = Ledger(out / "privacy_ledger.jsonl", cfg, keep_upto=resume if resume else None)
+    if not resume:
+        ledger.record_statistics(partitions, stats_bytes, encrypted=keys is not None)
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        if resume:
+            if server_round == 0:  # already scored: round `resume` of the first attempt
+                return MetricRecord({})
+            server_round += resume
         scores: dict[str, float] = {}
         if test is not None:
             model.load_state_dict(arrays.to_torch_state_dict())
@@ -302,7 +318,9 @@ def main(grid: Grid, context: Context) -> None:
                             server_round, run_dir=out)
         return MetricRecord(scores)
 
-    num_rounds, notes = int(fleet["rounds"]), []
+    num_rounds, notes = int(fleet["rounds"]) - resume, []
+    if resume:
+        notes.append(f"resumed after round {resume} from checkpoints/round-{resume}.ckpt (SuperLink restart)")
     if privacy == "client":
         num_rounds = rounds_within_budget(cfg)
         if num_rounds < int(fleet["rounds"]):
@@ -335,7 +353,7 @@ def main(grid: Grid, context: Context) -> None:
         )
         final, client_eval = result.arrays, {str(k): dict(v) for k, v in result.evaluate_metrics_clientapp.items()}
     # encrypted and signed, keys outside the run directory (server/artefacts.py)
-    save_checkpoint(out / FINAL_CHECKPOINT, final.to_torch_state_dict(), sums, num_rounds)
+    save_checkpoint(out / FINAL_CHECKPOINT, final.to_torch_state_dict(), sums, num_rounds + resume)
     summary = {
         "task": task.name,
         "primary_metric": task.primary_metric,

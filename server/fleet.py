@@ -167,6 +167,8 @@ class Deployment:
             # Ray (engine=sim) keeps its sockets here; short, because of the Unix socket path limit.
             "RAY_TMPDIR": f"/tmp/iiotfl-{self.tag[:12]}",
         }
+        if cfg["engine"].get("ray_address"):  # ray.init() in Flower's simulation joins this cluster
+            self.env["RAY_ADDRESS"] = str(cfg["engine"]["ray_address"])
 
     # -- processes ---------------------------------------------------------------
     def spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
@@ -296,6 +298,9 @@ class Deployment:
     def superlink_argv(self) -> list[str]:
         argv = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                 "--disable-runtime-dependency-installation"]
+        if self.cfg["engine"]["name"] == "fleet":  # registered node keys and nodes survive a restart
+            (self.run_dir / "state").mkdir(parents=True, exist_ok=True)
+            argv += ["--database", str(self.run_dir / "state" / "superlink.db")]
         if self.certs is None:
             argv.append("--insecure")
         else:
@@ -319,6 +324,9 @@ class Deployment:
                 "--node-config", f"torch-threads={self.profiles[i].device.torch_threads}"]
         if crash.get("round") and i in crash.get("gateways", []):
             argv += ["--node-config", f"crash-round={int(crash['round'])}"]
+        poison = self.cfg["fleet"].get("poison") or {}
+        if poison.get("kind", "none") != "none" and i in poison.get("gateways", []):
+            argv += ["--node-config", f'poison="{poison["kind"]}" poison-factor={float(poison["factor"])}']
         if self.certs is None:
             return argv + ["--insecure"]
         return argv + ["--ca", str(self.certs / certs.CA_CRT), "--key", str(certs.gateway_key(self.certs, i))]
@@ -328,6 +336,28 @@ class Deployment:
         from clients import gateway
 
         return gateway.supernode_argv(gateway.parser().parse_args(self.gateway_argv(i, superlink)[2:]))
+
+    def restart_superlink(self) -> None:
+        """The SuperLink died: end the ServerApp side it ran (``flwr run``, flwr-serverapp and the
+        SuperExec that started it; the gateways stay) and start it again on the same port and
+        state database. Gateways reconnect by themselves (``iiotfl gateway`` retries)."""
+        client = self.procs.get("serverapp")
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.wait()
+        for pid in processes_with_env("IIOTFL_RUN", self.tag):
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if b"flwr-serverapp" in argv or (b"flower-superexec" in argv and b"serverapp" in argv):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        sl = self.spawn("superlink", self.superlink_argv())
+        wait_port(self.port, sl, float(self.cfg["engine"]["startup_timeout"]), "flower-superlink",
+                  self.logs / "superlink.log")
 
     def write_connection(self) -> None:
         conn = certs.flwr_connection(f"127.0.0.1:{self.port}", self.certs / certs.CA_CRT if self.certs else None)
@@ -381,11 +411,35 @@ class Deployment:
         """One line for the first SuperNode that ended on a TLS or node-key failure (no retry fixes those)."""
         for name in self.dead_supernodes():
             log = self.logs / f"{name}.log"
-            why = supernode_failure(log.read_text(errors="replace") if log.exists() else "")
+            text = log.read_text(errors="replace") if log.exists() else ""
+            said = [x[len("error: "):] for x in text.splitlines() if x.startswith("error: ")]
+            why = said[-1] if said else supernode_failure(text)  # iiotfl gateway's own verdict first
             if why:
                 return f"{name.replace('supernode-', 'gateway ')}: {why}; see logs/{name}.log"
         return None
 
+
+
+def last_checkpoint(run_dir: Path) -> int:
+    """The last round whose global model was checkpointed (0: none)."""
+    found = [int(m.group(1)) for f in (run_dir / "checkpoints").glob("round-*.ckpt")
+             if (m := re.fullmatch(r"round-(\d+)\.ckpt", f.name))]
+    return max(found, default=0)
+
+
+def resume_refusal(cfg: dict[str, Any], resumed: int) -> str | None:
+    """Why a run whose SuperLink died cannot go on from its last checkpoint (None: it can)."""
+    if cfg["engine"]["name"] != "fleet":
+        return f"engine={cfg['engine']['name']} does not restart its SuperLink"
+    if resumed >= int(cfg["fleet"].get("resume_attempts", 0) or 0):
+        return f"fleet.resume_attempts={cfg['fleet'].get('resume_attempts', 0)} restarts already used"
+    privacy = (cfg.get("privacy") or {}).get("name", "none")
+    if privacy != "none":
+        return (f"privacy={privacy} keeps its accountant in the run's state, which a new run would start "
+                "from zero (under-counting epsilon); start the run again")
+    if cfg["strategy"]["name"] == "secagg":
+        return "strategy=secagg runs Flower's legacy workflow, which cannot start at a later round"
+    return None
 
 
 @contextmanager
@@ -467,7 +521,30 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
             client = dep.submit()
             info["status"] = "running"
             seen, server_seen, server_gone = 0, False, 0.0
-            while client.poll() is None:
+            while True:
+                if "superlink" in dep.procs and dep.procs["superlink"].poll() is not None:
+                    code = dep.procs["superlink"].returncode
+                    why = f"flower-superlink exited with code {code}"
+                    done = last_checkpoint(run_dir)
+                    refusal = resume_refusal(cfg, len(info.get("resumed", [])))
+                    if refusal:
+                        raise LaunchError(f"{why}; not resumed: {refusal}; see logs/superlink.log")
+                    # like a container restart policy: the SuperLink comes back on its state
+                    # database, the gateways reconnect, the job goes on from the last checkpoint
+                    dep.restart_superlink()
+                    cfg["_resume_round"] = done
+                    info.setdefault("resumed", []).append(
+                        {"after_round": done, "superlink_exit": code, "at_s": round(time.time() - started, 1)})
+                    deadline += float(engine["startup_timeout"]) + float(fleet["round_timeout"]) * 2
+                    server_seen, server_gone = False, 0.0
+                    client = dep.submit()
+                    continue
+                if client.poll() is not None:
+                    time.sleep(1.0)  # `flwr run` also ends when the SuperLink dies: look once more
+                    superlink = dep.procs.get("superlink")
+                    if superlink is None or superlink.poll() is None:
+                        break
+                    continue
                 if dep.serverapp_alive():
                     server_seen, server_gone = True, 0.0
                 elif server_seen and not (run_dir / "metrics.json").exists():
@@ -482,9 +559,6 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
                 refused = dep.supernode_refused()
                 if refused:
                     raise LaunchError(refused)
-                if "superlink" in dep.procs and dep.procs["superlink"].poll() is not None:
-                    raise LaunchError(f"flower-superlink exited with code {dep.procs['superlink'].returncode}; "
-                                      "see logs/superlink.log")
                 if time.time() > deadline:
                     raise LaunchError("the run took longer than startup_timeout + (rounds + 1) x round_timeout")
                 time.sleep(0.5)

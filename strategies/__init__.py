@@ -6,6 +6,11 @@ over-selection: configure_train samples ``ceil(K x (1 + fleet.over_selection))``
 the connected gateways, aggregate_train decodes their updates and averages them
 weighted by the ``num-examples`` each reports. With ``privacy=client`` it is Flower's
 FedAvg inside Flower's DP wrappers (``client_dp.py``).
+
+``krum`` / ``median`` / ``trimmed_mean`` are Flower's Krum (Multi-Krum), FedMedian and
+FedTrimmedAvg behind the same sampling and decoding (``robust.py``): plaintext updates
+only, so never with ``he``/``secagg`` (alternative choices), ``privacy=client`` or
+``codec=topk`` (``configs.validate`` says why).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from flwr.serverapp.strategy import Strategy
 
 from strategies.codec_fedavg import CodecFedAvg
 from strategies.codecs import get_codec
+from strategies.robust import ROBUST, build_robust
 
 
 DP_MIN_FRACTION = 0.7  # distributed DP noise still meets its target when 30% of the gateways drop out
@@ -65,6 +71,8 @@ def build_strategy(
     )
     if name == "fedavg":
         return CodecFedAvg(**common)
+    if name in ROBUST:
+        return build_robust(cfg, common)
     dp = distributed_dp(cfg) if private else None
     if name == "secagg":
         from strategies.secagg import SecAggFedAvg
@@ -79,4 +87,4 @@ def build_strategy(
         return HEFedAvg(keys=Path(st["keys"]) / "server.he", initial_range=float(st["initial_range"]),
                         range_factor=float(st["range_factor"]), min_aggregate=int(st["min_aggregate"]), dp=dp,
                         **common)
-    raise ValueError(f"unknown strategy {name!r}; choose strategy=fedavg, he or secagg")
+    raise ValueError(f"unknown strategy {name!r}; choose strategy=fedavg, krum, median, trimmed_mean, he or secagg")

@@ -10,8 +10,9 @@ Contract with the ClientApp (``clients/app.py``):
   ``view`` (base + decoded delta) bit for bit, so a lossy downlink never drifts apart.
 * **Up** (reply). ``update``: the gateway's new weights minus the view it started from,
   encoded with the codec (after any privacy noise), and ``metrics`` with
-  ``num-examples``. The server decodes, adds the view back and takes Flower's weighted
-  average (``aggregate_arrayrecords``).
+  ``num-examples``. The server decodes, adds the view back and hands the weights to
+  Flower's FedAvg (weighted average), or to Flower's Krum / FedMedian / FedTrimmedAvg
+  (``robust.py``: the same decoding in front of another Flower strategy).
 * **Who trains.** ``clients_per_round`` gateways are needed (``null``: fraction_train of
   those connected); ``over_selection`` samples that many more; the round's grid keeps
   the first replies (see ``server/rounds.py``) and the rest are late.
@@ -31,7 +32,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, Met
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from strategies.codecs import Codec, flatten, unflatten
 
@@ -124,13 +124,24 @@ class CodecFedAvg(FedAvg):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """Decode every update into full weights, then aggregate them with the Flower strategy
+        next in the class order: FedAvg's weighted mean here; Krum's selection, the
+        coordinate-wise median or trimmed mean for the classes in ``robust.py``."""
+        decoded = self.decode_replies(server_round, replies)
+        if not decoded:
+            return None, None
+        return super().aggregate_train(server_round, decoded)
+
+    def decode_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """The valid replies as Flower strategies expect them: one ``arrays`` record (view +
+        decoded update, float32) and one ``metrics`` record (the keys every reply has)."""
         valid, errors = [], []
         for msg in replies:
             (errors if msg.has_error() else valid).append(msg)
         for msg in errors:
             log(INFO, "gateway %d replied with an error: %s", msg.metadata.src_node_id, msg.error.reason)
         self.current = set()
-        contents = []
+        decoded = []
         base = flatten(self.view) if self.view is not None else None
         for msg in valid:
             node = msg.metadata.src_node_id
@@ -144,11 +155,11 @@ class CodecFedAvg(FedAvg):
             except (KeyError, ValueError) as err:
                 log(INFO, "gateway %d sent a malformed update, left out of round %d: %s", node, server_round, err)
                 continue
-            contents.append(RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-                                        "metrics": msg.content["metrics"]}))
+            decoded.append((msg, weights))
             self.current.add(node)
-        if not contents:
-            return None, None
-        arrays = aggregate_arrayrecords(contents, self.weighted_by_key)
-        metrics = self.train_metrics_aggr_fn(contents, self.weighted_by_key)
-        return arrays, metrics
+        # Flower's strategies refuse replies whose metric keys differ (gateways on other versions or settings)
+        keys = set.intersection(*(set(m.content["metrics"].keys()) for m, _ in decoded)) if decoded else set()
+        return [Message(metadata=msg.metadata, content=RecordDict({
+                    "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
+                    "metrics": MetricRecord({k: v for k, v in msg.content["metrics"].items() if k in keys})}))
+                for msg, weights in decoded]

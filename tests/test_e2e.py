@@ -94,6 +94,7 @@ def test_multirun_writes_one_summary(tmp_path):
     assert [r["rounds_done"] for r in rows] == ["1", "2"]
     assert all(r["status"] == "completed" for r in rows)
     assert "fleet.rounds=2" in (sweep / "summary.md").read_text()
+    assert (sweep / "sweep-predictive_maintenance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _start_and_wait_for_round(run_dir: Path, *args: str) -> subprocess.Popen:

@@ -45,6 +45,8 @@ class PredictiveMaintenance:
             low = _int(cfg, "task.data.units_min", 2)
             _int(cfg, "task.data.units_max", low)
             _int(cfg, "task.data.test_units", 1)
+            if cfg["task"]["data"].get("test_plants") is not None:
+                _int(cfg, "task.data.test_plants", 1)
         elif not _get(cfg, "task.data.path") and cfg["engine"]["name"] != "remote":  # remote: `gateway --data`
             raise ConfigError(
                 f"config: task.data.path is empty but task.data.source={source}; give each gateway's file "
@@ -94,13 +96,16 @@ class PredictiveMaintenance:
         """Held-out units for server-side evaluation (None if the config names none).
 
         With the generator: fresh units of every plant, cut at a random point as in the
-        C-MAPSS test files.
+        C-MAPSS test files; of at most ``data.test_plants`` plants, evenly spread over the
+        fleet (a 1000-gateway simulation would otherwise score 8000 units every round).
         """
         data_cfg = self.cfg["data"]
         if data_cfg["source"] == "generator":
+            cap = int(data_cfg.get("test_plants") or num_plants)
+            plants = sorted({int(i) for i in np.linspace(0, num_plants - 1, min(cap, num_plants))})
             parts = [
                 generate_plant(self.seed, p, n_units=int(data_cfg["test_units"]), split="test", rul_cap=self.rul_cap)
-                for p in range(num_plants)
+                for p in plants
             ]
             merged = _concat(parts)
             return truncate_units(merged, self.seed).select_sensors(self.features)
