@@ -26,6 +26,8 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/links.py
 	$(VENV)/bin/python bench/privacy.py
 	$(VENV)/bin/python bench/he.py
+	$(VENV)/bin/python bench/use_cases.py
+	$(VENV)/bin/python bench/scale.py
 
 clean:
 	rm -rf $(VENV) runs multirun

@@ -22,16 +22,12 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clients.training import train_local  # noqa: E402
 from configs import compose  # noqa: E402
 from server.report import run_summary  # noqa: E402
-from tasks import get_task  # noqa: E402
 
 
 def federated(overrides: list[str], run_dir: Path) -> dict:
@@ -47,21 +43,9 @@ def federated(overrides: list[str], run_dir: Path) -> dict:
 
 
 def centralised(cfg: dict) -> float:
-    torch.set_num_threads(int(cfg["train"]["torch_threads"]))
-    task = get_task(cfg["task"], cfg["seed"])
-    n = int(cfg["fleet"]["gateways"])
-    trains = [task.gateway_data(p)[0] for p in range(n)]
-    normaliser = task.normaliser(sum(task.feature_sums(t) for t in trains))
-    xs, ys = zip(*(task.windows(t, normaliser) for t in trains))
-    x, y = np.concatenate(xs), np.concatenate(ys)
-    model = task.build_model()
-    epochs = int(cfg["fleet"]["rounds"]) * int(cfg["train"]["local_epochs"])
-    for epoch in range(epochs):
-        train_local(
-            model, x, task.target(y), epochs=1, batch_size=int(cfg["train"]["batch_size"]),
-            lr=float(cfg["train"]["lr"]), seed=epoch,
-        )
-    return task.evaluate(model, task.server_test_data(n), normaliser)["rmse"]
+    from use_cases import centralised as pooled  # bench/use_cases.py: the same for every task
+
+    return pooled(cfg)[0]["rmse"]
 
 
 def main() -> None:

@@ -337,6 +337,11 @@ class Deployment:
 
         return gateway.supernode_argv(gateway.parser().parse_args(self.gateway_argv(i, superlink)[2:]))
 
+    def superlink_lost(self) -> bool:
+        """Whether the SuperLink died under the run (its process ended)."""
+        superlink = self.procs.get("superlink")
+        return superlink is not None and superlink.poll() is not None
+
     def restart_superlink(self) -> None:
         """The SuperLink died: end the ServerApp side it ran (``flwr run``, flwr-serverapp and the
         SuperExec that started it; the gateways stay) and start it again on the same port and
@@ -372,6 +377,8 @@ class Deployment:
 
     # -- the run -------------------------------------------------------------------
     def submit(self) -> subprocess.Popen:
+        log = self.logs / "serverapp.log"
+        self.submitted_at = log.stat().st_size if log.exists() else 0  # where this submission's output starts
         run_config = self.run_dir / "run_config.toml"
         run_config.write_text(tomli_w.dumps(to_run_config(self.cfg, self.run_dir)))
         return self.spawn(
@@ -429,8 +436,8 @@ def last_checkpoint(run_dir: Path) -> int:
 
 def resume_refusal(cfg: dict[str, Any], resumed: int) -> str | None:
     """Why a run whose SuperLink died cannot go on from its last checkpoint (None: it can)."""
-    if cfg["engine"]["name"] != "fleet":
-        return f"engine={cfg['engine']['name']} does not restart its SuperLink"
+    if cfg["engine"]["name"] == "sim":
+        return "engine=sim runs its virtual gateways inside the SuperLink; they died with it"
     if resumed >= int(cfg["fleet"].get("resume_attempts", 0) or 0):
         return f"fleet.resume_attempts={cfg['fleet'].get('resume_attempts', 0)} restarts already used"
     privacy = (cfg.get("privacy") or {}).get("name", "none")
@@ -522,9 +529,9 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
             info["status"] = "running"
             seen, server_seen, server_gone = 0, False, 0.0
             while True:
-                if "superlink" in dep.procs and dep.procs["superlink"].poll() is not None:
-                    code = dep.procs["superlink"].returncode
-                    why = f"flower-superlink exited with code {code}"
+                if dep.superlink_lost():
+                    code = dep.procs["superlink"].returncode if "superlink" in dep.procs else None
+                    why = f"flower-superlink exited with code {code}" if code is not None else "the SuperLink went away"
                     done = last_checkpoint(run_dir)
                     refusal = resume_refusal(cfg, len(info.get("resumed", [])))
                     if refusal:
@@ -541,8 +548,7 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
                     continue
                 if client.poll() is not None:
                     time.sleep(1.0)  # `flwr run` also ends when the SuperLink dies: look once more
-                    superlink = dep.procs.get("superlink")
-                    if superlink is None or superlink.poll() is None:
+                    if not dep.superlink_lost():
                         break
                     continue
                 if dep.serverapp_alive():

@@ -7,11 +7,16 @@ certificate unless ``engine.insecure``), submits the app with ``flwr run``, and 
 launcher follows the run as for the local fleet. The ServerApp runs beside the SuperLink
 and writes the run directory there, so run this on the SuperLink's machine, or share the
 run directory (compose: the ``results`` volume).
+
+If the SuperLink goes away mid-run (compose restarts it on its state database), ``flwr run``
+ends; the launcher waits for it to come back and submits the job again, resuming from the
+last checkpoint (``server/fleet.py``, ``fleet.resume_attempts``).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import tomli_w
@@ -45,3 +50,33 @@ class RemoteDeployment(Deployment):
 
     def dead_supernodes(self) -> list[str]:
         return []
+
+    def superlink_lost(self) -> bool:
+        """``flwr run`` ended because the SuperLink became unreachable, before the run finished."""
+        client = self.procs.get("serverapp")
+        if client is None or client.poll() is None or (self.run_dir / "metrics.json").exists():
+            return False
+        with (self.logs / "serverapp.log").open("rb") as fh:
+            fh.seek(getattr(self, "submitted_at", 0))
+            said = fh.read().decode(errors="replace")
+        return "Connection to the SuperLink is unavailable" in said
+
+    def restart_superlink(self) -> None:
+        """Wait (up to engine.startup_timeout) until the SuperLink answers again: its restart
+        policy, or its operator, brings it back."""
+        from clients.gateway import GatewayError, probe
+
+        eng = self.cfg["engine"]
+        ca = None if eng.get("insecure") else str(eng["ca"])
+        deadline = time.time() + float(eng["startup_timeout"])
+        while True:
+            try:
+                probe(str(eng["superlink"]), ca)
+                return
+            except GatewayError as err:
+                raise LaunchError(f"the SuperLink came back with a problem: {err}") from None
+            except OSError as err:
+                if time.time() > deadline:
+                    raise LaunchError(f"the SuperLink at {eng['superlink']} went away mid-run and did not come back "
+                                      f"within engine.startup_timeout={eng['startup_timeout']} s ({err})") from None
+                time.sleep(2.0)

@@ -41,3 +41,16 @@ def fleet_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("fleet") / "run"
     proc = run_cli("run", "fleet.gateways=3", "fleet.rounds=3", f"hydra.run.dir={run_dir}")
     return run_dir, proc
+
+
+@pytest.fixture
+def serverapp_identity():
+    """Messages the ServerApp creates take run and node ids from its task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, getattr(TaskIdentity, "_task_id", None))
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id = saved[:2]
+    if saved[2] is not None:
+        TaskIdentity._task_id = saved[2]

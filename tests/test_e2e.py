@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -83,18 +82,6 @@ def test_sim_engine_with_more_virtual_gateways(tmp_path):
     assert json.loads((run_dir / "launch.json").read_text())["engine"] == "sim"
     assert_nothing_left(run_dir)
     assert set(Path("/tmp").glob("iiotfl-*")) == ray_dirs, "Ray's temporary directory was left behind"
-
-
-def test_multirun_writes_one_summary(tmp_path):
-    sweep = tmp_path / "sweep"
-    proc = run_cli("run", "-m", "engine=sim", "fleet.gateways=2", "fleet.rounds=1,2", f"hydra.sweep.dir={sweep}")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert (sweep / "0" / "report.md").is_file() and (sweep / "1" / "report.md").is_file()
-    rows = list(csv.DictReader((sweep / "summary.csv").open()))
-    assert [r["rounds_done"] for r in rows] == ["1", "2"]
-    assert all(r["status"] == "completed" for r in rows)
-    assert "fleet.rounds=2" in (sweep / "summary.md").read_text()
-    assert (sweep / "sweep-predictive_maintenance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def _start_and_wait_for_round(run_dir: Path, *args: str) -> subprocess.Popen:

@@ -3,7 +3,9 @@ started with ``iiotfl gateway`` on their own CSV export directories, and the job
 with ``iiotfl run engine=remote`` (what docker-compose.yml's ``server`` service runs).
 
 * a gateway whose key was never registered stops with the register command;
-* a file added to a gateway's directory after round 1 is trained on in round 2.
+* a file added to a gateway's directory after round 1 is trained on in round 2;
+* the SuperLink killed after round 1 and started again on its state database: the gateways
+  reconnect and the job resumes from round 1's checkpoint.
 """
 
 from __future__ import annotations
@@ -85,6 +87,12 @@ def test_pilot_gateways_join_a_remote_tls_superlink_and_read_their_growing_expor
             assert time.time() < deadline
             time.sleep(0.5)
         _export(later, data[0], "day-2.csv")  # the plant's next export lands after round 1
+        # the SuperLink's machine goes down (its ServerApp with it) and comes back on its state
+        # database: the gateways reconnect, `iiotfl run` resumes the job after round 1
+        os.killpg(sl.pid, 9)
+        sl.wait()
+        sl = start("superlink-restarted", sl.args)
+        wait_port(port, sl, 120, "flower-superlink", logs / "superlink-restarted.log")
         out, _ = job.communicate(timeout=600)
         assert job.returncode == 0, out[-3000:]
         rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -93,6 +101,7 @@ def test_pilot_gateways_join_a_remote_tls_superlink_and_read_their_growing_expor
         assert examples[2][0] > examples[1][0] and examples[2][1] == examples[1][1]
         launch = json.loads((run_dir / "launch.json").read_text())
         assert launch["status"] == "completed" and launch["transport"].startswith("TLS")
+        assert [e["after_round"] for e in launch["resumed"]] == [1]
         assert "remote SuperLink" in (run_dir / "report.md").read_text()
     finally:
         for p in procs:  # a reaped process's pid may belong to someone else by now

@@ -114,17 +114,6 @@ def _reply(node: int, content: RecordDict) -> Message:
     return Message(metadata=meta, content=content)
 
 
-@pytest.fixture
-def serverapp_identity():
-    """Messages the ServerApp creates take run and node ids from its task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, getattr(TaskIdentity, "_task_id", None))
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id = saved[:2]
-    if saved[2] is not None:
-        TaskIdentity._task_id = saved[2]
 
 
 def test_bad_updates_are_rejected_by_name_and_the_rest_aggregate(keydir, tmp_path, serverapp_identity):

@@ -4,7 +4,6 @@ federated model, config checks."""
 from __future__ import annotations
 
 import copy
-import json
 
 import numpy as np
 import pytest
@@ -276,18 +275,5 @@ def test_default_config_validates():
     validate(compose(["task=quality_control", "engine=sim", "privacy=sample"]))  # the MLP passes Opacus' checks
 
 
-@pytest.mark.slow
-def test_simulation_run_end_to_end(tmp_path):
-    """One real `iiotfl run engine=sim task=quality_control`: the server's figures are the task's."""
-    from tests.conftest import run_cli
-
-    run_dir = tmp_path / "run"
-    proc = run_cli("run", "engine=sim", "task=quality_control", "fleet.gateways=3", "fleet.rounds=3",
-                   f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    summary = json.loads((run_dir / "metrics.json").read_text())
-    assert summary["task"] == "quality_control" and summary["primary_metric"] == "pr_auc_machine"
-    assert summary["higher_is_better"] is True
-    final = summary["rounds"][-1]["server"]
-    assert final["pr_auc_machine"] > 2 * final["prevalence_machine"]
-    assert (run_dir / "report.md").exists()
+# End to end: the task=quality_control points of tests/test_sweeps.py::test_real_2x2_sweep_records_refused_points_and_reports
+# are this use case's real `iiotfl run engine=sim` runs, with its metric checks.

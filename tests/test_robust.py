@@ -71,17 +71,6 @@ def test_valid_robust_configs_build_flowers_strategy_behind_the_codecs(overrides
     assert len(messages) == int(cfg["fleet"]["gateways"])
 
 
-@pytest.fixture
-def serverapp_identity():
-    """Messages the ServerApp creates take run and node ids from its task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, getattr(TaskIdentity, "_task_id", None))
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id = saved[:2]
-    if saved[2] is not None:
-        TaskIdentity._task_id = saved[2]
 
 
 def _reply(node: int, content: RecordDict) -> Message:

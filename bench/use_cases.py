@@ -10,7 +10,7 @@ For each use case, one JSON line:
   gap                       federated - centralised (positive = federated better when higher is better)
   wall_s                    the federated run, start to exit
 
-Usage: python bench/tasks.py [--rounds 5] [--gateways 4] [--only TASK]
+Usage: python bench/use_cases.py [--rounds 5] [--gateways 4] [--only TASK]
 """
 
 from __future__ import annotations
