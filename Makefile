@@ -19,7 +19,7 @@ run: $(STAMP)
 	$(VENV)/bin/iiotfl run $(ARGS)
 
 test: $(STAMP)
-	$(VENV)/bin/python -m pytest -v -rs $(ARGS)
+	$(VENV)/bin/python -m pytest -v -rs --durations=20 $(ARGS)
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/foundation.py
