@@ -261,16 +261,16 @@ def _run_supernode(argv: list[str]) -> tuple[int, str | None, bool]:
             if not _group_alive(proc.pid):
                 break
         code = proc.wait()
-    if why is not None or (lost and code == 0):
-        code = 305
     while not lines.empty():
         tail.append(lines.get())
         sys.stdout.write(tail[-1])
     sys.stdout.flush()
     joined = any("SuperNode ID:" in x for x in tail)
     if lost:  # supervise() probes the SuperLink: a real certificate problem is named there
-        return code, None, joined
-    return code, why or (supernode_failure("".join(tail)) if code else None), joined
+        return code or 305, None, joined
+    if why is not None:
+        return 305, why, joined
+    return code, supernode_failure("".join(tail)) if code else None, joined
 
 
 def _group_alive(pgid: int) -> bool:

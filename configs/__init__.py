@@ -263,26 +263,26 @@ def _validate_robust(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"config: strategy={name} with codec=topk: every gateway sends its own 2% largest "
                           f"changes, so {name} would judge sparsity patterns, not outliers (and drop what error "
                           "feedback holds back); use codec=int8, int4, fp16 or none with it")
+    from strategies.robust import updates_needed
+
     gateways = int(cfg["fleet"]["gateways"])
     per_round = cfg["fleet"].get("clients_per_round") or max(1, int(gateways * float(cfg["fleet"]["fraction_train"])))
     fix = "raise fleet.gateways (or fleet.clients_per_round / fleet.fraction_train)"
     if name == "krum":
         f = _int(cfg, "strategy.num_malicious_nodes", 0)
         keep = _int(cfg, "strategy.num_nodes_to_keep", 1)
-        if per_round < 2 * f + 3:
+        if per_round < (need := updates_needed(cfg)):
             raise ConfigError(f"config: strategy=krum with strategy.num_malicious_nodes={f} needs >= 2f+3 = "
-                              f"{2 * f + 3} updates per round, the fleet gives {per_round}; {fix} or lower "
+                              f"{need} updates per round, the fleet gives {per_round}; {fix} or lower "
                               "strategy.num_malicious_nodes")
         if keep > per_round - f:
             raise ConfigError(f"config: strategy.num_nodes_to_keep={keep} would keep poisoned updates: with "
                               f"{per_round} updates per round and num_malicious_nodes={f}, keep at most "
                               f"{per_round - f}")
-    if name == "median" and per_round < 3:
-        raise ConfigError(f"config: strategy=median needs >= 3 updates per round (the median of two is their mean), "
-                          f"the fleet gives {per_round}; {fix}")
+    if name == "median" and per_round < (need := updates_needed(cfg)):
+        raise ConfigError(f"config: strategy=median needs >= {need} updates per round (the median of two is their "
+                          f"mean), the fleet gives {per_round}; {fix}")
     if name == "trimmed_mean":
-        from strategies.robust import updates_needed
-
         beta = _float(cfg, "strategy.beta", 0.0, 0.5, low_open=True)
         if beta >= 0.5:
             raise ConfigError(f"config: strategy.beta={beta} would trim everything; it must be in (0, 0.5)")

@@ -41,13 +41,27 @@ def form_of(cfg: Mapping[str, Any]) -> str:
     return f"{kind}, plaintext {CODEC_FORMS.get(codec, codec)}"
 
 
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The JSON objects of a JSONL file, one per line; a line cut short by a crash is left out."""
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line) if line.strip() else None
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
 def keep_rounds(path: Path, upto: int | None) -> list[dict[str, Any]]:
     """Rows of the JSONL file ``path`` with ``round <= upto`` (rewritten atomically); ``upto=None``
     starts the file empty."""
     rows: list[dict[str, Any]] = []
-    if upto is not None and path.exists():
-        rows = [r for r in (json.loads(x) for x in path.read_text().splitlines() if x.strip())
-                if int(r.get("round", 0)) <= upto]
+    if upto is not None:
+        rows = [r for r in read_jsonl(path) if int(r.get("round", 0)) <= upto]
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tmp.replace(path)

@@ -30,8 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from configs import from_run_config
 from clients.profiles import gateway_profiles, link_time, transfer_time
 from privacy.accounting import accounting_check
-from privacy.ledger import Ledger
-from privacy.ledger import keep_rounds
+from privacy.ledger import Ledger, keep_rounds
 from privacy.ledger import load as load_ledger
 from server.artefacts import FINAL_CHECKPOINT, save_checkpoint
 from server.netem import veth_counters
@@ -290,11 +289,11 @@ def main(grid: Grid, context: Context) -> None:
             sums = ckpt.norm_sums
     normaliser = task.normaliser(sums)
     test = task.server_test_data(int(fleet["gateways"]))
-    log = RoundLog(out / "metrics.jsonl", cfg, rounds, cfg["engine"]["name"], keep_upto=resume if resume else None)
+    log = RoundLog(out / "metrics.jsonl", cfg, rounds, cfg["engine"]["name"], keep_upto=resume or None)
     log.node_partition = partitions
 
     privacy = (cfg.get("privacy") or {}).get("name", "none")
-    ledger = Ledger(out / "privacy_ledger.jsonl", cfg, keep_upto=resume if resume else None)
+    ledger = Ledger(out / "privacy_ledger.jsonl", cfg, keep_upto=resume or None)
     if not resume:
         ledger.record_statistics(partitions, stats_bytes, encrypted=keys is not None)
 

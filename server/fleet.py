@@ -32,7 +32,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import tomli_w
 
@@ -157,6 +157,7 @@ class Deployment:
         self.certs: Path | None = None  # the run's `iiotfl certs` directory; None: no TLS
         self.transport = ""  # TLS and node authentication or not, said in the report
         self.profiles: list[Any] | None = None
+        self.submitted_at = 0  # offset in logs/serverapp.log where the latest submission's output starts
         self.env = {
             **os.environ,
             "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
@@ -350,16 +351,11 @@ class Deployment:
         if client is not None and client.poll() is None:
             client.kill()
             client.wait()
-        for pid in processes_with_env("IIOTFL_RUN", self.tag):
+        for pid in self.run_processes(lambda a: b"flwr-serverapp" in a or (b"flower-superexec" in a and b"serverapp" in a)):
             try:
-                argv = Path(f"/proc/{pid}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if b"flwr-serverapp" in argv or (b"flower-superexec" in argv and b"serverapp" in argv):
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         sl = self.spawn("superlink", self.superlink_argv())
         wait_port(self.port, sl, float(self.cfg["engine"]["startup_timeout"]), "flower-superlink",
                   self.logs / "superlink.log")
@@ -378,7 +374,7 @@ class Deployment:
     # -- the run -------------------------------------------------------------------
     def submit(self) -> subprocess.Popen:
         log = self.logs / "serverapp.log"
-        self.submitted_at = log.stat().st_size if log.exists() else 0  # where this submission's output starts
+        self.submitted_at = log.stat().st_size if log.exists() else 0
         run_config = self.run_dir / "run_config.toml"
         run_config.write_text(tomli_w.dumps(to_run_config(self.cfg, self.run_dir)))
         return self.spawn(
@@ -400,16 +396,21 @@ class Deployment:
         except (ValueError, KeyError, IndexError):
             return {}
 
-    def serverapp_alive(self) -> bool:
-        """Whether a ServerApp process of this run (flwr-serverapp / flwr-simulation) is running."""
+    def run_processes(self, match: Callable[[bytes], bool]) -> list[int]:
+        """PIDs of this run's processes whose command line ``match`` accepts."""
+        pids = []
         for pid in processes_with_env("IIOTFL_RUN", self.tag):
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes()
             except OSError:
                 continue
-            if b"flwr-serverapp" in argv or b"flwr-simulation" in argv:
-                return True
-        return False
+            if match(argv):
+                pids.append(pid)
+        return pids
+
+    def serverapp_alive(self) -> bool:
+        """Whether a ServerApp process of this run (flwr-serverapp / flwr-simulation) is running."""
+        return bool(self.run_processes(lambda a: b"flwr-serverapp" in a or b"flwr-simulation" in a))
 
     def dead_supernodes(self) -> list[str]:
         return [n for n, p in self.procs.items() if n.startswith("supernode") and p.poll() is not None]

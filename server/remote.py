@@ -16,7 +16,6 @@ last checkpoint (``server/fleet.py``, ``fleet.resume_attempts``).
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import tomli_w
@@ -57,26 +56,18 @@ class RemoteDeployment(Deployment):
         if client is None or client.poll() is None or (self.run_dir / "metrics.json").exists():
             return False
         with (self.logs / "serverapp.log").open("rb") as fh:
-            fh.seek(getattr(self, "submitted_at", 0))
+            fh.seek(self.submitted_at)
             said = fh.read().decode(errors="replace")
         return "Connection to the SuperLink is unavailable" in said
 
     def restart_superlink(self) -> None:
-        """Wait (up to engine.startup_timeout) until the SuperLink answers again: its restart
-        policy, or its operator, brings it back."""
-        from clients.gateway import GatewayError, probe
+        """Wait (up to engine.startup_timeout, with iiotfl gateway's backoff and TLS probe) until the
+        SuperLink answers again: its restart policy, or its operator, brings it back."""
+        from clients.gateway import GatewayError, wait_for_superlink
 
         eng = self.cfg["engine"]
-        ca = None if eng.get("insecure") else str(eng["ca"])
-        deadline = time.time() + float(eng["startup_timeout"])
-        while True:
-            try:
-                probe(str(eng["superlink"]), ca)
-                return
-            except GatewayError as err:
-                raise LaunchError(f"the SuperLink came back with a problem: {err}") from None
-            except OSError as err:
-                if time.time() > deadline:
-                    raise LaunchError(f"the SuperLink at {eng['superlink']} went away mid-run and did not come back "
-                                      f"within engine.startup_timeout={eng['startup_timeout']} s ({err})") from None
-                time.sleep(2.0)
+        try:
+            wait_for_superlink(str(eng["superlink"]), None if eng.get("insecure") else str(eng["ca"]),
+                               float(eng["startup_timeout"]), say=lambda _: None)
+        except GatewayError as err:
+            raise LaunchError(f"the SuperLink went away mid-run and did not come back usable: {err}") from None

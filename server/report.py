@@ -31,20 +31,13 @@ from hydra.experimental.callback import Callback
 
 def load_rounds(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of ``metrics.jsonl``; a line cut short by a crash is left out."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line) if line.strip() else None
-        except ValueError:
-            continue
-        if isinstance(row, dict) and "round" in row:
-            row.setdefault("server", {})
-            row.setdefault("clients", [])
-            row.setdefault("round_time", 0.0)
-            rows.append(row)
+    from privacy.ledger import read_jsonl
+
+    rows = [row for row in read_jsonl(Path(run_dir) / "metrics.jsonl") if "round" in row]
+    for row in rows:
+        row.setdefault("server", {})
+        row.setdefault("clients", [])
+        row.setdefault("round_time", 0.0)
     return rows
 
 
