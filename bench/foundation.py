@@ -26,8 +26,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from configs import compose  # noqa: E402
-from server.report import run_summary  # noqa: E402
+from iiotfl.configs import compose  # noqa: E402
+from iiotfl.server.report import run_summary  # noqa: E402
 
 
 def federated(overrides: list[str], run_dir: Path) -> dict:

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from strategies import he  # noqa: E402
+from iiotfl.strategies import he  # noqa: E402
 
 
 def timed(fn, repeat: int = 3):

@@ -39,7 +39,7 @@ def step_time_ratio(batches: int = 40) -> dict:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from tasks.predictive_maintenance.model import RulCNN
+    from iiotfl.tasks.predictive_maintenance.model import RulCNN
 
     torch.set_num_threads(1)
     data = TensorDataset(torch.randn(64 * batches, 30, 14), torch.rand(64 * batches))

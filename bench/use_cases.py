@@ -29,9 +29,9 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from clients.training import train_local  # noqa: E402
-from configs import compose  # noqa: E402
-from tasks import get_task  # noqa: E402
+from iiotfl.clients.training import train_local  # noqa: E402
+from iiotfl.configs import compose  # noqa: E402
+from iiotfl.tasks import get_task  # noqa: E402
 
 CASES = [  # (label, overrides)
     ("predictive_maintenance", ["task=predictive_maintenance"]),

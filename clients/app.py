@@ -25,14 +25,14 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from clients.training import train_local, train_local_dp
-from configs import from_run_config
-from privacy.accounting import DeviceAccountant, noise_for_target, steps_per_round
-from strategies import he
-from strategies.codec_fedavg import encoded_record, record_arrays
-from strategies.he_fedavg import digest, verified_payload
-from strategies.codecs import ErrorFeedback, flatten, get_codec, unflatten
-from tasks import get_task
+from iiotfl.clients.training import train_local, train_local_dp
+from iiotfl.configs import from_run_config
+from iiotfl.privacy.accounting import DeviceAccountant, noise_for_target, steps_per_round
+from iiotfl.strategies import he
+from iiotfl.strategies.codec_fedavg import encoded_record, record_arrays
+from iiotfl.strategies.he_fedavg import digest, verified_payload
+from iiotfl.strategies.codecs import ErrorFeedback, flatten, get_codec, unflatten
+from iiotfl.tasks import get_task
 
 app = ClientApp()
 

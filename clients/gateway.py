@@ -38,7 +38,7 @@ import sys
 import time
 from pathlib import Path
 
-from clients.profiles import LinkProfile, ProfileError, _link, _load
+from iiotfl.links.profiles import LinkProfile, ProfileError, _link, _load
 
 BIN = Path(sys.executable).parent
 BACKOFF_MAX_S = 60.0
@@ -50,7 +50,7 @@ class GatewayError(RuntimeError):
 
 # -- checks -----------------------------------------------------------------------------
 def check_ca(path: str | Path) -> None:
-    from server.certs import CertsError, load_cert
+    from iiotfl.server.certs import CertsError, load_cert
 
     path = Path(path)
     if not path.is_file():
@@ -69,7 +69,7 @@ def check_ca(path: str | Path) -> None:
 
 
 def check_node_key(path: str | Path) -> None:
-    from server.certs import CertsError, load_node_key
+    from iiotfl.server.certs import CertsError, load_node_key
 
     path = Path(path)
     if not path.is_file():
@@ -82,7 +82,7 @@ def check_node_key(path: str | Path) -> None:
 
 
 def check_data(path: str | Path) -> None:
-    from tasks.predictive_maintenance.loader import load_csv
+    from iiotfl.tasks.predictive_maintenance.loader import load_csv
 
     path = Path(path)
     if not path.exists():
@@ -100,22 +100,22 @@ def link_profile(name: str) -> LinkProfile:
 # -- the link ------------------------------------------------------------------------------
 def apply_link(link: LinkProfile, interface: str, netns: str | None = None, downlink: bool = False) -> list[str]:
     """Shape ``interface`` (in ``netns``, or here) for ``link``; returns what was applied."""
-    from server import netem
+    from iiotfl.links import shaping
 
     if not link.shaped:
         return []
     done = [f"uplink tbf {link.up_kbit:g} kbit/s on {interface}"]
-    netem.shape(interface, link.up_kbit, netns=netns)
+    shaping.shape(interface, link.up_kbit, netns=netns)
     if downlink:
         pre = ["-n", netns] if netns else []
         rate = f"{link.down_kbit:.3f}kbit"
         burst = str(max(1600, int(link.down_kbit * 1000 / 8 / 100)))
-        netem._tc(*pre, "qdisc", "replace", "dev", interface, "handle", "ffff:", "ingress")
-        netem._tc(*pre, "filter", "replace", "dev", interface, "parent", "ffff:", "matchall", "action", "police",
+        shaping._tc(*pre, "qdisc", "replace", "dev", interface, "handle", "ffff:", "ingress")
+        shaping._tc(*pre, "filter", "replace", "dev", interface, "parent", "ffff:", "matchall", "action", "police",
                   "rate", rate, "burst", burst, "drop")
         done.append(f"downlink police {link.down_kbit:g} kbit/s on {interface}")
     if link.loss_pct > 0:
-        if netem.drop_randomly(netns, interface, link.loss_pct):
+        if shaping.drop_randomly(netns, interface, link.loss_pct):
             done.append(f"loss {link.loss_pct:g}% (nftables)")
     return done
 

@@ -96,7 +96,7 @@ def _choice(cfg: Mapping[str, Any], path: str, choices: tuple[str, ...], group: 
 
 def validate(cfg: Mapping[str, Any]) -> None:
     """Check every value the run uses; raise ConfigError on the first bad one."""
-    from tasks import TASKS, task_class
+    from iiotfl.tasks import TASKS, task_class
 
     _int(cfg, "seed", 0)
     _choice(cfg, "task.name", TASKS, group="task")
@@ -138,7 +138,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _validate_robust(cfg)
     _validate_poison(cfg)
     _validate_tls(cfg)
-    from clients.profiles import ProfileError, gateway_profiles
+    from iiotfl.links.profiles import ProfileError, gateway_profiles
 
     try:
         gateway_profiles(cfg)
@@ -184,7 +184,7 @@ def _validate_privacy(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("config: privacy needs privacy.epsilon (a target) or privacy.noise_multiplier")
     if name == "sample":
         _float(cfg, "privacy.max_grad_norm", 0.0, 1e6, low_open=True)
-        from tasks import get_task
+        from iiotfl.tasks import get_task
 
         model = get_task(cfg["task"], cfg["seed"]).build_model()
         from opacus.validators import ModuleValidator
@@ -214,7 +214,7 @@ def _validate_secure(cfg: Mapping[str, Any]) -> None:
     if cfg["codec"]["name"] != "none":
         raise ConfigError(f"config: strategy={name} quantises updates itself; use codec=none with it")
     if name == "he":
-        from strategies.he import MAX_DEVICES
+        from iiotfl.strategies.he import MAX_DEVICES
 
         _float(cfg, "strategy.initial_range", 0.0, 1e6, low_open=True)
         _float(cfg, "strategy.range_factor", 1.0, 1e6)
@@ -263,7 +263,7 @@ def _validate_robust(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"config: strategy={name} with codec=topk: every gateway sends its own 2% largest "
                           f"changes, so {name} would judge sparsity patterns, not outliers (and drop what error "
                           "feedback holds back); use codec=int8, int4, fp16 or none with it")
-    from strategies.robust import updates_needed
+    from iiotfl.strategies.robust import updates_needed
 
     gateways = int(cfg["fleet"]["gateways"])
     per_round = cfg["fleet"].get("clients_per_round") or max(1, int(gateways * float(cfg["fleet"]["fraction_train"])))
@@ -321,7 +321,7 @@ def _validate_tls(cfg: Mapping[str, Any]) -> None:
         return
     if insecure:
         raise ConfigError("config: engine.certs is set but engine.insecure=true runs without TLS; drop one of them")
-    from server.certs import CertsError, check_dir
+    from iiotfl.server.certs import CertsError, check_dir
 
     try:
         check_dir(Path(str(given)).expanduser(), int(cfg["fleet"]["gateways"]))

@@ -95,7 +95,7 @@ def accounting_check(cfg, ledger_rows: list[dict], rounds: list[dict], tolerance
     name = (cfg.get("privacy") or {}).get("name", "none")
     out: dict = {"mechanism": name, "checks": []}
     if name == "sample":
-        from privacy.ledger import device_histories
+        from iiotfl.privacy.ledger import device_histories
 
         for gateway, d in sorted(device_histories(ledger_rows).items()):
             if d["history"]:
@@ -104,7 +104,7 @@ def accounting_check(cfg, ledger_rows: list[dict], rounds: list[dict], tolerance
     elif name == "client":
         done = [r for r in rounds if r.get("round") and r.get("privacy", {}).get("epsilon") is not None]
         if done:
-            from strategies.client_dp import noise_multiplier
+            from iiotfl.strategies.client_dp import noise_multiplier
 
             last = done[-1]["privacy"]
             if all("noise_multiplier" in r["privacy"] for r in done):  # per-round noise (distributed DP)

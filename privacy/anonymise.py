@@ -24,7 +24,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tasks.predictive_maintenance.data import RunToFailure
+from iiotfl.tasks.predictive_maintenance.data import RunToFailure
 
 
 def plant_key(node_config: Mapping[str, Any], partition: int) -> bytes:

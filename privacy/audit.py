@@ -26,9 +26,9 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from clients.training import train_local
-from server.artefacts import FINAL_CHECKPOINT, load_model_state
-from tasks import get_task
+from iiotfl.clients.training import train_local
+from iiotfl.server.artefacts import FINAL_CHECKPOINT, load_model_state
+from iiotfl.tasks import get_task
 
 
 def roc_curve(member: np.ndarray, non: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

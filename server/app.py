@@ -27,19 +27,19 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from configs import from_run_config
-from clients.profiles import gateway_profiles, link_time, transfer_time
-from privacy.accounting import accounting_check
-from privacy.ledger import Ledger, keep_rounds
-from privacy.ledger import load as load_ledger
-from server.artefacts import FINAL_CHECKPOINT, save_checkpoint
-from server.netem import veth_counters
-from strategies.client_dp import rounds_within_budget
-from server.outages import Outages
-from server.report import write_report
-from server.rounds import DeadlineGrid
-from strategies import build_strategy
-from tasks import get_task
+from iiotfl.configs import from_run_config
+from iiotfl.links.profiles import gateway_profiles, link_time, transfer_time
+from iiotfl.privacy.accounting import accounting_check
+from iiotfl.privacy.ledger import Ledger, keep_rounds
+from iiotfl.privacy.ledger import load as load_ledger
+from iiotfl.server.artefacts import FINAL_CHECKPOINT, save_checkpoint
+from iiotfl.links.shaping import veth_counters
+from iiotfl.strategies.client_dp import rounds_within_budget
+from iiotfl.links.outages import Outages
+from iiotfl.server.report import write_report
+from iiotfl.server.rounds import DeadlineGrid
+from iiotfl.strategies import build_strategy
+from iiotfl.tasks import get_task
 
 app = ServerApp()
 
@@ -204,8 +204,8 @@ def federated_feature_sums(grid: Grid, nodes: list[int], timeout: float, keys=No
     if keys is None:
         nbytes = {r.metadata.src_node_id: r.content["stats"].count_bytes() for r in replies}
         return sum(r.content["stats"].to_numpy_ndarrays()[0] for r in replies), partitions, nbytes, examples
-    from strategies import he
-    from strategies.he_fedavg import decrypt_sum, verified_payload
+    from iiotfl.strategies import he
+    from iiotfl.strategies.he_fedavg import decrypt_sum, verified_payload
 
     shape = {(int(g["rows"]), int(g["cols"])) for g in gateways.values()}
     if len(shape) != 1:
@@ -237,7 +237,7 @@ def run_secagg(grid: Grid, rounds: DeadlineGrid, context: Context, cfg: dict[str
     from flwr.server import LegacyContext, ServerConfig
     from flwr.server.workflow import DefaultWorkflow
 
-    from strategies.secagg import to_parameters, workflow
+    from iiotfl.strategies.secagg import to_parameters, workflow
 
     names = list(model.state_dict().keys())
     final: dict[str, ArrayRecord] = {}
@@ -281,7 +281,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.counts.update(examples)
     model = task.build_model()
     if resume:
-        from server.artefacts import load_checkpoint
+        from iiotfl.server.artefacts import load_checkpoint
 
         ckpt = load_checkpoint(out / "checkpoints" / f"round-{resume}.ckpt")
         model.load_state_dict(ckpt.model)

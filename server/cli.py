@@ -32,7 +32,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from configs import ConfigError, validate
+from iiotfl.configs import ConfigError, validate
 
 USAGE = """usage: iiotfl run [HYDRA OVERRIDES...]   run the federated job (e.g. engine=sim fleet.rounds=5, -m to sweep)
        iiotfl report DIR                 a run: rewrite its report.md; a sweep (or any folder of runs):
@@ -73,7 +73,7 @@ def record_failure(run_dir: Path, reason: str, **extra: object) -> None:
     info.update(extra, status="failed", error=reason)
     path.write_text(json.dumps(info, indent=2))
     try:
-        from server.report import write_report
+        from iiotfl.server.report import write_report
 
         write_report(run_dir)
     except Exception as err:  # noqa: BLE001
@@ -108,9 +108,9 @@ def _tolerate_composition_errors() -> None:
     ConfigLoaderImpl.load_sweep_config = load_sweep_config
 
 
-@hydra.main(config_path="pkg://configs", config_name="config", version_base="1.3")
+@hydra.main(config_path="pkg://iiotfl.configs", config_name="config", version_base="1.3")
 def run_job(cfg: DictConfig) -> str:
-    from server.fleet import launch
+    from iiotfl.server.fleet import launch
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
@@ -177,14 +177,14 @@ def main(argv: list[str] | None = None) -> int:
         except KeyboardInterrupt:
             if not _sweep_dir:
                 return 1
-            from server.report import write_summary
+            from iiotfl.server.report import write_summary
 
             md = write_summary(_sweep_dir[0])[1]
             print(f"sweep stopped by the user; summary of what ran: {md}", file=sys.stderr)
             return 130
         return 1 if _failures else 0
     if command == "report":
-        from server.report import report
+        from iiotfl.server.report import report
 
         if len(rest) != 1 or not Path(rest[0]).is_dir():
             print(f"error: iiotfl report needs one run or sweep directory\n{USAGE}", file=sys.stderr)
@@ -196,8 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         return 0
     if command == "audit":
-        from privacy.audit import audit_run
-        from server.report import write_report
+        from iiotfl.privacy.audit import audit_run
+        from iiotfl.server.report import write_report
 
         refs = 4
         if "--refs" in rest:
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(rest) != 1 or not Path(rest[0]).is_dir():
             print(f"error: iiotfl audit needs one run directory\n{USAGE}", file=sys.stderr)
             return 2
-        from server.artefacts import ArtefactError
+        from iiotfl.server.artefacts import ArtefactError
 
         try:
             result = audit_run(rest[0], reference_models=refs)
@@ -222,9 +222,9 @@ def main(argv: list[str] | None = None) -> int:
                       f"at 0.1% FPR {r['at_fpr_0.1%']['tpr']:.4f}")
         return 0
     if command == "export":
-        from server.artefacts import ArtefactError
-        from server.export import export_run
-        from server.report import write_report
+        from iiotfl.server.artefacts import ArtefactError
+        from iiotfl.server.export import export_run
+        from iiotfl.server.report import write_report
 
         if len(rest) != 1 or not Path(rest[0]).is_dir():
             print(f"error: iiotfl export needs one run directory\n{USAGE}", file=sys.stderr)
@@ -241,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
               + (f", {key} {i8[key]:.3f} (float32 {f32[key]:.3f})" if (key := ex.get("primary_metric")) in i8 else ""))
         return 0
     if command == "keys":
-        from strategies.he import HEError, KeySet
+        from iiotfl.strategies.he import HEError, KeySet
 
         force = "--force" in rest
         rest = [a for a in rest if a != "--force"]
@@ -258,15 +258,15 @@ def main(argv: list[str] | None = None) -> int:
               f"run with: iiotfl run strategy=he strategy.keys={Path(rest[0]).resolve()}")
         return 0
     if command == "certs":
-        from server.certs import main as certs_main
+        from iiotfl.server.certs import main as certs_main
 
         return certs_main(rest)
     if command == "gateway":
-        from clients.gateway import main as gateway_main
+        from iiotfl.clients.gateway import main as gateway_main
 
         return gateway_main(rest)
     if command == "cleanup":
-        from server.fleet import cleanup
+        from iiotfl.server.fleet import cleanup
 
         removed = cleanup()
         print(f"removed {len(removed)} leftovers" + (": " + ", ".join(removed) if removed else ""))

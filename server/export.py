@@ -30,9 +30,9 @@ import torch
 import yaml
 from torch import nn
 
-from server.artefacts import (FINAL_CHECKPOINT, Keys, ensure_keys, keys_dir, load_checkpoint, read_artefact,
+from iiotfl.server.artefacts import (FINAL_CHECKPOINT, Keys, ensure_keys, keys_dir, load_checkpoint, read_artefact,
                               write_artefact)
-from tasks import get_task
+from iiotfl.tasks import get_task
 
 EXPORT_DIR = "export"
 EXPORT_FILE = "model-int8.ts.signed"

@@ -36,12 +36,13 @@ from typing import Any, Callable, Iterator
 
 import tomli_w
 
-from clients.profiles import gateway_profiles
-from configs import to_run_config
-from clients.gateway import supernode_failure
-from server import certs, netem
-from server.outages import Outages
-from server.report import load_rounds, write_report
+from iiotfl.links.profiles import gateway_profiles
+from iiotfl.configs import to_run_config
+from iiotfl.clients.gateway import supernode_failure
+from iiotfl.server import certs
+from iiotfl.links import shaping
+from iiotfl.links.outages import Outages
+from iiotfl.server.report import load_rounds, write_report
 
 APP_DIR = Path(__file__).resolve().parent.parent  # the Flower App: pyproject.toml + packages
 BIN = Path(sys.executable).parent
@@ -121,9 +122,9 @@ def run_alive(tag_prefix: str) -> bool:
 
 def cleanup() -> list[str]:
     """Remove what crashed or killed runs left: orphan processes, namespaces, links, cgroups."""
-    if netem.availability() is not None:
+    if shaping.availability() is not None:
         return []
-    return netem.cleanup_stale(run_alive)
+    return shaping.cleanup_stale(run_alive)
 
 
 def wait_port(port: int, proc: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
@@ -151,8 +152,8 @@ class Deployment:
         self.tag = f"{uuid.uuid4().hex}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = 0
-        self.links: netem.LinkFleet | None = None
-        self.gateway_links: list[netem.GatewayLink] = []
+        self.links: shaping.LinkFleet | None = None
+        self.gateway_links: list[shaping.GatewayLink] = []
         self.emulation = "loopback"  # what the links are, said in the report's first lines
         self.certs: Path | None = None  # the run's `iiotfl certs` directory; None: no TLS
         self.transport = ""  # TLS and node authentication or not, said in the report
@@ -221,16 +222,16 @@ class Deployment:
     def setup_links(self) -> None:
         """Namespaces, shaping and cgroups per gateway (engine=fleet), or say why not."""
         profiles = gateway_profiles(self.cfg)
-        record: dict[str, Any] = {"subnet": netem.SUBNET, "gateways": [p.as_dict() for p in profiles]}
+        record: dict[str, Any] = {"subnet": shaping.SUBNET, "gateways": [p.as_dict() for p in profiles]}
         wanted = any(p.link.shaped for p in profiles)
-        why = netem.availability() if wanted else "every gateway has link=none"
+        why = shaping.availability() if wanted else "every gateway has link=none"
         if why is None:
             cleanup()
-            self.links = netem.LinkFleet(self.tag)
+            self.links = shaping.LinkFleet(self.tag)
             self.gateway_links = self.links.create(profiles)
             lossy = [g.profile.index for g in self.gateway_links if not g.loss_emulated]
             self.emulation = (
-                f"shaped: one network namespace per gateway on {netem.SUBNET}; rate by tc tbf, "
+                f"shaped: one network namespace per gateway on {shaping.SUBNET}; rate by tc tbf, "
                 "loss by nftables, delay and jitter by a relay per gateway (the kernel has no netem); "
                 "CPU and memory by cgroups"
                 + (f"; loss NOT emulated for gateways {lossy} (install nftables)" if lossy else "")
@@ -275,7 +276,7 @@ class Deployment:
             for i in range(n):
                 superlink = f"127.0.0.1:{self.port}"
                 if self.gateway_links:
-                    superlink = f"{netem.SERVER_ADDRESS}:{self.gateway_links[i].relay_port}"
+                    superlink = f"{shaping.SERVER_ADDRESS}:{self.gateway_links[i].relay_port}"
                 argv = self.gateway_argv(i, superlink)
                 self.spawn(f"supernode-{i}", self.gateway_links[i].wrap(argv) if self.gateway_links else argv)
         self.write_connection()
@@ -285,12 +286,12 @@ class Deployment:
         """``engine.certs``, checked, or a fresh CA, SuperLink certificate and node keys in
         ``<run>/certs``; the certificate must name every address the SuperNodes dial."""
         n = int(self.cfg["fleet"]["gateways"])
-        dialled = ["127.0.0.1"] + ([netem.SERVER_ADDRESS] if self.gateway_links else [])
+        dialled = ["127.0.0.1"] + ([shaping.SERVER_ADDRESS] if self.gateway_links else [])
         given = self.cfg["engine"].get("certs")
         where = Path(str(given)).expanduser().resolve() if given else self.run_dir / "certs"
         try:
             if not given:
-                certs.create(where, sans=[netem.SERVER_ADDRESS], gateways=n)
+                certs.create(where, sans=[shaping.SERVER_ADDRESS], gateways=n)
             certs.check_dir(where, n, dialled)
         except certs.CertsError as err:
             raise LaunchError(f"engine.certs: {err}" if given else str(err)) from None
@@ -315,7 +316,7 @@ class Deployment:
     def gateway_argv(self, i: int, superlink: str) -> list[str]:
         """Gateway i as the fleet starts it: ``iiotfl gateway``, the compose gateways' entrypoint
         (clients/gateway.py), which checks its inputs and runs and restarts flower-supernode.
-        Its link is already shaped by :class:`netem.LinkFleet` with the same ``apply_link``."""
+        Its link is already shaped by :class:`shaping.LinkFleet` with the same ``apply_link``."""
         n = int(self.cfg["fleet"]["gateways"])
         if self.profiles is None:
             self.profiles = gateway_profiles(self.cfg)
@@ -334,7 +335,7 @@ class Deployment:
 
     def supernode_argv(self, i: int, superlink: str) -> list[str]:
         """The flower-supernode command gateway i's ``iiotfl gateway`` runs."""
-        from clients import gateway
+        from iiotfl.clients import gateway
 
         return gateway.supernode_argv(gateway.parser().parse_args(self.gateway_argv(i, superlink)[2:]))
 
@@ -505,17 +506,17 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     started = time.time()
     if cfg["strategy"]["name"] == "he" and not cfg["strategy"].get("keys"):
         # local fleet: a fresh key set per run (a real deployment provisions with `iiotfl keys`)
-        from strategies.he import KeySet
+        from iiotfl.strategies.he import KeySet
 
         KeySet.generate().write(run_dir / "he-keys")
         cfg["strategy"]["keys"] = str(run_dir / "he-keys")
-    from tasks import task_class
+    from iiotfl.tasks import task_class
 
     progress = Progress(int(fleet["rounds"]), task_class(cfg["task"]["name"]).primary_metric)
     deadline = started + float(engine["startup_timeout"]) + float(fleet["round_timeout"]) * (int(fleet["rounds"]) + 1)
     try:
         if engine["name"] == "remote":  # an existing SuperLink with real gateways (server/remote.py)
-            from server.remote import RemoteDeployment as kind
+            from iiotfl.server.remote import RemoteDeployment as kind
         else:
             kind = Deployment
         with _sigterm_as_interrupt(), kind(cfg, run_dir) as dep:

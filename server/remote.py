@@ -20,8 +20,8 @@ from pathlib import Path
 
 import tomli_w
 
-from server import certs
-from server.fleet import CONNECTION, Deployment, LaunchError
+from iiotfl.server import certs
+from iiotfl.server.fleet import CONNECTION, Deployment, LaunchError
 
 
 class RemoteDeployment(Deployment):
@@ -63,7 +63,7 @@ class RemoteDeployment(Deployment):
     def restart_superlink(self) -> None:
         """Wait (up to engine.startup_timeout, with iiotfl gateway's backoff and TLS probe) until the
         SuperLink answers again: its restart policy, or its operator, brings it back."""
-        from clients.gateway import GatewayError, wait_for_superlink
+        from iiotfl.clients.gateway import GatewayError, wait_for_superlink
 
         eng = self.cfg["engine"]
         try:

@@ -31,7 +31,7 @@ from hydra.experimental.callback import Callback
 
 def load_rounds(run_dir: Path) -> list[dict[str, Any]]:
     """The rows of ``metrics.jsonl``; a line cut short by a crash is left out."""
-    from privacy.ledger import read_jsonl
+    from iiotfl.privacy.ledger import read_jsonl
 
     rows = [row for row in read_jsonl(Path(run_dir) / "metrics.jsonl") if "round" in row]
     for row in rows:
@@ -86,7 +86,7 @@ def metric_of(final: dict[str, Any], task: str | None) -> tuple[str | None, bool
         return str(final["primary_metric"]), bool(final.get("higher_is_better", False))
     if task:
         try:
-            from tasks import task_class
+            from iiotfl.tasks import task_class
 
             cls = task_class(task)
             return str(cls.primary_metric), bool(cls.higher_is_better)
@@ -433,7 +433,7 @@ def write_report(run_dir: str | Path) -> Path:
 
 def privacy_section(run_dir: Path, final: dict[str, Any]) -> list[str]:
     """What left each plant, in what form, at what privacy cost (from privacy_ledger.jsonl)."""
-    from privacy.ledger import load
+    from iiotfl.privacy.ledger import load
 
     rows = load(run_dir / "privacy_ledger.jsonl")
     if not rows:

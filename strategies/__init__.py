@@ -21,9 +21,9 @@ from typing import Any, Callable, Mapping
 
 from flwr.serverapp.strategy import Strategy
 
-from strategies.codec_fedavg import CodecFedAvg
-from strategies.codecs import get_codec
-from strategies.robust import ROBUST, build_robust
+from iiotfl.strategies.codec_fedavg import CodecFedAvg
+from iiotfl.strategies.codecs import get_codec
+from iiotfl.strategies.robust import ROBUST, build_robust
 
 
 DP_MIN_FRACTION = 0.7  # distributed DP noise still meets its target when 30% of the gateways drop out
@@ -33,8 +33,8 @@ def distributed_dp(cfg: Mapping[str, Any]):
     """Client-level DP inside encrypted/masked aggregation: noise shares from the gateways."""
     from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 
-    from strategies.client_dp import fleet_delta, noise_multiplier, privacy_config
-    from strategies.he_fedavg import HEDP
+    from iiotfl.strategies.client_dp import fleet_delta, noise_multiplier, privacy_config
+    from iiotfl.strategies.he_fedavg import HEDP
 
     n = int(cfg["fleet"]["gateways"])
     return HEDP(noise_multiplier(cfg), float(cfg["privacy"]["clipping_norm"]),
@@ -52,7 +52,7 @@ def build_strategy(
     codec = cfg.get("codec") or {"name": "none", "downlink": "full"}
     private = (cfg.get("privacy") or {}).get("name") == "client"
     if private and name == "fedavg":
-        from strategies.client_dp import build_client_dp
+        from iiotfl.strategies.client_dp import build_client_dp
 
         return build_client_dp(cfg)
     common = dict(
@@ -75,13 +75,13 @@ def build_strategy(
         return build_robust(cfg, common)
     dp = distributed_dp(cfg) if private else None
     if name == "secagg":
-        from strategies.secagg import SecAggFedAvg
+        from iiotfl.strategies.secagg import SecAggFedAvg
 
         n = int(fleet.get("min_gateways") or fleet["gateways"])
         return SecAggFedAvg(dp=dp, fraction_fit=float(fleet["fraction_train"]), fraction_evaluate=0.0,
                             min_fit_clients=min(3, n), min_available_clients=n)
     if name == "he":
-        from strategies.he_fedavg import HEFedAvg
+        from iiotfl.strategies.he_fedavg import HEFedAvg
 
         st = cfg["strategy"]
         return HEFedAvg(keys=Path(st["keys"]) / "server.he", initial_range=float(st["initial_range"]),

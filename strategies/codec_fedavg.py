@@ -33,7 +33,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from strategies.codecs import Codec, flatten, unflatten
+from iiotfl.strategies.codecs import Codec, flatten, unflatten
 
 
 def encoded_record(enc: dict[str, np.ndarray]) -> ArrayRecord:

@@ -33,9 +33,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, Re
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from strategies import he
-from strategies.codec_fedavg import CodecFedAvg
-from strategies.codecs import flatten, unflatten
+from iiotfl.strategies import he
+from iiotfl.strategies.codec_fedavg import CodecFedAvg
+from iiotfl.strategies.codecs import flatten, unflatten
 
 
 def digest(payload: bytes) -> str:

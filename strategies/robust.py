@@ -43,8 +43,8 @@ from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
-from configs import ROBUST  # noqa: F401  (the strategy names, one list for configs and here)
-from strategies.codec_fedavg import CodecFedAvg
+from iiotfl.configs import ROBUST  # noqa: F401  (the strategy names, one list for configs and here)
+from iiotfl.strategies.codec_fedavg import CodecFedAvg
 
 
 def updates_needed(cfg: Mapping[str, Any]) -> int:

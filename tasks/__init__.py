@@ -16,9 +16,9 @@ import torch
 
 # config name -> "module:Class"
 TASKS = {
-    "predictive_maintenance": "tasks.predictive_maintenance:PredictiveMaintenance",
-    "energy_anomaly": "tasks.energy_anomaly:EnergyAnomaly",
-    "quality_control": "tasks.quality_control:QualityControl",
+    "predictive_maintenance": "iiotfl.tasks.predictive_maintenance:PredictiveMaintenance",
+    "energy_anomaly": "iiotfl.tasks.energy_anomaly:EnergyAnomaly",
+    "quality_control": "iiotfl.tasks.quality_control:QualityControl",
 }
 
 

@@ -29,7 +29,7 @@ def _artefact_keys(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def task_cfg() -> dict:
-    from configs import compose
+    from iiotfl.configs import compose
 
     return compose()["task"]
 

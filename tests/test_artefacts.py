@@ -11,11 +11,11 @@ import pytest
 import torch
 import yaml
 
-from server import artefacts
-from server.artefacts import (AES_FILE, SIGNING_FILE, VERIFY_FILE, ArtefactError, Keys, ensure_keys, load_checkpoint,
+from iiotfl.server import artefacts
+from iiotfl.server.artefacts import (AES_FILE, SIGNING_FILE, VERIFY_FILE, ArtefactError, Keys, ensure_keys, load_checkpoint,
                               load_model_state, save_checkpoint)
-from server.export import load_export, quantise, save_export, script_bytes
-from tasks.predictive_maintenance.model import RulCNN
+from iiotfl.server.export import load_export, quantise, save_export, script_bytes
+from iiotfl.tasks.predictive_maintenance.model import RulCNN
 
 
 @pytest.fixture(autouse=True)
@@ -196,9 +196,9 @@ def _packed_weights(module: torch.jit.ScriptModule) -> list[torch.Tensor]:
 
 
 def test_export_run_writes_signed_model_figures_and_report(model, run_dir, capsys):
-    from configs import compose
-    from server.cli import main
-    from tasks import get_task
+    from iiotfl.configs import compose
+    from iiotfl.server.cli import main
+    from iiotfl.tasks import get_task
 
     cfg = compose(["fleet.gateways=2"])
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from privacy.audit import attack_figures
+from iiotfl.privacy.audit import attack_figures
 from tests.conftest import run_cli
 
 OVERFIT = ["engine=sim", "fleet.gateways=2", "fleet.rounds=3", "task.data.units_min=2", "task.data.units_max=3",

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from strategies.codecs import Codec, ErrorFeedback, flatten, unflatten, wire_bytes
+from iiotfl.strategies.codecs import Codec, ErrorFeedback, flatten, unflatten, wire_bytes
 
 CODECS = [Codec("none"), Codec("fp16"), Codec("int8"), Codec("int4"), Codec("topk", k_fraction=0.1)]
 

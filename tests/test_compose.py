@@ -44,7 +44,7 @@ def _superlink_args():
 
 
 def _gateway_args(name: str):
-    from clients.gateway import parser
+    from iiotfl.clients.gateway import parser
 
     return parser().parse_args(SERVICES[name]["command"])
 
@@ -65,7 +65,7 @@ def test_services_and_their_commands_parse_with_the_real_flags():
     assert sl.runtime_dependency_install is False  # containers never download at run time
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-    from clients.gateway import supernode_argv
+    from iiotfl.clients.gateway import supernode_argv
 
     for name in GATEWAYS:
         args = _gateway_args(name)
@@ -102,7 +102,7 @@ def test_ports_addresses_and_partitions_agree():
     assert any(t == keys and h in COMPOSE["volumes"] for h, t, _ in _mounts("superlink"))
     assert not keys.startswith("/results")
     # the server's overrides are a valid config
-    from configs import compose, validate
+    from iiotfl.configs import compose, validate
 
     overrides = [a for a in server[2:] if not a.startswith("hydra.")]
     validate(compose(overrides))
@@ -167,9 +167,9 @@ def _qdiscs(ns: str, dev: str) -> list[str]:
 def test_gateway_entrypoint_shapes_like_the_fleet():
     """Namespace A: the local fleet's shaping. Namespace B: the compose gateway's command,
     run natively (``iiotfl gateway --check``). Same qdiscs on eth0."""
-    from clients.profiles import gateway_profiles
-    from configs import compose
-    from server.netem import PREFIX, LinkFleet
+    from iiotfl.links.profiles import gateway_profiles
+    from iiotfl.configs import compose
+    from iiotfl.links.shaping import PREFIX, LinkFleet
 
     args = _gateway_args(GATEWAYS[0])
     tag = uuid.uuid4().hex[:6]

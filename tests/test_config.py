@@ -1,6 +1,6 @@
 import pytest
 
-from configs import ConfigError, compose, from_run_config, to_run_config, validate
+from iiotfl.configs import ConfigError, compose, from_run_config, to_run_config, validate
 from tests.conftest import run_cli
 
 
@@ -64,7 +64,7 @@ def test_topk_with_delta_downlink_is_refused():
 
 
 def test_link_mix_splits_the_fleet_and_overrides_win():
-    from clients.profiles import gateway_profiles
+    from iiotfl.links.profiles import gateway_profiles
 
     cfg = compose(["fleet.gateways=10", "fleet.link_mix={lte_m:0.7,nb_iot:0.3}", "+fleet.link_overrides.0=satellite",
                    "+fleet.device_overrides.9=sensor"])

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 
-import clients.app as client
-from configs import compose, to_run_config, validate
-from privacy.anonymise import anonymise, pseudonym
-from tasks.predictive_maintenance.generator import generate_plant
-from tasks.predictive_maintenance.loader import load_csv
+import iiotfl.clients.app as client
+from iiotfl.configs import compose, to_run_config, validate
+from iiotfl.privacy.anonymise import anonymise, pseudonym
+from iiotfl.tasks.predictive_maintenance.generator import generate_plant
+from iiotfl.tasks.predictive_maintenance.loader import load_csv
 
 SERIALS = ["SN-ACME-00042", "SN-ACME-00117", "SN-ACME-00308"]
 SITE, OPERATOR = "Rotterdam Plant 3", "op-jdoe"

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from server import netem
-from server.artefacts import load_model_state
-from server.fleet import processes_with_env
-from tasks.predictive_maintenance.model import RulCNN
+from iiotfl.links import shaping
+from iiotfl.server.artefacts import load_model_state
+from iiotfl.server.fleet import processes_with_env
+from iiotfl.tasks.predictive_maintenance.model import RulCNN
 from tests.conftest import IIOTFL, ROOT, run_cli
 
 pytestmark = pytest.mark.slow
@@ -27,7 +27,7 @@ def rounds_of(run_dir: Path) -> list[dict]:
 
 def assert_nothing_left(run_dir: Path) -> None:
     assert processes_with_env("FLWR_HOME", str(run_dir / "flwr")) == [], "processes of the run are still alive"
-    left = netem.project_objects()
+    left = shaping.project_objects()
     assert not any(left.values()), f"namespaces, links or cgroups left behind: {left}"
 
 

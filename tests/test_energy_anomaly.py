@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 import torch
 
-from clients.training import train_local
-from configs import ConfigError, compose, validate
-from tasks import get_task
-from tasks.energy_anomaly import EnergyAnomaly, persistence_scores
-from tasks.energy_anomaly.data import KINDS, EnergySeries, Normaliser, feature_sums, kind_code, window_ends
-from tasks.energy_anomaly.faults import Event, apply
-from tasks.energy_anomaly.metrics import detection_delay, f1_at, pr_auc
-from tasks.energy_anomaly.scada import PIP_COMMAND, ScadaUnavailable, zip_path
-from tasks.energy_anomaly.smart_meter import generate_site
+from iiotfl.clients.training import train_local
+from iiotfl.configs import ConfigError, compose, validate
+from iiotfl.tasks import get_task
+from iiotfl.tasks.energy_anomaly import EnergyAnomaly, persistence_scores
+from iiotfl.tasks.energy_anomaly.data import KINDS, EnergySeries, Normaliser, feature_sums, kind_code, window_ends
+from iiotfl.tasks.energy_anomaly.faults import Event, apply
+from iiotfl.tasks.energy_anomaly.metrics import detection_delay, f1_at, pr_auc
+from iiotfl.tasks.energy_anomaly.scada import PIP_COMMAND, ScadaUnavailable, zip_path
+from iiotfl.tasks.energy_anomaly.smart_meter import generate_site
 
 SCADA_KINDS = ("underperformance", "stuck", "drift", "derating")
 METER_KINDS = ("spike", "level_shift", "stale", "drift")
@@ -86,7 +86,7 @@ def test_smart_meter_generator_is_deterministic_per_seed_and_site():
 
 @needs_scada
 def test_scada_loads_la_haute_borne_deterministically():
-    from tasks.energy_anomaly.scada import STEPS, TURBINES, YEAR_2015, turbine_series
+    from iiotfl.tasks.energy_anomaly.scada import STEPS, TURBINES, YEAR_2015, turbine_series
 
     a, b = turbine_series(0, 2, 4), turbine_series(0, 2, 4)
     for field in ("inputs", "target", "label", "event", "period"):

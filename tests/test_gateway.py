@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tasks.predictive_maintenance.generator import generate_plant
-from tasks.predictive_maintenance.loader import save_csv
+from iiotfl.tasks.predictive_maintenance.generator import generate_plant
+from iiotfl.tasks.predictive_maintenance.loader import save_csv
 from tests.conftest import run_cli
 
 
@@ -111,7 +111,7 @@ def test_wrong_and_expired_ca_are_named(pki, tls_server):
 
 
 def test_the_right_ca_passes_the_handshake(pki, tls_server):
-    from clients.gateway import GatewayError, probe
+    from iiotfl.clients.gateway import GatewayError, probe
 
     probe(tls_server, str(pki / "ca.crt"))  # no error
     with pytest.raises(GatewayError, match="does not verify"):

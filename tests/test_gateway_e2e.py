@@ -17,10 +17,10 @@ import time
 
 import pytest
 
-from server import certs
-from server.fleet import BIN, free_port, wait_port
-from tasks.predictive_maintenance.generator import generate_plant
-from tasks.predictive_maintenance.loader import save_csv
+from iiotfl.server import certs
+from iiotfl.server.fleet import BIN, free_port, wait_port
+from iiotfl.tasks.predictive_maintenance.generator import generate_plant
+from iiotfl.tasks.predictive_maintenance.loader import save_csv
 from tests.conftest import IIOTFL
 
 pytestmark = pytest.mark.slow

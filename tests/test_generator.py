@@ -1,6 +1,6 @@
 import numpy as np
 
-from tasks.predictive_maintenance.generator import _SENSITIVITY, SENSORS, generate_plant, health_index, plant_profile
+from iiotfl.tasks.predictive_maintenance.generator import _SENSITIVITY, SENSORS, generate_plant, health_index, plant_profile
 
 
 def test_same_seed_same_data_other_seed_other_data():

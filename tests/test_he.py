@@ -11,10 +11,10 @@ import tenseal.sealapi as seal
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.app import RecordDict as RD
 
-from configs import compose, to_run_config
-from strategies import he
-from strategies.codecs import flatten
-from strategies.he_fedavg import HEFedAvg, digest
+from iiotfl.configs import compose, to_run_config
+from iiotfl.strategies import he
+from iiotfl.strategies.codecs import flatten
+from iiotfl.strategies.he_fedavg import HEFedAvg, digest
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +95,7 @@ class _Grid:
         self.asked: list[int] = []
 
     def send_and_receive(self, messages, *, timeout=None):
-        from clients.app import he_decrypt
+        from iiotfl.clients.app import he_decrypt
 
         out = []
         for msg in messages:
@@ -119,7 +119,7 @@ def _reply(node: int, content: RecordDict) -> Message:
 def test_bad_updates_are_rejected_by_name_and_the_rest_aggregate(keydir, tmp_path, serverapp_identity):
     cfg = compose(["strategy=he", f"strategy.keys={keydir}"])
     run_config = to_run_config(cfg, tmp_path)
-    strategy = HEFedAvg(keys=keydir / he.SERVER_FILE, codec=__import__("strategies.codecs").codecs.get_codec(None),
+    strategy = HEFedAvg(keys=keydir / he.SERVER_FILE, codec=__import__("iiotfl.strategies.codecs").strategies.codecs.get_codec(None),
                         fraction_train=1.0, min_available_nodes=1)
     view = {"a": np.zeros((30, 700), np.float32), "b": np.zeros(500, np.float32)}
     strategy.view, strategy.sent_ranges = view, [0.02, 0.02]

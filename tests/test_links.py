@@ -7,10 +7,10 @@ import uuid
 
 import pytest
 
-from clients.profiles import DeviceProfile, GatewayProfile, LinkProfile
-from server import netem
+from iiotfl.links.profiles import DeviceProfile, GatewayProfile, LinkProfile
+from iiotfl.links import shaping
 
-pytestmark = pytest.mark.skipif(netem.availability() is not None, reason=f"no netns/tc here: {netem.availability()}")
+pytestmark = pytest.mark.skipif(shaping.availability() is not None, reason=f"no netns/tc here: {shaping.availability()}")
 
 PROBE = r"""
 import socket, sys, time
@@ -29,7 +29,7 @@ print(rtt, time.perf_counter() - t0)
 
 @pytest.fixture
 def one_link():
-    fleet = netem.LinkFleet(uuid.uuid4().hex)
+    fleet = shaping.LinkFleet(uuid.uuid4().hex)
     link = LinkProfile("test", up_kbit=400, down_kbit=2000, rtt_ms=200, jitter_ms=0, loss_pct=0)
     try:
         gw = fleet.create([GatewayProfile(0, link, DeviceProfile("test", cpu_share=0.5, memory_mb=512))])[0]
@@ -63,7 +63,7 @@ def test_shaping_is_real(one_link, tmp_path):
     thread = threading.Thread(target=sink)
     thread.start()
     n = 100_000
-    out = subprocess.run(gw.wrap([sys.executable, "-c", PROBE, netem.SERVER_ADDRESS, str(port), str(n)]),
+    out = subprocess.run(gw.wrap([sys.executable, "-c", PROBE, shaping.SERVER_ADDRESS, str(port), str(n)]),
                          capture_output=True, text=True, timeout=60)
     thread.join(10)
     server.close()
@@ -86,7 +86,7 @@ def test_device_cgroup_holds_the_process(one_link):
 def test_outage_takes_the_link_down(one_link):
     fleet, gw, _ = one_link
     ping = [sys.executable, "-c", "import socket,sys; s=socket.socket(); s.settimeout(1.5); "
-            f"sys.exit(s.connect_ex(('{netem.SERVER_ADDRESS}', 9)) not in (111,))"]
+            f"sys.exit(s.connect_ex(('{shaping.SERVER_ADDRESS}', 9)) not in (111,))"]
     assert subprocess.run(gw.wrap(ping), timeout=30).returncode == 0   # refused = reachable
     gw.set_up(False)
     assert subprocess.run(gw.wrap(ping), timeout=30).returncode != 0   # no answer while down
@@ -96,19 +96,19 @@ def test_outage_takes_the_link_down(one_link):
 
 
 def test_remove_leaves_nothing():
-    fleet = netem.LinkFleet(uuid.uuid4().hex)
+    fleet = shaping.LinkFleet(uuid.uuid4().hex)
     link = LinkProfile("lte", up_kbit=1000, down_kbit=1000, rtt_ms=50)
     fleet.create([GatewayProfile(i, link, DeviceProfile("d", cpu_share=0.5, memory_mb=512)) for i in range(2)])
-    assert any(fleet.tag in n for n in netem.project_objects()["netns"])
+    assert any(fleet.tag in n for n in shaping.project_objects()["netns"])
     fleet.remove()
-    left = netem.project_objects()
+    left = shaping.project_objects()
     assert not [x for v in left.values() for x in v if fleet.tag in x], left
 
 
 def test_stale_leftovers_are_cleaned_up():
-    fleet = netem.LinkFleet(uuid.uuid4().hex)
+    fleet = shaping.LinkFleet(uuid.uuid4().hex)
     fleet.create([GatewayProfile(0, LinkProfile("none"), DeviceProfile("d", cpu_share=1.0))])
-    removed = netem.cleanup_stale(lambda tag: tag != fleet.tag)  # as if its run had died
+    removed = shaping.cleanup_stale(lambda tag: tag != fleet.tag)  # as if its run had died
     assert any(fleet.tag in r for r in removed)
-    left = netem.project_objects()
+    left = shaping.project_objects()
     assert not [x for v in left.values() for x in v if fleet.tag in x], left

@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from server import netem
-from server.fleet import processes_with_env
+from iiotfl.links import shaping
+from iiotfl.server.fleet import processes_with_env
 from tests.conftest import IIOTFL, ROOT, run_cli
 from tests.test_e2e import assert_nothing_left, rounds_of
 
 pytestmark = [
     pytest.mark.slow,
-    pytest.mark.skipif(netem.availability() is not None, reason=f"no netns/tc here: {netem.availability()}"),
+    pytest.mark.skipif(shaping.availability() is not None, reason=f"no netns/tc here: {shaping.availability()}"),
 ]
 
 
@@ -82,7 +82,7 @@ def test_run_killed_mid_round_is_cleaned_up(tmp_path):
     time.sleep(2)  # mid-round
     os.kill(proc.pid, signal.SIGKILL)  # no chance to tear anything down
     proc.wait(30)
-    left = netem.project_objects()
+    left = shaping.project_objects()
     assert left["netns"] and left["cgroups"], "a killed run leaves its namespaces and cgroups"
     assert processes_with_env("FLWR_HOME", str(run_dir / "flwr")), "... and its processes"
     out = run_cli("cleanup")

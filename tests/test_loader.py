@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from tasks.predictive_maintenance.generator import generate_plant
-from tasks.predictive_maintenance.loader import CMAPSS_SENSORS, DataFormatError, load_cmapss, load_csv, save_csv
+from iiotfl.tasks.predictive_maintenance.generator import generate_plant
+from iiotfl.tasks.predictive_maintenance.loader import CMAPSS_SENSORS, DataFormatError, load_cmapss, load_csv, save_csv
 
 
 @pytest.fixture(scope="module")

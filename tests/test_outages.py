@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 
-from configs import compose
-from server import netem
-from server.fleet import Deployment
-from server.outages import Outages
+from iiotfl.configs import compose
+from iiotfl.links import shaping
+from iiotfl.server.fleet import Deployment
+from iiotfl.links.outages import Outages
 
 
 class FakeLink:
@@ -58,16 +58,16 @@ def test_random_schedule_is_seeded_and_has_the_configured_means():
 
 
 def test_without_namespaces_the_fleet_falls_back_to_loopback_and_says_so(tmp_path, monkeypatch):
-    monkeypatch.setattr(netem, "availability", lambda: "not running as root (network namespaces and tc need root)")
+    monkeypatch.setattr(shaping, "availability", lambda: "not running as root (network namespaces and tc need root)")
     created = []
-    monkeypatch.setattr(netem.LinkFleet, "create", lambda self, profiles: created.append(profiles))
+    monkeypatch.setattr(shaping.LinkFleet, "create", lambda self, profiles: created.append(profiles))
     dep = Deployment(compose(["link=nb_iot"]), tmp_path)
     dep.setup_links()
     assert not created and dep.links is None
     links = json.loads((tmp_path / "links.json").read_text())
     assert links["emulation"].startswith("loopback, UNSHAPED: not running as root")
 
-    from server.report import write_report
+    from iiotfl.server.report import write_report
 
     (tmp_path / "launch.json").write_text(json.dumps({"status": "completed", "links": dep.emulation}))
     assert "**Links: loopback, UNSHAPED" in write_report(tmp_path).read_text().splitlines()[2]

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from configs import ConfigError, compose, validate
-from privacy.accounting import DeviceAccountant, check, noise_for_target, recompute, steps_per_round
+from iiotfl.configs import ConfigError, compose, validate
+from iiotfl.privacy.accounting import DeviceAccountant, check, noise_for_target, recompute, steps_per_round
 
 
 def test_device_epsilon_grows_with_rounds_and_matches_dp_accounting():
@@ -52,7 +52,7 @@ def test_budget_stops_before_it_is_exceeded():
 
 
 def test_client_level_epsilon_from_flower_matches_dp_accounting():
-    from strategies.client_dp import _epsilon, noise_multiplier, rounds_within_budget
+    from iiotfl.strategies.client_dp import _epsilon, noise_multiplier, rounds_within_budget
 
     cfg = compose(["privacy=client", "privacy.epsilon=3", "fleet.rounds=6"])
     sigma = noise_multiplier(cfg)
@@ -68,8 +68,8 @@ def test_client_level_epsilon_from_flower_matches_dp_accounting():
 
 
 def test_dp_sgd_trains_and_reports_what_the_accountant_needs():
-    from clients.training import train_local_dp
-    from tasks.predictive_maintenance.model import RulCNN
+    from iiotfl.clients.training import train_local_dp
+    from iiotfl.tasks.predictive_maintenance.model import RulCNN
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((300, 30, 14)).astype(np.float32)
@@ -104,7 +104,7 @@ def test_bad_privacy_config_is_refused(overrides, message):
 def test_batchnorm_model_is_refused_under_dp_sgd(monkeypatch):
     from torch import nn
 
-    from tasks.predictive_maintenance import PredictiveMaintenance
+    from iiotfl.tasks.predictive_maintenance import PredictiveMaintenance
 
     monkeypatch.setattr(PredictiveMaintenance, "build_model",
                         lambda self: nn.Sequential(nn.Conv1d(14, 8, 3), nn.BatchNorm1d(8)))

@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from clients.training import train_local
-from configs import ConfigError, compose, validate
-from tasks import get_task
-from tasks.quality_control import QualityControl
-from tasks.quality_control.generator import (
+from iiotfl.clients.training import train_local
+from iiotfl.configs import ConfigError, compose, validate
+from iiotfl.tasks import get_task
+from iiotfl.tasks.quality_control import QualityControl
+from iiotfl.tasks.quality_control.generator import (
     AI4I,
     LABELS,
     PUBLISHED_COUNTS,
@@ -21,8 +21,8 @@ from tasks.quality_control.generator import (
     plant_operating_point,
     simulate,
 )
-from tasks.quality_control.loader import DataFormatError, load_csv, write_csv
-from tasks.quality_control.metrics import average_precision, best_threshold, f1_at
+from iiotfl.tasks.quality_control.loader import DataFormatError, load_csv, write_csv
+from iiotfl.tasks.quality_control.metrics import average_precision, best_threshold, f1_at
 
 SMALL = ["task=quality_control", "task.data.rows_min=1500", "task.data.rows_max=2500", "task.data.test_rows=2000",
          "task.data.calibration_rows=2000"]
@@ -213,7 +213,7 @@ def test_federated_model_beats_the_majority_baseline(task, fleet_data):
 
 
 def test_dp_sgd_trains_with_the_task_loss(task, fleet_data):
-    from clients.training import train_local_dp
+    from iiotfl.clients.training import train_local_dp
 
     splits, normaliser = fleet_data
     x, y = task.windows(splits[0][0], normaliser)

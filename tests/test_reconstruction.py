@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from configs import compose
-from privacy.reconstruction import closeness, invert, sgd_update
-from tasks import get_task
+from iiotfl.configs import compose
+from iiotfl.privacy.reconstruction import closeness, invert, sgd_update
+from iiotfl.tasks import get_task
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from server.fleet import processes_with_env, resume_refusal
-from configs import compose
+from iiotfl.server.fleet import processes_with_env, resume_refusal
+from iiotfl.configs import compose
 from tests.conftest import IIOTFL, ROOT
 
 SMALL = ["task.data.units_min=6", "task.data.units_max=8"]

@@ -11,10 +11,10 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
-from configs import ConfigError, compose, validate
-from strategies import build_strategy
-from strategies.codec_fedavg import CodecFedAvg, encoded_record
-from strategies.codecs import flatten, get_codec
+from iiotfl.configs import ConfigError, compose, validate
+from iiotfl.strategies import build_strategy
+from iiotfl.strategies.codec_fedavg import CodecFedAvg, encoded_record
+from iiotfl.strategies.codecs import flatten, get_codec
 from tests.conftest import run_cli
 
 FIVE = ["fleet.gateways=5"]
@@ -135,7 +135,7 @@ def _model_and_view():
 
 @pytest.mark.parametrize("kind, scale", [("scale", 10.0), ("sign_flip", -10.0)])
 def test_a_poisoned_gateway_sends_factor_times_its_update(kind, scale):
-    from clients.app import _poison
+    from iiotfl.clients.app import _poison
 
     cfg = compose(["fleet.gateways=5", "fleet.poison.gateways=[2]", f"fleet.poison.kind={kind}"])
     for partition, node_config, poisoned in [(2, {}, True), (1, {}, False),
@@ -154,7 +154,7 @@ def test_the_fleet_tells_poisoned_gateways_through_their_node_config(tmp_path):
     from flwr.common.config import parse_config_args
     from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
 
-    from server.fleet import Deployment
+    from iiotfl.server.fleet import Deployment
 
     dep = Deployment(compose(["fleet.gateways=3", "engine.insecure=true", "fleet.poison.gateways=[1]",
                               "fleet.poison.kind=sign_flip", "fleet.poison.factor=4"]), tmp_path)

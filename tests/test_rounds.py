@@ -7,7 +7,7 @@ import time
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 
-from server.rounds import DeadlineGrid
+from iiotfl.server.rounds import DeadlineGrid
 
 
 class ScriptedGrid:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from server.fleet import BIN, free_port, processes_with_env
+from iiotfl.server.fleet import BIN, free_port, processes_with_env
 from tests.conftest import run_cli
 
 pytestmark = pytest.mark.slow

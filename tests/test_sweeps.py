@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.report import find_runs, sweep_rows, write_report, write_summary
+from iiotfl.server.report import find_runs, sweep_rows, write_report, write_summary
 from tests.conftest import run_cli
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -184,7 +184,7 @@ def test_run_report_keeps_the_predictive_maintenance_figures(tmp_path):
 
 
 def test_report_command_on_a_run_a_sweep_and_nothing(sweep, tmp_path, capsys):
-    from server.cli import main
+    from iiotfl.server.cli import main
 
     assert main(["report", str(sweep / "4")]) == 0
     assert capsys.readouterr().out.strip() == str(sweep / "4" / "report.md")
@@ -205,7 +205,7 @@ def test_report_command_on_a_run_a_sweep_and_nothing(sweep, tmp_path, capsys):
 def fake_launch(monkeypatch):
     """server.fleet.launch replaced: codec=int4 crashes the launcher, link=nb_iot is stopped by the
     user, anything else completes in no time with a plausible run directory."""
-    import server.fleet
+    import iiotfl.server.fleet
     from hydra.core.global_hydra import GlobalHydra
 
     calls = []
@@ -228,14 +228,14 @@ def fake_launch(monkeypatch):
         (run_dir / "launch.json").write_text(json.dumps(info))
         return info
 
-    monkeypatch.setattr(server.fleet, "launch", launch)
+    monkeypatch.setattr(iiotfl.server.fleet, "launch", launch)
     GlobalHydra.instance().clear()
     yield calls
     GlobalHydra.instance().clear()
 
 
 def test_failed_points_do_not_stop_the_sweep(fake_launch, tmp_path):
-    from server.cli import main
+    from iiotfl.server.cli import main
 
     sweep = tmp_path / "sweep"
     rc = main(["run", "-m", "engine=sim", "codec=none,int8,int4,int9", "privacy=none,client",
@@ -263,7 +263,7 @@ def test_failed_points_do_not_stop_the_sweep(fake_launch, tmp_path):
 
 
 def test_ctrl_c_stops_the_sweep_and_still_summarises(fake_launch, tmp_path):
-    from server.cli import main
+    from iiotfl.server.cli import main
 
     sweep = tmp_path / "sweep"
     rc = main(["run", "-m", "engine=sim", "link=ethernet,nb_iot,wifi", f"hydra.sweep.dir={sweep}"])

@@ -22,9 +22,9 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from configs import ConfigError, compose, validate
-from server import certs
-from server.fleet import BIN, CONNECTION, Deployment, free_port, supernode_failure, wait_port
+from iiotfl.configs import ConfigError, compose, validate
+from iiotfl.server import certs
+from iiotfl.server.fleet import BIN, CONNECTION, Deployment, free_port, supernode_failure, wait_port
 from tests.conftest import run_cli
 
 

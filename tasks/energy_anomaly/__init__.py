@@ -37,7 +37,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from tasks.energy_anomaly.data import (
+from iiotfl.tasks.energy_anomaly.data import (
     FLAG_KINDS,
     KINDS,
     EnergySeries,
@@ -47,8 +47,8 @@ from tasks.energy_anomaly.data import (
     make_windows,
     smooth,
 )
-from tasks.energy_anomaly.metrics import detection_delay, f1_at, pr_auc
-from tasks.energy_anomaly.model import ResidualMLP
+from iiotfl.tasks.energy_anomaly.metrics import detection_delay, f1_at, pr_auc
+from iiotfl.tasks.energy_anomaly.model import ResidualMLP
 
 SOURCES = ("scada", "smart_meter")
 
@@ -75,14 +75,14 @@ class EnergyAnomaly:
         if self.source == "scada":
             self.features = ["wind_speed", "outdoor_temp", "wind_dir_sin", "wind_dir_cos"]
         else:
-            from tasks.energy_anomaly.smart_meter import FEATURES
+            from iiotfl.tasks.energy_anomaly.smart_meter import FEATURES
 
             self.features = list(FEATURES)
 
     @staticmethod
     def validate(cfg: Mapping[str, Any]) -> None:
         """Check the task section of a run config; raise configs.ConfigError naming the key and the fix."""
-        from configs import ConfigError, _choice, _float, _get, _int
+        from iiotfl.configs import ConfigError, _choice, _float, _get, _int
 
         _int(cfg, "task.window", 1, 144)
         _int(cfg, "task.hidden", 1, 4096)
@@ -91,7 +91,7 @@ class EnergyAnomaly:
         source = _choice(cfg, "task.data.source", SOURCES)
         gateways = int(cfg["fleet"]["gateways"])
         if source == "scada":
-            from tasks.energy_anomaly.scada import TURBINES, ScadaUnavailable, zip_path
+            from iiotfl.tasks.energy_anomaly.scada import TURBINES, ScadaUnavailable, zip_path
 
             _int(cfg, "task.data.scada.events_per_kind", 0, 10)  # 40 events fit in 2015
             _int(cfg, "task.data.scada.score_window", 1, 1000)
@@ -114,12 +114,12 @@ class EnergyAnomaly:
     def _series(self, partition_id: int, node_config: Mapping[str, Any] | None = None) -> EnergySeries:
         data_cfg = self.cfg["data"]
         if self.source == "scada":
-            from tasks.energy_anomaly.scada import turbine_series
+            from iiotfl.tasks.energy_anomaly.scada import turbine_series
 
             scada = data_cfg["scada"]
             path = (node_config or {}).get("data-path") or scada.get("zip")
             return turbine_series(self.seed, int(partition_id), int(scada["events_per_kind"]), path)
-        from tasks.energy_anomaly.smart_meter import generate_site
+        from iiotfl.tasks.energy_anomaly.smart_meter import generate_site
 
         meter = data_cfg["smart_meter"]
         return generate_site(self.seed, int(partition_id), int(meter["train_days"]), int(meter["test_days"]),
@@ -140,7 +140,7 @@ class EnergyAnomaly:
     def server_test_data(self, num_plants: int) -> EnergySeries:
         """Every turbine (scada), or up to ``smart_meter.test_sites`` sites spread over the fleet."""
         if self.source == "scada":
-            from tasks.energy_anomaly.scada import TURBINES
+            from iiotfl.tasks.energy_anomaly.scada import TURBINES
 
             sites = range(min(int(num_plants), len(TURBINES)))
         else:

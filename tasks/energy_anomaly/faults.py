@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.energy_anomaly.data import IGNORED
+from iiotfl.tasks.energy_anomaly.data import IGNORED
 
 
 @dataclass(frozen=True)

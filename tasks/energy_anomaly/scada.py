@@ -139,7 +139,7 @@ def load_farm(configured: str | None = None) -> dict[str, np.ndarray]:
 def flags(farm: dict[str, np.ndarray], turbine: int) -> np.ndarray:
     """Label codes from the data set's own flags for one turbine: 0, availability, curtailment, or
     -1 (stands still in wind, no flag; or a flagged interval of the training year not its own)."""
-    from tasks.energy_anomaly.data import IGNORED, kind_code
+    from iiotfl.tasks.energy_anomaly.data import IGNORED, kind_code
 
     p, ws = farm["p"], farm["ws"]
     others = np.delete(np.arange(len(TURBINES)), turbine)
@@ -170,7 +170,7 @@ TOLERANCE = {"ws": 0.2, "p": 0.01}  # a row counts as changed by a fault beyond 
 
 def fault_events(seed: int, turbine: int, events_per_kind: int, usable: np.ndarray):
     """The faults injected into ``turbine``'s 2015 (pure function of seed and turbine)."""
-    from tasks.energy_anomaly.faults import Event, schedule
+    from iiotfl.tasks.energy_anomaly.faults import Event, schedule
 
     rng = np.random.default_rng([seed, turbine, 0x5CADA])
     wanted = [(k, int(rng.integers(lo, hi + 1))) for k, (lo, hi) in FAULT_LENGTHS.items()
@@ -191,8 +191,8 @@ def fault_events(seed: int, turbine: int, events_per_kind: int, usable: np.ndarr
 
 def turbine_series(seed: int, turbine: int, events_per_kind: int, configured_zip: str | None = None):
     """One turbine: 2014 (period 0) and 2015 (period 1, with injected faults), labelled."""
-    from tasks.energy_anomaly.data import EnergySeries, kind_code
-    from tasks.energy_anomaly.faults import inject
+    from iiotfl.tasks.energy_anomaly.data import EnergySeries, kind_code
+    from iiotfl.tasks.energy_anomaly.faults import inject
 
     if not 0 <= turbine < len(TURBINES):
         raise ValueError(f"La Haute Borne has {len(TURBINES)} turbines; partition {turbine} has none "

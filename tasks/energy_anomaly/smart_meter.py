@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from tasks.energy_anomaly.data import EnergySeries, kind_code
-from tasks.energy_anomaly.faults import Event, inject, schedule
+from iiotfl.tasks.energy_anomaly.data import EnergySeries, kind_code
+from iiotfl.tasks.energy_anomaly.faults import Event, inject, schedule
 
 KINDS = ("spike", "level_shift", "stale", "drift")
 FEATURES = ("temp", "temp_typical", "hour_sin", "hour_cos", "dow_sin", "dow_cos")

@@ -8,11 +8,11 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from tasks.predictive_maintenance.data import Normaliser, RunToFailure, condition_sums, make_windows
-from tasks.predictive_maintenance.generator import CONDITIONS, SENSORS, generate_plant, truncate_units
-from tasks.predictive_maintenance.loader import DataFormatError, load_cmapss, load_csv
-from tasks.predictive_maintenance.metrics import phm08_score, rmse
-from tasks.predictive_maintenance.model import RulCNN
+from iiotfl.tasks.predictive_maintenance.data import Normaliser, RunToFailure, condition_sums, make_windows
+from iiotfl.tasks.predictive_maintenance.generator import CONDITIONS, SENSORS, generate_plant, truncate_units
+from iiotfl.tasks.predictive_maintenance.loader import DataFormatError, load_cmapss, load_csv
+from iiotfl.tasks.predictive_maintenance.metrics import phm08_score, rmse
+from iiotfl.tasks.predictive_maintenance.model import RulCNN
 
 
 class PredictiveMaintenance:
@@ -36,7 +36,7 @@ class PredictiveMaintenance:
     @staticmethod
     def validate(cfg: Mapping[str, Any]) -> None:
         """Check the task section of a run config; raise configs.ConfigError naming the key and the fix."""
-        from configs import DATA_SOURCES, ConfigError, _choice, _float, _get, _int
+        from iiotfl.configs import DATA_SOURCES, ConfigError, _choice, _float, _get, _int
 
         _int(cfg, "task.window", 2)
         _int(cfg, "task.rul_cap", 1)
@@ -75,7 +75,7 @@ class PredictiveMaintenance:
                 rul_cap=self.rul_cap,
             )
         else:
-            from privacy.anonymise import anonymise, plant_key
+            from iiotfl.privacy.anonymise import anonymise, plant_key
 
             path = node_config.get("data-path") or str(data_cfg["path"]).format(partition=partition_id)
             # identifiers and exact times stop here, on the device (privacy/anonymise.py)

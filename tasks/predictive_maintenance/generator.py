@@ -42,7 +42,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.predictive_maintenance.data import RunToFailure
+from iiotfl.tasks.predictive_maintenance.data import RunToFailure
 
 SENSORS: tuple[str, ...] = (
     "T24", "T30", "T50", "P30", "Nf", "Nc", "Ps30",

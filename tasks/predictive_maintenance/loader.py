@@ -34,7 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.predictive_maintenance.data import RunToFailure
+from iiotfl.tasks.predictive_maintenance.data import RunToFailure
 
 # C-MAPSS sensor numbers -> names (Saxena et al. 2008, Table 2).
 CMAPSS_SENSORS: tuple[str, ...] = (

@@ -14,8 +14,8 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from tasks.quality_control.data import Normaliser, feature_sums, make_samples
-from tasks.quality_control.generator import (
+from iiotfl.tasks.quality_control.data import Normaliser, feature_sums, make_samples
+from iiotfl.tasks.quality_control.generator import (
     DERIVED,
     LABELS,
     MODES,
@@ -25,9 +25,9 @@ from tasks.quality_control.generator import (
     concat,
     generate_plant,
 )
-from tasks.quality_control.loader import DataFormatError, load_csv
-from tasks.quality_control.metrics import average_precision, best_threshold, f1_at, nanmean
-from tasks.quality_control.model import FailureMLP, MultiLabelBCE
+from iiotfl.tasks.quality_control.loader import DataFormatError, load_csv
+from iiotfl.tasks.quality_control.metrics import average_precision, best_threshold, f1_at, nanmean
+from iiotfl.tasks.quality_control.model import FailureMLP, MultiLabelBCE
 
 DATA_SOURCES = ("generator", "csv")
 IDENTIFIERS = ("UDI", "udi", "Product ID", "product_id")
@@ -61,7 +61,7 @@ class QualityControl:
     @staticmethod
     def validate(cfg: Mapping[str, Any]) -> None:
         """Check the task section of a run config; raise configs.ConfigError naming the key and the fix."""
-        from configs import ConfigError, _choice, _float, _get, _int
+        from iiotfl.configs import ConfigError, _choice, _float, _get, _int
 
         derived = _get(cfg, "task.derived_features")
         if not isinstance(derived, bool):

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from tasks.quality_control.generator import ProcessRecords
+from iiotfl.tasks.quality_control.generator import ProcessRecords
 
 
 # Nominal centre and spread of each feature (the AI4I operating point). Sums are taken of

@@ -19,8 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from tasks.predictive_maintenance.loader import DataFormatError
-from tasks.quality_control.generator import MODES, TYPES, records
+from iiotfl.tasks.predictive_maintenance.loader import DataFormatError
+from iiotfl.tasks.quality_control.generator import MODES, TYPES, records
 
 COLUMNS = {
     "udi": "UDI",

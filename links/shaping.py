@@ -12,7 +12,7 @@ Topology of one run (``<t>`` = first 6 hex digits of the run tag)::
   veth counters.
 * loss: nftables rules inside the namespace drop packets at random, both ways.
 * delay and jitter: ``sch_netem`` would do it, but this project's kernel lacks it
-  (:func:`has_netem`), so a per-gateway relay (``server/relay.py``) holds each chunk
+  (:func:`has_netem`), so a per-gateway relay (``links/relay.py``) holds each chunk
   for half the RTT in each direction.
 * device profile: a cgroup (v1 ``cpu`` and ``memory`` controllers, or v2) per gateway,
   ``iiotfl-<t>-<i>``, with the CPU quota and memory limit; the SuperNode and every
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from clients.profiles import DeviceProfile, GatewayProfile, LinkProfile
+from iiotfl.links.profiles import DeviceProfile, GatewayProfile, LinkProfile
 
 SUBNET = "10.77.0.0/16"
 SERVER_ADDRESS = "10.77.0.1"
@@ -275,7 +275,7 @@ class LinkFleet:
             _ip("-n", ns, "link", "set", "eth0", "up")
             link: LinkProfile = prof.link
             if link.shaped:
-                from clients.gateway import apply_link  # what a compose gateway applies to its own eth0
+                from iiotfl.clients.gateway import apply_link  # what a compose gateway applies to its own eth0
 
                 shape(dev, link.down_kbit)  # downlink on the host side of the veth
                 applied = apply_link(link, "eth0", netns=ns)
@@ -285,7 +285,7 @@ class LinkFleet:
 
     def start_relays(self, superlink_port: int) -> None:
         """One delay relay per gateway on 10.77.0.1, forwarding to the SuperLink on loopback."""
-        from server.relay import DelayRelay
+        from iiotfl.links.relay import DelayRelay
 
         for gw in self.gateways:
             link = gw.profile.link

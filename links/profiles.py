@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from configs import CONFIG_DIR
+from iiotfl.configs import CONFIG_DIR
 
 
 class ProfileError(ValueError):

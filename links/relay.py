@@ -2,7 +2,7 @@
 
 This machine's kernel has TBF (rate) but no ``sch_netem``, so the delay half of a
 link profile is added here, in user space, while rate limiting stays in the kernel
-(``server/netem.py``). Each gateway connects to its own relay port on 10.77.0.1; the
+(``links/shaping.py``). Each gateway connects to its own relay port on 10.77.0.1; the
 relay forwards to the SuperLink on loopback and holds every chunk, in each direction,
 for the one-way delay (half the profile's RTT, plus jitter that never reorders bytes).
 A request/response across the link therefore takes at least one RTT, as over the air.
