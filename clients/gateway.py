@@ -50,7 +50,7 @@ class GatewayError(RuntimeError):
 
 # -- checks -----------------------------------------------------------------------------
 def check_ca(path: str | Path) -> None:
-    from iiotfl.server.certs import CertsError, load_cert
+    from iiotfl.security.certs import CertsError, load_cert
 
     path = Path(path)
     if not path.is_file():
@@ -69,7 +69,7 @@ def check_ca(path: str | Path) -> None:
 
 
 def check_node_key(path: str | Path) -> None:
-    from iiotfl.server.certs import CertsError, load_node_key
+    from iiotfl.security.certs import CertsError, load_node_key
 
     path = Path(path)
     if not path.is_file():

@@ -321,7 +321,7 @@ def _validate_tls(cfg: Mapping[str, Any]) -> None:
         return
     if insecure:
         raise ConfigError("config: engine.certs is set but engine.insecure=true runs without TLS; drop one of them")
-    from iiotfl.server.certs import CertsError, check_dir
+    from iiotfl.security.certs import CertsError, check_dir
 
     try:
         check_dir(Path(str(given)).expanduser(), int(cfg["fleet"]["gateways"]))

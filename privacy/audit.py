@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from iiotfl.clients.training import train_local
-from iiotfl.server.artefacts import FINAL_CHECKPOINT, load_model_state
+from iiotfl.security.artefacts import FINAL_CHECKPOINT, load_model_state
 from iiotfl.tasks import get_task
 
 

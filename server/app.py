@@ -32,7 +32,7 @@ from iiotfl.links.profiles import gateway_profiles, link_time, transfer_time
 from iiotfl.privacy.accounting import accounting_check
 from iiotfl.privacy.ledger import Ledger, keep_rounds
 from iiotfl.privacy.ledger import load as load_ledger
-from iiotfl.server.artefacts import FINAL_CHECKPOINT, save_checkpoint
+from iiotfl.security.artefacts import FINAL_CHECKPOINT, save_checkpoint
 from iiotfl.links.shaping import veth_counters
 from iiotfl.strategies.client_dp import rounds_within_budget
 from iiotfl.links.outages import Outages
@@ -281,7 +281,7 @@ def main(grid: Grid, context: Context) -> None:
         strategy.counts.update(examples)
     model = task.build_model()
     if resume:
-        from iiotfl.server.artefacts import load_checkpoint
+        from iiotfl.security.artefacts import load_checkpoint
 
         ckpt = load_checkpoint(out / "checkpoints" / f"round-{resume}.ckpt")
         model.load_state_dict(ckpt.model)

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if len(rest) != 1 or not Path(rest[0]).is_dir():
             print(f"error: iiotfl audit needs one run directory\n{USAGE}", file=sys.stderr)
             return 2
-        from iiotfl.server.artefacts import ArtefactError
+        from iiotfl.security.artefacts import ArtefactError
 
         try:
             result = audit_run(rest[0], reference_models=refs)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
                       f"at 0.1% FPR {r['at_fpr_0.1%']['tpr']:.4f}")
         return 0
     if command == "export":
-        from iiotfl.server.artefacts import ArtefactError
+        from iiotfl.security.artefacts import ArtefactError
         from iiotfl.server.export import export_run
         from iiotfl.server.report import write_report
 
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
               f"run with: iiotfl run strategy=he strategy.keys={Path(rest[0]).resolve()}")
         return 0
     if command == "certs":
-        from iiotfl.server.certs import main as certs_main
+        from iiotfl.security.certs import main as certs_main
 
         return certs_main(rest)
     if command == "gateway":

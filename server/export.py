@@ -30,7 +30,7 @@ import torch
 import yaml
 from torch import nn
 
-from iiotfl.server.artefacts import (FINAL_CHECKPOINT, Keys, ensure_keys, keys_dir, load_checkpoint, read_artefact,
+from iiotfl.security.artefacts import (FINAL_CHECKPOINT, Keys, ensure_keys, keys_dir, load_checkpoint, read_artefact,
                               write_artefact)
 from iiotfl.tasks import get_task
 

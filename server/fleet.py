@@ -39,7 +39,7 @@ import tomli_w
 from iiotfl.links.profiles import gateway_profiles
 from iiotfl.configs import to_run_config
 from iiotfl.clients.gateway import supernode_failure
-from iiotfl.server import certs
+from iiotfl.security import certs
 from iiotfl.links import shaping
 from iiotfl.links.outages import Outages
 from iiotfl.server.report import load_rounds, write_report

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import tomli_w
 
-from iiotfl.server import certs
+from iiotfl.security import certs
 from iiotfl.server.fleet import CONNECTION, Deployment, LaunchError
 
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 import yaml
 
-from iiotfl.server import artefacts
-from iiotfl.server.artefacts import (AES_FILE, SIGNING_FILE, VERIFY_FILE, ArtefactError, Keys, ensure_keys, load_checkpoint,
+from iiotfl.security import artefacts
+from iiotfl.security.artefacts import (AES_FILE, SIGNING_FILE, VERIFY_FILE, ArtefactError, Keys, ensure_keys, load_checkpoint,
                               load_model_state, save_checkpoint)
 from iiotfl.server.export import load_export, quantise, save_export, script_bytes
 from iiotfl.tasks.predictive_maintenance.model import RulCNN

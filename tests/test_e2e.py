@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from iiotfl.links import shaping
-from iiotfl.server.artefacts import load_model_state
+from iiotfl.security.artefacts import load_model_state
 from iiotfl.server.fleet import processes_with_env
 from iiotfl.tasks.predictive_maintenance.model import RulCNN
 from tests.conftest import IIOTFL, ROOT, run_cli

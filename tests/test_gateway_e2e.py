@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from iiotfl.server import certs
+from iiotfl.security import certs
 from iiotfl.server.fleet import BIN, free_port, wait_port
 from iiotfl.tasks.predictive_maintenance.generator import generate_plant
 from iiotfl.tasks.predictive_maintenance.loader import save_csv

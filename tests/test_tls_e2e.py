@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from iiotfl.configs import ConfigError, compose, validate
-from iiotfl.server import certs
+from iiotfl.security import certs
 from iiotfl.server.fleet import BIN, CONNECTION, Deployment, free_port, supernode_failure, wait_port
 from tests.conftest import run_cli
 
