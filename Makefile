@@ -1,10 +1,11 @@
 # `make run`: set up .venv (first time) and run the default federated job.
 # `make test`: set up .venv (first time) and run the whole test suite.
+# `make lint`: ruff and mypy on the packages (CI runs it before the tests).
 PYTHON ?= python3.11
 VENV ?= .venv
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: run test bench clean
+.PHONY: run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,10 @@ run: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -v -rs --durations=20 $(ARGS)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	.ci/mypy
 
 bench: $(STAMP)
 	$(VENV)/bin/python bench/foundation.py

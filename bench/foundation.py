@@ -22,12 +22,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from iiotfl.configs import compose
+from iiotfl.server.report import run_summary
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from iiotfl.configs import compose  # noqa: E402
-from iiotfl.server.report import run_summary  # noqa: E402
 
 
 def federated(overrides: list[str], run_dir: Path) -> dict:

@@ -28,10 +28,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from iiotfl.strategies import he
 
-from iiotfl.strategies import he  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def timed(fn, repeat: int = 3):

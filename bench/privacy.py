@@ -23,11 +23,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 IIOTFL = Path(sys.executable).parent / "iiotfl"
 
 

@@ -26,12 +26,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from iiotfl.clients.training import train_local
+from iiotfl.configs import compose
+from iiotfl.tasks import get_task
 
-from iiotfl.clients.training import train_local  # noqa: E402
-from iiotfl.configs import compose  # noqa: E402
-from iiotfl.tasks import get_task  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 CASES = [  # (label, overrides)
     ("predictive_maintenance", ["task=predictive_maintenance"]),

@@ -12,8 +12,8 @@ Contract:
 2. **Link profile** (``--link nb_iot``; root, iproute2): a token bucket at the profile's
    uplink rate on the egress of ``--interface``, random loss with nftables, and with
    ``--shape-downlink`` an ingress policer at the downlink rate (the local fleet shapes
-   the downlink on the host side of the veth instead). :func:`apply_link` is also what
-   the local fleet calls, so a container and a namespace get the same qdiscs.
+   the downlink on the host side of the veth instead). ``links.shaping.apply_link`` is also
+   what the local fleet calls, so a container and a namespace get the same qdiscs.
 3. **Reach the SuperLink**: a TCP connect, then a TLS handshake against the CA. An
    unreachable server is retried with exponential backoff (1 s doubling to 60 s, for
    ``--max-wait`` seconds, default forever): a plant's uplink goes down and comes back.
@@ -22,6 +22,8 @@ Contract:
    (``partition-id``, ``data-path``, ...). Its output is passed through; lines that mean
    a refused node key end the gateway with the fix; any other exit is restarted with
    the same backoff. The data directory is re-read by the ClientApp every round.
+
+``iiotfl gateway`` is :func:`add_arguments` + :func:`run`; :func:`main` parses and runs.
 """
 
 from __future__ import annotations
@@ -29,19 +31,28 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import os
+import queue
 import re
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from iiotfl.links.profiles import LinkProfile, ProfileError, _link, _load
+from iiotfl.clients.processes import BIN, bin_env, leader_exited, spawn, stop_group
+from iiotfl.compat.flower import LOG, ExitCode
+from iiotfl.links.profiles import LinkProfile, ProfileError
+from iiotfl.links.profiles import link_profile as load_link_profile
+from iiotfl.links.shaping import apply_link
+from iiotfl.security.certs import CertsError, load_cert, load_node_key
+from iiotfl.tasks.predictive_maintenance.loader import load_csv
 
-BIN = Path(sys.executable).parent
 BACKOFF_MAX_S = 60.0
+STOP_GRACE_S = 10.0  # SIGTERM to SIGKILL for the SuperNode's process group
 
 
 class GatewayError(RuntimeError):
@@ -50,8 +61,6 @@ class GatewayError(RuntimeError):
 
 # -- checks -----------------------------------------------------------------------------
 def check_ca(path: str | Path) -> None:
-    from iiotfl.security.certs import CertsError, load_cert
-
     path = Path(path)
     if not path.is_file():
         raise GatewayError(f"CA certificate {path} not found; copy ca.crt from the server's `iiotfl certs` directory")
@@ -69,8 +78,6 @@ def check_ca(path: str | Path) -> None:
 
 
 def check_node_key(path: str | Path) -> None:
-    from iiotfl.security.certs import CertsError, load_node_key
-
     path = Path(path)
     if not path.is_file():
         raise GatewayError(f"node key {path} not found; copy this gateway's key from `iiotfl certs DIR` "
@@ -82,8 +89,6 @@ def check_node_key(path: str | Path) -> None:
 
 
 def check_data(path: str | Path) -> None:
-    from iiotfl.tasks.predictive_maintenance.loader import load_csv
-
     path = Path(path)
     if not path.exists():
         raise GatewayError(f"data {path} not found; point --data at the plant's CSV file or export directory")
@@ -92,32 +97,9 @@ def check_data(path: str | Path) -> None:
 
 def link_profile(name: str) -> LinkProfile:
     try:
-        return _link(_load("link", name))
+        return load_link_profile(name)
     except ProfileError as err:
         raise GatewayError(str(err).removeprefix("config: ")) from None
-
-
-# -- the link ------------------------------------------------------------------------------
-def apply_link(link: LinkProfile, interface: str, netns: str | None = None, downlink: bool = False) -> list[str]:
-    """Shape ``interface`` (in ``netns``, or here) for ``link``; returns what was applied."""
-    from iiotfl.links import shaping
-
-    if not link.shaped:
-        return []
-    done = [f"uplink tbf {link.up_kbit:g} kbit/s on {interface}"]
-    shaping.shape(interface, link.up_kbit, netns=netns)
-    if downlink:
-        pre = ["-n", netns] if netns else []
-        rate = f"{link.down_kbit:.3f}kbit"
-        burst = str(max(1600, int(link.down_kbit * 1000 / 8 / 100)))
-        shaping._tc(*pre, "qdisc", "replace", "dev", interface, "handle", "ffff:", "ingress")
-        shaping._tc(*pre, "filter", "replace", "dev", interface, "parent", "ffff:", "matchall", "action", "police",
-                  "rate", rate, "burst", burst, "drop")
-        done.append(f"downlink police {link.down_kbit:g} kbit/s on {interface}")
-    if link.loss_pct > 0:
-        if shaping.drop_randomly(netns, interface, link.loss_pct):
-            done.append(f"loss {link.loss_pct:g}% (nftables)")
-    return done
 
 
 # -- reaching the SuperLink --------------------------------------------------------------------
@@ -168,25 +150,27 @@ def wait_for_superlink(superlink: str, ca: str | None, max_wait: float | None, s
 
 def supernode_failure(log: str) -> str | None:
     """What a ``flower-supernode`` log says went wrong with TLS or node authentication, in one
-    line with the fix; None for anything else. The texts are flwr 1.42's (exit code 305)."""
+    line with the fix; None for anything else. The texts are in compat/flower.py's LOG table (flwr 1.42 exits with
+    SUPERNODE_CONNECTION_ERROR, 305, for all of them)."""
     lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in log.splitlines()]
     detail = next((lines[j + 1] for j, x in enumerate(lines[:-1])
-                   if x.startswith("Failed to initialize the connection to the SuperLink")), "")
-    if "CERTIFICATE_VERIFY_FAILED" in log and ("mismatch" in detail or "not valid for" in detail):
+                   if x.startswith(LOG["connect_failed"])), "")
+    if LOG["cert_verify"] in log and ("mismatch" in detail or "not valid for" in detail):
         return (f"the SuperLink's certificate does not name the address this SuperNode dials ({detail}); "
                 "re-create it with `iiotfl certs DIR --force --san ADDRESS`")
-    if "CERTIFICATE_VERIFY_FAILED" in log or "SSL/TLS handshake error" in log:
-        return (f"the SuperLink's certificate does not verify against this SuperNode's CA ({detail or 'TLS handshake'}); "
-                "give it the ca.crt of the `iiotfl certs` directory that issued superlink.crt")
-    if "[code: 2004]" in log or "Failed to activate SuperNode" in log:
-        return ("the SuperLink refused this node key: it is not registered ([code: 2004] Failed to activate SuperNode); "
-                "register gateway-<i>.pub with `iiotfl certs DIR --register HOST:PORT`")
-    if "[code: 2001]" in log:
+    if LOG["cert_verify"] in log or LOG["handshake"] in log:
+        return (f"the SuperLink's certificate does not verify against this SuperNode's CA "
+                f"({detail or 'TLS handshake'}); give it the ca.crt of the `iiotfl certs` directory that issued "
+                "superlink.crt")
+    if LOG["not_registered"] in log or LOG["activate_failed"] in log:
+        return ("the SuperLink refused this node key: it is not registered ([code: 2004] Failed to activate "
+                "SuperNode); register gateway-<i>.pub with `iiotfl certs DIR --register HOST:PORT`")
+    if LOG["auth_required"] in log:
         return ("the SuperLink requires registered node keys (--enable-supernode-auth) and this SuperNode has none; "
                 "start it with --auth-supernode-private-key gateway-<i>.key")
-    if "Unable to parse the private key file" in log:
+    if LOG["bad_key"] in log:
         return "its node key is not an OpenSSH EC private key; use gateway-<i>.key from `iiotfl certs`"
-    if "Option `--insecure` was set" in log and re.search(r"disconnected|reset by peer", detail):
+    if LOG["insecure"] in log and re.search(r"disconnected|reset by peer", detail):
         # a TLS SuperLink drops plaintext: "Server disconnected without sending a response." (or a reset)
         return (f"it ran without TLS (--insecure) and the SuperLink hung up ({detail}); a TLS SuperLink drops "
                 "plaintext connections: start it with --root-certificates ca.crt")
@@ -210,79 +194,60 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def _pump(stream, lines: queue.Queue) -> None:
+    for line in stream:
+        lines.put(line)
+
+
+def _watch(proc: subprocess.Popen, lines: queue.Queue, tail: list[str]) -> tuple[str | None, bool]:
+    """Pass the SuperNode's output through until it exits, names a TLS / node-key failure, or gives up
+    on a handshake; returns (that failure or None, whether it gave up). ``tail`` keeps its last lines."""
+    while not leader_exited(proc):
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        tail.append(line)
+        del tail[:-200]
+        if LOG["error_block_end"] in line:
+            why = supernode_failure("".join(tail))
+            if why is not None:
+                return why, False
+        elif LOG["handshake_gave_up"] in line:
+            # Flower gives up for good when a handshake fails, also when the SuperLink was
+            # only down (EOF from a restarting server); the SuperNode then idles. End it:
+            # supervise() probes the SuperLink (a real certificate problem is named there)
+            # and starts it again.
+            return None, True
+    return None, False
+
+
 def _run_supernode(argv: list[str]) -> tuple[int, str | None, bool]:
     """Run flower-supernode (and the SuperExec it starts) to its end; pass its output through.
 
     Returns (exit code, the one-line TLS / node-key failure or None, whether it joined). flwr reports such a
     failure as a block ending in "For more information, visit ..." while its SuperExec keeps
     the output open and retries; the whole process group is ended there."""
-    import queue
-    import signal
-    import threading
-
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # it starts flower-superexec by name
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, env=env)
+    proc = spawn(argv, bin_env())  # it starts flower-superexec by name
     lines: queue.Queue = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(x) for x in proc.stdout] and None, daemon=True).start()
+    threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     tail: list[str] = []
-    why, lost = None, False
-
-    def exited() -> bool:  # without reaping: while the leader is a zombie its pid (the group id) is not reused
-        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
-
     try:
-        while not exited() and why is None:
-            try:
-                line = lines.get(timeout=0.5)
-            except queue.Empty:
-                continue
-            sys.stdout.write(line)
-            sys.stdout.flush()
-            tail = (tail + [line])[-200:]
-            if "For more information, visit" in line:
-                why = supernode_failure("".join(tail))
-            elif "SSL/TLS handshake error detected" in line:
-                # Flower gives up for good when a handshake fails, also when the SuperLink was
-                # only down (EOF from a restarting server); the SuperNode then idles. End it:
-                # supervise() probes the SuperLink (a real certificate problem is named there)
-                # and starts it again.
-                lost = True
-                break
+        why, lost = _watch(proc, lines, tail)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):  # its SuperExec too, before the leader is reaped
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                break
-            deadline = time.monotonic() + 10
-            while time.monotonic() < deadline and _group_alive(proc.pid):
-                time.sleep(0.1)
-            if not _group_alive(proc.pid):
-                break
-        code = proc.wait()
+        code = stop_group(proc, STOP_GRACE_S)  # its SuperExec too, before the leader is reaped
     while not lines.empty():
         tail.append(lines.get())
         sys.stdout.write(tail[-1])
     sys.stdout.flush()
-    joined = any("SuperNode ID:" in x for x in tail)
+    joined = any(LOG["joined"] in x for x in tail)
     if lost:  # supervise() probes the SuperLink: a real certificate problem is named there
-        return code or 305, None, joined
+        return code or ExitCode.SUPERNODE_CONNECTION_ERROR, None, joined
     if why is not None:
-        return 305, why, joined
+        return ExitCode.SUPERNODE_CONNECTION_ERROR, why, joined
     return code, supernode_failure("".join(tail)) if code else None, joined
-
-
-def _group_alive(pgid: int) -> bool:
-    """Whether a process of group ``pgid`` other than its (zombie) leader still runs."""
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            return True
-    return False
 
 
 def supervise(args: argparse.Namespace, say=print) -> int:
@@ -293,7 +258,7 @@ def supervise(args: argparse.Namespace, say=print) -> int:
         started = time.monotonic()
         code, why, joined = _run_supernode(supernode_argv(args))
         joined_before = joined_before or joined
-        if why and "[code: 2004]" in why and joined_before:
+        if why and LOG["not_registered"] in why and joined_before:
             # this key joined before: the SuperLink still holds the session of the SuperNode
             # that died until its heartbeat expires (about a minute), then it takes the key again
             why = None
@@ -309,8 +274,8 @@ def supervise(args: argparse.Namespace, say=print) -> int:
         delay = min(2 * delay, BACKOFF_MAX_S)
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="iiotfl gateway", description=__doc__.split("\n\n")[0])
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``iiotfl gateway``, added to ``p``."""
     p.add_argument("--superlink", required=True, help="SuperLink Fleet API as host:port")
     p.add_argument("--ca", help="CA certificate (ca.crt from `iiotfl certs`)")
     p.add_argument("--key", help="this gateway's node key (gateways/gateway-<i>.key from `iiotfl certs`)")
@@ -325,48 +290,67 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--clientappio-port", type=int, default=9094)
     p.add_argument("--max-wait", type=float, default=None, help="give up after this many seconds unreachable")
     p.add_argument("--check", action="store_true", help="only check the inputs and apply the link, then exit")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="iiotfl gateway", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
     return p
 
 
-def main(argv: list[str]) -> int:
-    args = parser().parse_args(argv)
-    import signal
+def _check_inputs(args: argparse.Namespace) -> None:
+    if not args.insecure:
+        if not args.ca:
+            raise GatewayError("no --ca given; pass ca.crt from `iiotfl certs` (or --insecure for a SuperLink "
+                               "started without TLS)")
+        check_ca(args.ca)
+    if args.key:
+        check_node_key(args.key)
+    if args.data:
+        check_data(args.data)
 
-    def stop(*_):  # `docker stop` / the fleet's teardown: end the SuperNode's process group too
-        raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, stop)
-    say = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+def _shape_link(args: argparse.Namespace, say) -> None:
+    link = link_profile(args.link)
+    if os.geteuid() != 0 or shutil.which("tc") is None:
+        raise GatewayError(f"--link {args.link} needs root and iproute2's tc (in a container: cap_add "
+                           "NET_ADMIN)")
     try:
-        if not args.insecure:
-            if not args.ca:
-                raise GatewayError("no --ca given; pass ca.crt from `iiotfl certs` (or --insecure for a SuperLink "
-                                   "started without TLS)")
-            check_ca(args.ca)
-        if args.key:
-            check_node_key(args.key)
-        if args.data:
-            check_data(args.data)
+        applied = apply_link(link, args.interface, downlink=args.shape_downlink)
+    except OSError as err:  # e.g. a kernel without the ingress policer (cls_matchall, act_police)
+        raise GatewayError(f"cannot shape {args.interface} for --link {args.link}: {err}; load the missing "
+                           "tc module on the host or leave out --shape-downlink / --link") from None
+    for what in applied:
+        say(f"iiotfl gateway: {what}")
+
+
+def _stop(*_) -> None:  # `docker stop` / the fleet's teardown: end the SuperNode's process group too
+    raise KeyboardInterrupt
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def run(args: argparse.Namespace) -> int:
+    """``iiotfl gateway`` with parsed ``args``: check, shape, join and supervise; the exit code."""
+    signal.signal(signal.SIGTERM, _stop)
+    try:
+        _check_inputs(args)
         if args.link:
-            link = link_profile(args.link)
-            if os.geteuid() != 0 or shutil.which("tc") is None:
-                raise GatewayError(f"--link {args.link} needs root and iproute2's tc (in a container: cap_add "
-                                   "NET_ADMIN)")
-            try:
-                applied = apply_link(link, args.interface, downlink=args.shape_downlink)
-            except OSError as err:  # e.g. a kernel without the ingress policer (cls_matchall, act_police)
-                raise GatewayError(f"cannot shape {args.interface} for --link {args.link}: {err}; load the missing "
-                                   "tc module on the host or leave out --shape-downlink / --link") from None
-            for what in applied:
-                say(f"iiotfl gateway: {what}")
+            _shape_link(args, _say)
         if args.check:
             return 0
-        return supervise(args, say)
+        return supervise(args, _say)
     except GatewayError as err:
-        say(f"error: {err}")
+        _say(f"error: {err}")
         return 2
     except ValueError as err:  # DataFormatError and friends already name the file and the fix
-        say(f"error: {err}")
+        _say(f"error: {err}")
         return 2
     except KeyboardInterrupt:
         return 130
+
+
+def main(argv: list[str]) -> int:
+    return run(parser().parse_args(argv))

@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping
 
+OUTAGE_MODES = ("none", "periodic", "random", "rounds")  # fleet.outage.mode
+
 
 class Outages:
     def __init__(self, cfg: Mapping[str, Any], gateways: list, log: Path | None = None) -> None:

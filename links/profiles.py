@@ -41,6 +41,20 @@ class LinkProfile:
     def shaped(self) -> bool:
         return self.name != "none"
 
+    @property
+    def up(self) -> float:
+        """The uplink rate, kbit/s, of a shaped link."""
+        if self.up_kbit is None:
+            raise ProfileError(f"config: link profile {self.name!r} has no up_kbit; give it one (kbit/s)")
+        return self.up_kbit
+
+    @property
+    def down(self) -> float:
+        """The downlink rate, kbit/s, of a shaped link."""
+        if self.down_kbit is None:
+            raise ProfileError(f"config: link profile {self.name!r} has no down_kbit; give it one (kbit/s)")
+        return self.down_kbit
+
 
 @dataclass(frozen=True)
 class DeviceProfile:
@@ -84,12 +98,18 @@ def _link(values: Mapping[str, Any]) -> LinkProfile:
             loss_pct=float(values.get("loss_pct") or 0),
         )
     except (TypeError, ValueError):
-        raise ProfileError(f"config: link profile {name!r} has a non-numeric value; rates, rtt, jitter, loss are numbers") from None
+        raise ProfileError(f"config: link profile {name!r} has a non-numeric value; rates, rtt, jitter, loss are "
+                           "numbers") from None
     if prof.shaped and not (prof.up_kbit and prof.down_kbit and prof.up_kbit > 0 and prof.down_kbit > 0):
         raise ProfileError(f"config: link profile {name!r} needs up_kbit and down_kbit > 0 (kbit/s)")
     if prof.rtt_ms < 0 or prof.jitter_ms < 0 or not 0 <= prof.loss_pct < 100:
         raise ProfileError(f"config: link profile {name!r}: rtt_ms, jitter_ms >= 0 and loss_pct in [0, 100) please")
     return prof
+
+
+def link_profile(name: str) -> LinkProfile:
+    """The link profile ``configs/link/<name>.yaml``; ProfileError if it is missing or invalid."""
+    return _link(_load("link", name))
 
 
 def _device(values: Mapping[str, Any]) -> DeviceProfile:
@@ -116,7 +136,8 @@ def _split(mix: Mapping[str, Any] | None, default: str, n: int, what: str) -> li
     try:
         shares = {str(k): float(v) for k, v in mix.items()}
     except (TypeError, ValueError, AttributeError):
-        raise ProfileError(f"config: fleet.{what}_mix must map profile names to shares, e.g. {{lte_m: 0.7, nb_iot: 0.3}}") from None
+        raise ProfileError(f"config: fleet.{what}_mix must map profile names to shares, e.g. "
+                           "{lte_m: 0.7, nb_iot: 0.3}") from None
     total = sum(shares.values())
     if total <= 0 or any(v < 0 for v in shares.values()):
         raise ProfileError(f"config: fleet.{what}_mix shares must be >= 0 and not all 0")
@@ -134,7 +155,8 @@ def _overrides(names: list[str], overrides: Mapping[Any, Any] | None, what: str)
         except (TypeError, ValueError):
             raise ProfileError(f"config: fleet.{what}_overrides key {key!r} is not a gateway index") from None
         if not 0 <= i < len(names):
-            raise ProfileError(f"config: fleet.{what}_overrides names gateway {i}, but the fleet has 0-{len(names) - 1}")
+            raise ProfileError(f"config: fleet.{what}_overrides names gateway {i}, but the fleet has "
+                               f"0-{len(names) - 1}")
         names[i] = str(name)
     return names
 
@@ -179,7 +201,7 @@ def transfer_time(link: LinkProfile, bytes_down: float, bytes_up: float,
     """Seconds to move the bytes over the link's rates, plus the exchange's round trips."""
     if not link.shaped:
         return 0.0
-    return (bytes_down * 8 / (link.down_kbit * 1000) + bytes_up * 8 / (link.up_kbit * 1000)
+    return (bytes_down * 8 / (link.down * 1000) + bytes_up * 8 / (link.up * 1000)
             + exchange_rtts(objects_down, objects_up) * link.rtt_ms / 1000)
 
 

@@ -11,15 +11,16 @@ and says whether the reported ε agrees with the RDP figure within ``tolerance``
 
 from __future__ import annotations
 
+# Opacus and dp-accounting are imported where they are used: every ClientApp process imports this
+# module, and they would add seconds to its start.
 from dataclasses import dataclass, field
 from typing import Iterable
 
+from iiotfl.privacy.ledger import device_histories
+from iiotfl.strategies.client_dp import noise_multiplier
+
 # Opacus' default RDP orders, so the recomputation differs only in implementation.
 RDP_ORDERS = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
-
-
-class PrivacyConfigError(ValueError):
-    """A privacy setting that cannot work; one line with the fix."""
 
 
 @dataclass
@@ -95,8 +96,6 @@ def accounting_check(cfg, ledger_rows: list[dict], rounds: list[dict], tolerance
     name = (cfg.get("privacy") or {}).get("name", "none")
     out: dict = {"mechanism": name, "checks": []}
     if name == "sample":
-        from iiotfl.privacy.ledger import device_histories
-
         for gateway, d in sorted(device_histories(ledger_rows).items()):
             if d["history"]:
                 out["checks"].append({"scope": f"gateway {gateway}", "delta": d["delta"],
@@ -104,8 +103,6 @@ def accounting_check(cfg, ledger_rows: list[dict], rounds: list[dict], tolerance
     elif name == "client":
         done = [r for r in rounds if r.get("round") and r.get("privacy", {}).get("epsilon") is not None]
         if done:
-            from iiotfl.strategies.client_dp import noise_multiplier
-
             last = done[-1]["privacy"]
             if all("noise_multiplier" in r["privacy"] for r in done):  # per-round noise (distributed DP)
                 history = [(float(r["privacy"]["noise_multiplier"]), 1.0, 1) for r in done]

@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+import yaml
 
-from iiotfl.clients.training import train_local
 from iiotfl.security.artefacts import FINAL_CHECKPOINT, load_model_state
 from iiotfl.tasks import get_task
 
@@ -80,8 +80,14 @@ def _audit_data(task, gateways: int, per_side: int, seed: int):
     return normaliser, (xm[im], ym[im]), (xn[inn], yn[inn])
 
 
+Trainer = Callable[..., Any]  # train_local(model, x, y, *, epochs, batch_size, lr, seed, loss_fn)
+
+
 def membership_audit(cfg: Mapping[str, Any], model_state: Mapping[str, torch.Tensor], epsilon: float | None = None,
-                     delta: float | None = None, reference_models: int = 4, per_side: int = 2000) -> dict[str, Any]:
+                     delta: float | None = None, reference_models: int = 4, per_side: int = 2000, *,
+                     train: Trainer) -> dict[str, Any]:
+    """Loss-threshold and LiRA membership inference against the final model. ``train``: the gateways'
+    own local training (``clients.training.train_local``), used to train the reference models."""
     torch.set_num_threads(max(1, int(cfg["train"]["torch_threads"])))
     gateways = int(cfg["fleet"]["gateways"])
     task = get_task(cfg["task"], cfg["seed"])
@@ -89,7 +95,7 @@ def membership_audit(cfg: Mapping[str, Any], model_state: Mapping[str, torch.Ten
     model = task.build_model()
     model.load_state_dict(model_state)
     lm, ln = _losses(model, task, xm, ym), _losses(model, task, xn, yn)
-    result = {"loss_threshold": attack_figures(-lm, -ln, epsilon, delta)}
+    result: dict[str, Any] = {"loss_threshold": attack_figures(-lm, -ln, epsilon, delta)}
     # LiRA (offline): reference models trained like the fleet, centrally, on fresh generator draws
     epochs = int(cfg["fleet"]["rounds"]) * int(cfg["train"]["local_epochs"])
     ref_m, ref_n = [], []
@@ -98,7 +104,7 @@ def membership_audit(cfg: Mapping[str, Any], model_state: Mapping[str, torch.Ten
         xs, ys = zip(*(fresh.windows(fresh.gateway_data(i)[0], normaliser) for i in range(gateways)))
         ref = fresh.build_model()
         torch.manual_seed(k)
-        train_local(ref, np.concatenate(xs), fresh.target(np.concatenate(ys)), epochs=epochs,
+        train(ref, np.concatenate(xs), fresh.target(np.concatenate(ys)), epochs=epochs,
                     batch_size=int(cfg["train"]["batch_size"]), lr=float(cfg["train"]["lr"]), seed=k,
                     loss_fn=fresh.loss())
         ref_m.append(_losses(ref, task, xm, ym))
@@ -113,10 +119,9 @@ def membership_audit(cfg: Mapping[str, Any], model_state: Mapping[str, torch.Ten
     return result
 
 
-def audit_run(run_dir: str | Path, reference_models: int = 4, per_side: int = 2000) -> dict[str, Any]:
+def audit_run(run_dir: str | Path, reference_models: int = 4, per_side: int = 2000, *,
+              train: Trainer) -> dict[str, Any]:
     """Audit a finished run directory; writes ``audit.json`` and returns it."""
-    import yaml
-
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml" if (run_dir / "config.yaml").exists() else run_dir / ".hydra" / "config.yaml"
     if not cfg_path.exists() or not (run_dir / FINAL_CHECKPOINT).exists():
@@ -134,6 +139,6 @@ def audit_run(run_dir: str | Path, reference_models: int = 4, per_side: int = 20
             epsilon = float(last["device_epsilon_max"])
             delta = max((float(c["delta"]) for c in checks), default=None)
     state = load_model_state(run_dir)  # signature checked, then decrypted
-    result = membership_audit(cfg, state, epsilon, delta, reference_models, per_side)
+    result = membership_audit(cfg, state, epsilon, delta, reference_models, per_side, train=train)
     (run_dir / "audit.json").write_text(json.dumps(result, indent=2))
     return result

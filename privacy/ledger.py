@@ -13,32 +13,27 @@ import json
 from pathlib import Path
 from typing import Any, Mapping
 
-CODEC_FORMS = {"none": "float32", "fp16": "float16", "int8": "int8-quantised", "int4": "int4-quantised",
-               "topk": "top-k sparsified"}
+from iiotfl.strategies import strategy_spec, wire
+from iiotfl.strategies.codecs import CODECS
+
+NOISE_SHARE = "clipped and noised on the device (its share of the fleet's Gaussian noise), "
 
 
 def form_of(cfg: Mapping[str, Any]) -> str:
     """What an update looks like when it leaves a device under this config."""
     privacy = (cfg.get("privacy") or {}).get("name", "none")
     codec = (cfg.get("codec") or {}).get("name", "none")
-    strategy = (cfg.get("strategy") or {}).get("name", "fedavg")
-    if strategy == "he":
-        noise = ("clipped and noised on the device (its share of the fleet's Gaussian noise), " if privacy == "client"
-                 else "")
-        return (f"model update, {noise}int8-quantised, encrypted (BFV, packed 4 per slot); the server adds "
-                f"ciphertexts and learns only the sum")
-    if strategy == "secagg":
-        noise = ("clipped and noised on the device (its share of the fleet's Gaussian noise), " if privacy == "client"
-                 else "")
-        return f"model weights, {noise}quantised and masked (SecAgg+); the server learns only the sum"
+    spec = strategy_spec({"strategy": {"name": (cfg.get("strategy") or {}).get("name", "fedavg")}})
+    if not spec.server_sees_updates:  # encrypted or masked: the strategy says what leaves the device
+        return spec.describe.format(noise=NOISE_SHARE if privacy == "client" else "")
     if privacy == "client":
-        clip = cfg["privacy"].get("clipping", "server")
+        clip = cfg["privacy"]["clipping"]
         where = "clipped on the device" if clip == "client" else "clipped at the server"
         return f"model weights, float32, {where}; Gaussian noise added to the fleet sum at the server"
     kind = "model update (new weights - received)"
     if privacy == "sample":
-        return f"{kind}, DP-SGD noised on the device, {CODEC_FORMS.get(codec, codec)}"
-    return f"{kind}, plaintext {CODEC_FORMS.get(codec, codec)}"
+        return f"{kind}, DP-SGD noised on the device, {CODECS[codec].form if codec in CODECS else codec}"
+    return f"{kind}, plaintext {CODECS[codec].form if codec in CODECS else codec}"
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -103,10 +98,10 @@ class Ledger:
                 "wire_bytes_up": g.get("wire_up"), "form": self.form if status == "sent" else "nothing",
             }
             if self.privacy == "sample":
-                row.update(clip_norm=c.get("dp-clip"), noise_multiplier=c.get("dp-sigma"),
-                           sample_rate=c.get("dp-q"), steps=c.get("dp-steps") if status == "sent" else 0,
-                           epsilon=c.get("dp-epsilon"), delta=c.get("dp-delta"),
-                           budget_left=c.get("dp-budget-left"))
+                row.update(clip_norm=c.get(wire.DP_CLIP), noise_multiplier=c.get(wire.DP_SIGMA),
+                           sample_rate=c.get(wire.DP_Q), steps=c.get(wire.DP_STEPS) if status == "sent" else 0,
+                           epsilon=c.get(wire.DP_EPSILON), delta=c.get(wire.DP_DELTA),
+                           budget_left=c.get(wire.DP_BUDGET_LEFT))
             elif self.privacy == "client":
                 row.update(clip_norm=priv.get("clipping_norm"),
                            noise_multiplier=(round_row.get("privacy") or {}).get("noise_multiplier",

@@ -13,6 +13,8 @@ to the true window (relative L2 error, correlation). Against the aggregate of a 
 
 from __future__ import annotations
 
+from typing import cast
+
 import numpy as np
 import torch
 from torch import nn
@@ -51,8 +53,8 @@ def invert(model: nn.Module, update: list[torch.Tensor], lr: float, shape: tuple
         opt.zero_grad()
         pred = model(x_hat)
         grads = torch.autograd.grad(nn.functional.mse_loss(pred, label(pred)), params, create_graph=True)
-        dist = sum(1 - nn.functional.cosine_similarity(g.reshape(-1), t.reshape(-1), dim=0)
-                   for g, t in zip(grads, target))
+        dist = cast(torch.Tensor, sum(1 - nn.functional.cosine_similarity(g.reshape(-1), t.reshape(-1), dim=0)
+                                      for g, t in zip(grads, target)))  # a model has parameters: never sum's 0
         dist.backward()
         opt.step()
         sched.step()

@@ -30,6 +30,7 @@ Control API (same host:port as the Fleet API, over the same TLS) with
 
 from __future__ import annotations
 
+import argparse
 import datetime as dt
 import ipaddress
 import json
@@ -92,8 +93,8 @@ def _san(name: str) -> x509.GeneralName:
         return x509.IPAddress(ipaddress.ip_address(name.strip("[]")))
     except ValueError:
         if not DNS_NAME.fullmatch(name):
-            raise CertsError(f"--san {name!r} is neither an IP address nor a DNS name (e.g. --san superlink.plant.local "
-                             "or --san 10.0.0.5)") from None
+            raise CertsError(f"--san {name!r} is neither an IP address nor a DNS name "
+                             "(e.g. --san superlink.plant.local or --san 10.0.0.5)") from None
         return x509.DNSName(name.lower())
 
 
@@ -284,12 +285,12 @@ def register(pubs: Iterable[str | Path], address: str, ca: str | Path | None, en
     """
     import tomli_w
 
-    pubs = [Path(p) for p in pubs]
-    if not pubs:
+    paths = [Path(p) for p in pubs]
+    if not paths:
         raise CertsError("no public keys to register; create them with `iiotfl certs DIR --gateways N`")
     if ca is not None and not Path(ca).is_file():
         raise CertsError(f"CA certificate {ca} not found; pass the ca.crt of the SuperLink's `iiotfl certs` directory")
-    for pub in pubs:
+    for pub in paths:
         if not pub.is_file():
             raise CertsError(f"public key {pub} not found; create it with `iiotfl certs {pub.parent.parent}`")
     with tempfile.TemporaryDirectory(prefix="iiotfl-register-") as home:
@@ -318,8 +319,8 @@ def register(pubs: Iterable[str | Path], address: str, ca: str | Path | None, en
                              f"{why[-1] if why else f'exit code {proc.returncode}'}")
 
         # one `flwr` process per key, a few at a time (each is ~1 s of CPU, mostly imports)
-        with ThreadPoolExecutor(max_workers=min(len(pubs), 2 * (os.cpu_count() or 1), 8)) as pool:
-            return list(pool.map(one, pubs))
+        with ThreadPoolExecutor(max_workers=min(len(paths), 2 * (os.cpu_count() or 1), 8)) as pool:
+            return list(pool.map(one, paths))
 
 
 def register_dir(certs_dir: str | Path, address: str, insecure: bool = False) -> list[Registered]:
@@ -331,12 +332,9 @@ def register_dir(certs_dir: str | Path, address: str, insecure: bool = False) ->
     return register(pubs, address, None if insecure else d / CA_CRT)
 
 
-def main(argv: list[str]) -> int:
-    """``iiotfl certs DIR [--san NAME ...] [--gateways N] [--force]`` or ``iiotfl certs DIR --register HOST:PORT``."""
-    import argparse
-
-    p = argparse.ArgumentParser(prog="iiotfl certs", description=__doc__.split("\n\n")[0])
-    p.add_argument("dir", help="certificate directory (layout: see README, 'Certificates and TLS')")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``iiotfl certs`` (its CLI subparser and :func:`main` both use them)."""
+    p.add_argument("dir", help="certificate directory (layout: see docs/security.md, 'Certificates and TLS')")
     p.add_argument("--san", action="append", default=[], help="DNS name or IP address gateways use to reach the "
                    "SuperLink (repeatable; localhost and 127.0.0.1 are always in)")
     p.add_argument("--gateways", type=int, default=4, help="node key pairs to have: gateway-0 .. gateway-(N-1) "
@@ -345,7 +343,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--register", metavar="HOST:PORT", help="instead: register every gateways/*.pub with the "
                    "SuperLink at HOST:PORT (Control API, verified with DIR/ca.crt)")
     p.add_argument("--insecure", action="store_true", help="with --register: the SuperLink runs without TLS")
-    args = p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Create (or complete) the certificate directory, or register its gateway keys."""
     try:
         if args.register:
             if args.san or args.force:
@@ -366,3 +367,10 @@ def main(argv: list[str]) -> int:
     print(f"SuperLink certificate valid for: {sans}\n"
           f"register the gateways once the SuperLink runs: iiotfl certs {d} --register HOST:PORT")
     return 0
+
+
+def main(argv: list[str]) -> int:
+    """``iiotfl certs DIR [--san NAME ...] [--gateways N] [--force]`` or ``iiotfl certs DIR --register HOST:PORT``."""
+    p = argparse.ArgumentParser(prog="iiotfl certs", description=(__doc__ or "").split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))

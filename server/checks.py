@@ -1,3 +1,70 @@
-"""Checks of a whole run's config (being moved here from configs/)."""
+"""The checks of a whole run's config, before anything starts.
 
-from iiotfl.configs import ConfigError, validate  # noqa: F401
+Each layer checks its own part, and this module calls them in order: the run's shared keys
+(seed, fleet, train), the task's (``tasks/<name>``), the codec's (``strategies/codecs.py``), the
+privacy mode's (``privacy/modes.py``), the strategy's (its registry entry), the poisoning
+scenario's (``clients/poison.py``) and the link and device profiles (``links/``). The valid
+names of every group come from the registries. The launcher adds the engine's own checks
+(``server/launch``). Every check raises :class:`~iiotfl.configs.ConfigError` with one line
+naming the key and the fix.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from iiotfl.clients.poison import validate_poison
+from iiotfl.configs import ConfigError, choice, integer, number, require
+from iiotfl.links.outages import OUTAGE_MODES
+from iiotfl.links.profiles import ProfileError, gateway_profiles
+from iiotfl.privacy.modes import validate_privacy
+from iiotfl.strategies import validate_strategy
+from iiotfl.strategies.codecs import validate_codec
+from iiotfl.tasks import TASKS, task_class
+
+__all__ = ["ConfigError", "validate"]
+
+
+def _validate_run(cfg: Mapping[str, Any]) -> int:
+    """The keys every run has: seed, fleet size and rounds, local training. Returns fleet.gateways."""
+    integer(cfg, "seed", 0)
+    gateways = integer(cfg, "fleet.gateways", 1, 250 * 250)
+    integer(cfg, "fleet.rounds", 1)
+    number(cfg, "fleet.fraction_train", 0.0, 1.0, low_open=True)
+    number(cfg, "fleet.fraction_evaluate", 0.0, 1.0)
+    if require(cfg, "fleet.min_gateways") is not None:
+        integer(cfg, "fleet.min_gateways", 1, gateways)
+    number(cfg, "fleet.round_timeout", 0.0, 1e7, low_open=True)
+    if cfg["fleet"].get("resume_attempts") is not None:
+        integer(cfg, "fleet.resume_attempts", 0, 100)
+    number(cfg, "engine.startup_timeout", 0.0, 1e5, low_open=True)
+    integer(cfg, "train.local_epochs", 1)
+    integer(cfg, "train.batch_size", 1)
+    number(cfg, "train.lr", 0.0, 10.0, low_open=True)
+    integer(cfg, "train.torch_threads", 1)
+    return gateways
+
+
+def _validate_selection(cfg: Mapping[str, Any], gateways: int) -> None:
+    """Which gateways a round samples, how many replies it waits for, when they are offline."""
+    if require(cfg, "fleet.clients_per_round") is not None:
+        integer(cfg, "fleet.clients_per_round", 1, gateways)
+    number(cfg, "fleet.over_selection", 0.0, 10.0)
+    integer(cfg, "fleet.min_replies", 1, gateways)
+    choice(cfg, "fleet.outage.mode", OUTAGE_MODES)
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """Check every value the run uses (all but the engine's); raise ConfigError on the first bad one."""
+    choice(cfg, "task.name", tuple(TASKS), group="task")
+    gateways = _validate_run(cfg)
+    task_class(cfg["task"]["name"]).validate(cfg)  # the task's own keys (tasks/<name>/__init__.py)
+    validate_codec(cfg)
+    _validate_selection(cfg, gateways)
+    validate_privacy(cfg)
+    validate_strategy(cfg)
+    validate_poison(cfg)
+    try:
+        gateway_profiles(cfg)
+    except ProfileError as err:
+        raise ConfigError(str(err)) from None

@@ -30,8 +30,15 @@ import torch
 import yaml
 from torch import nn
 
-from iiotfl.security.artefacts import (FINAL_CHECKPOINT, Keys, ensure_keys, keys_dir, load_checkpoint, read_artefact,
-                              write_artefact)
+from iiotfl.security.artefacts import (
+    FINAL_CHECKPOINT,
+    Keys,
+    ensure_keys,
+    keys_dir,
+    load_checkpoint,
+    read_artefact,
+    write_artefact,
+)
 from iiotfl.tasks import get_task
 
 EXPORT_DIR = "export"
@@ -138,7 +145,8 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
         samples = torch.from_numpy(x[:300])
         change = float(np.max(np.abs(task.predict(exported, x) - task.predict(model, x))))
     else:  # no test data configured (or an old checkpoint): time on inputs of the model's shape
-        samples = torch.randn(300, task.window, len(task.features))
+        # window / features: attributes of the windowed tasks only, not of Task (quality_control has neither)
+        samples = torch.randn(300, task.window, len(task.features))  # type: ignore[attr-defined]
     figures: dict[str, Any] = {
         "file": f"{EXPORT_DIR}/{EXPORT_FILE}",
         "signed_file_bytes": path.stat().st_size,

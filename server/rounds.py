@@ -21,9 +21,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
-from flwr.app import Message, MessageType
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
+from flwr.app import ConfigRecord, Message, MessageType
 from flwr.serverapp import Grid
+
+from iiotfl.compat.flower import RECORD_KEY_CONFIGS
 
 
 @dataclass
@@ -43,7 +44,8 @@ class RoundTrace:
 
 def _trains(msg: Message) -> bool:
     """Whether a TRAIN message makes the gateway train (SecAgg+'s key stages do not)."""
-    stage = msg.content.config_records.get(RECORD_KEY_CONFIGS, {}).get("stage")
+    configs: ConfigRecord | dict[str, str] = msg.content.config_records.get(RECORD_KEY_CONFIGS, {})
+    stage = configs.get("stage")
     return stage in (None, "collect_masked_vectors")
 
 

@@ -21,13 +21,14 @@ from flwr.serverapp.strategy import (
     FedAvg,
     Strategy,
 )
-from flwr.supercore.privacy_accounting import (
-    GaussianPrivacyEvent,
-    NeighboringRelation,
-    PrivacyConfig,
-    SamplingMethod,
-)
-from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
+
+from iiotfl.compat.flower import GaussianPrivacyEvent, NeighboringRelation, PrivacyConfig, RdpAccountant, SamplingMethod
+from iiotfl.strategies import wire
+
+
+def client_level(cfg: Mapping[str, Any]) -> bool:
+    """Whether the run asks for client-level DP (``privacy=client``)."""
+    return (cfg.get("privacy") or {}).get("name") == "client"
 
 
 def fleet_delta(cfg: Mapping[str, Any]) -> float:
@@ -87,7 +88,7 @@ def build_client_dp(cfg: Mapping[str, Any]) -> Strategy:
     n = int(fleet["gateways"])
     base = FedAvg(
         fraction_train=1.0, fraction_evaluate=float(fleet["fraction_evaluate"]), min_train_nodes=n,
-        min_evaluate_nodes=1, min_available_nodes=n, weighted_by_key="dp-weight",
+        min_evaluate_nodes=1, min_available_nodes=n, weighted_by_key=wire.DP_WEIGHT,
     )
     wrapper = (DifferentialPrivacyClientSideFixedClipping if priv.get("clipping") == "client"
                else DifferentialPrivacyServerSideFixedClipping)

@@ -25,7 +25,7 @@ import random
 import time
 from collections.abc import Iterable
 from logging import INFO
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -33,7 +33,11 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from iiotfl.strategies.codecs import Codec, flatten, unflatten
+from iiotfl.compat.flower import message_with_metadata
+from iiotfl.configs import no_checks
+from iiotfl.strategies import wire
+from iiotfl.strategies.codecs import DOWNLINKS, Codec, flatten, unflatten
+from iiotfl.strategies.spec import BuildContext, StrategySpec
 
 
 def encoded_record(enc: dict[str, np.ndarray]) -> ArrayRecord:
@@ -56,10 +60,10 @@ class CodecFedAvg(FedAvg):
         over_selection: float = 0.0,
         seed: int = 0,
         on_sampled: Callable[[int, list[int], int], None] | None = None,
-        **fedavg: object,
+        **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
-        if downlink not in ("full", "delta"):
+        if downlink not in DOWNLINKS:
             raise ValueError(f"codec.downlink must be full or delta, got {downlink!r}")
         self.codec = codec
         self.downlink = downlink
@@ -96,7 +100,7 @@ class CodecFedAvg(FedAvg):
         node_ids, need = self.sample(grid)
         if self.on_sampled:
             self.on_sampled(server_round, node_ids, need)
-        config["server-round"] = server_round
+        config[wire.SERVER_ROUND] = server_round
         model = {k: v.numpy().astype(np.float32) for k, v in arrays.items()}
         delta_record = None
         if self.downlink == "delta" and self.view is not None:
@@ -111,13 +115,14 @@ class CodecFedAvg(FedAvg):
         for node in node_ids:
             cfg = ConfigRecord(dict(config))
             if delta_record is not None and node in self.current:
-                cfg["base-round"] = self.view_round
+                cfg[wire.BASE_ROUND] = self.view_round
                 content = RecordDict({"delta": delta_record, self.configrecord_key: cfg})
             else:
                 content = RecordDict({self.arrayrecord_key: full_record, self.configrecord_key: cfg})
             messages.append(Message(content=content, dst_node_id=node, message_type=MessageType.TRAIN))
         self.view, self.view_round = new_view, server_round
-        log(INFO, "configure_train: %d gateways sampled for %d needed (%s downlink)", len(node_ids), need, self.downlink)
+        log(INFO, "configure_train: %d gateways sampled for %d needed (%s downlink)", len(node_ids), need,
+            self.downlink)
         return messages
 
     # -- up ----------------------------------------------------------------------------
@@ -135,7 +140,8 @@ class CodecFedAvg(FedAvg):
     def decode_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The valid replies as Flower strategies expect them: one ``arrays`` record (view +
         decoded update, float32) and one ``metrics`` record (the keys every reply has)."""
-        valid, errors = [], []
+        valid: list[Message] = []
+        errors: list[Message] = []
         for msg in replies:
             (errors if msg.has_error() else valid).append(msg)
         for msg in errors:
@@ -145,21 +151,33 @@ class CodecFedAvg(FedAvg):
         base = flatten(self.view) if self.view is not None else None
         for msg in valid:
             node = msg.metadata.src_node_id
-            if "update" not in msg.content and msg.content["metrics"].get("dp-stopped"):
+            if "update" not in msg.content and msg.content["metrics"].get(wire.DP_STOPPED):
                 log(INFO, "gateway %d has spent its privacy budget and sent no update", node)
                 self.current.add(node)  # it still holds this round's model
                 continue
+            assert base is not None and self.view is not None, "a train reply before configure_train sent a model"
             try:
-                update = self.codec.decode(record_arrays(msg.content["update"]), base.size)
+                update = self.codec.decode(record_arrays(wire.array_record(msg.content, "update")), base.size)
                 weights = unflatten(base + update, self.view)
-            except (KeyError, ValueError) as err:
+            except (KeyError, ValueError, wire.RecordKindError) as err:
                 log(INFO, "gateway %d sent a malformed update, left out of round %d: %s", node, server_round, err)
                 continue
             decoded.append((msg, weights))
             self.current.add(node)
         # Flower's strategies refuse replies whose metric keys differ (gateways on other versions or settings)
         keys = set.intersection(*(set(m.content["metrics"].keys()) for m, _ in decoded)) if decoded else set()
-        return [Message(metadata=msg.metadata, content=RecordDict({
+        return [message_with_metadata(msg.metadata, RecordDict({
                     "arrays": ArrayRecord({k: Array(v) for k, v in weights.items()}),
-                    "metrics": MetricRecord({k: v for k, v in msg.content["metrics"].items() if k in keys})}))
+                    "metrics": MetricRecord({k: v for k, v in wire.metric_record(msg.content, "metrics").items()
+                                             if k in keys})}))
                 for msg, weights in decoded]
+
+
+def build(cfg: Mapping[str, Any], ctx: BuildContext) -> CodecFedAvg:  # noqa: ARG001
+    return CodecFedAvg(**ctx.common)
+
+
+SPEC = StrategySpec(
+    name="fedavg", build=build, validate=no_checks, uplink="plaintext", client_dp="wrappers",
+    describe="the codec's encoding of the update; the server sees each gateway's update",
+)

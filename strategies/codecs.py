@@ -24,16 +24,31 @@ bias the average the server computes.
 
 Composition: differential-privacy noise is added to the update *before* encoding (the
 codec is post-processing), and encrypted aggregation reuses :func:`quantise`.
+
+One class per codec, subclasses of :class:`Codec`, and one entry each in :data:`CODECS`
+(config name -> class). A codec states how it is built from its config section
+(``from_config``), which keys of that section it checks (``validate``, one-line
+:class:`~iiotfl.configs.ConfigError`), what it puts on the wire (``describe``, for the
+reports) and its error (``error_bound``). :func:`get_codec` builds the configured one,
+:func:`validate_codec` checks the ``codec`` section. A new codec is one class and one
+registry entry; nothing else compares codec names.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
+from iiotfl.configs import ConfigError, choice, integer, number, require
+
 Encoded = dict[str, np.ndarray]
+
+DOWNLINKS = ("full", "delta")  # codec.downlink: the whole global model each round | its change, encoded
+DEFAULT_CHUNK = 256            # codec.chunk: values per float32 scale
+DEFAULT_K_FRACTION = 0.1       # codec.k_fraction: share of the values top-k keeps
 
 
 # -- flat vectors <-> named tensors ------------------------------------------------------
@@ -92,92 +107,251 @@ def _unpack4(packed: np.ndarray, size: int) -> np.ndarray:
 
 
 # -- codecs ----------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Codec:
-    """One codec: ``encode`` a float32 vector to wire arrays, ``decode`` them back."""
+def _section(path: str, codec_cfg: Mapping[str, Any]) -> dict[str, Any]:
+    """``codec_cfg`` nested under the dotted ``path``, so the config checkers name the full key."""
+    root: Any = codec_cfg
+    for part in reversed(path.split(".")):
+        root = {part: root}
+    return root
 
-    name: str = "none"
-    chunk: int = 256
-    k_fraction: float = 0.1
+
+@dataclass(frozen=True)
+class Codec(ABC):
+    """One codec: ``encode`` a float32 vector to wire arrays, ``decode`` them back.
+
+    Contract: ``decode(encode(x, rng), x.size)`` is a float32 vector of ``x.size`` values
+    within ``error_bound(x)`` of ``x`` (element-wise), and equal to it in expectation;
+    :func:`wire_bytes` of the encoded arrays is the payload on the wire. ``decode`` raises
+    ``ValueError`` (never another error) on arrays that do not fit ``size``.
+    """
+
+    name: ClassVar[str]  # the config name (codec.name), the key in CODECS
+    form: ClassVar[str]  # what the values are, in the privacy ledger's words ("int8-quantised")
 
     def encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded:
-        x = np.asarray(x, dtype=np.float32).ravel()
-        if self.name == "none":
-            return {"values": x}
-        if self.name == "fp16":
-            return {"values": x.astype(np.float16)}
-        if self.name in ("int8", "int4"):
-            q, scales = quantise(x, 127 if self.name == "int8" else 7, self.chunk, rng)
-            if self.name == "int4":
-                q = _pack4(q)
-            return {"q": q, "scales": scales}
-        if self.name == "topk":
-            k = max(1, int(np.ceil(self.k_fraction * x.size)))
-            idx = np.sort(np.argpartition(np.abs(x), -k)[-k:]).astype(np.int64)
-            # positions as uint8 gaps; a gap over 255 is bridged by zero-valued filler entries
-            gaps = np.diff(idx, prepend=-1)
-            fill = (gaps - 1) // 255
-            if fill.any():
-                extra = np.concatenate([idx[i] - 255 * np.arange(fill[i], 0, -1) for i in np.nonzero(fill)[0]])
-                idx = np.union1d(idx, extra)
-                gaps = np.diff(idx, prepend=-1)
-            values = x[idx]
-            q, scales = quantise(values, 127, self.chunk, rng)
-            return {"gaps": gaps.astype(np.uint8), "q": q, "scales": scales}
-        raise ValueError(f"unknown codec {self.name!r}")
+        return self._encode(np.asarray(x, dtype=np.float32).ravel(), rng)
 
     def decode(self, enc: Mapping[str, np.ndarray], size: int) -> np.ndarray:
         try:
-            if self.name in ("none", "fp16"):
-                out = np.asarray(enc["values"]).astype(np.float32)
-                if out.size != size:
-                    raise ValueError(f"{out.size} values, expected {size}")
-                return out
-            if self.name in ("int8", "int4"):
-                q, scales = np.asarray(enc["q"]), np.asarray(enc["scales"], dtype=np.float32)
-                padded = scales.size * self.chunk
-                if self.name == "int4":
-                    q = _unpack4(q.astype(np.uint8), padded)
-                if q.size != padded or padded < size or padded - size >= self.chunk:
-                    raise ValueError(f"{q.size} codes and {scales.size} scales do not fit {size} values")
-                return dequantise(q, scales, size)
-            if self.name == "topk":
-                gaps = np.asarray(enc["gaps"]).astype(np.int64)
-                q, scales = np.asarray(enc["q"]), np.asarray(enc["scales"], dtype=np.float32)
-                if gaps.size == 0 or q.size != scales.size * self.chunk or not gaps.size <= q.size < gaps.size + self.chunk:
-                    raise ValueError("positions and values do not match")
-                idx = np.cumsum(gaps) - 1
-                if idx.min() < 0 or idx.max() >= size or (gaps[1:] == 0).any():
-                    raise ValueError("positions fall outside the model")
-                vals = dequantise(q, scales, gaps.size)
-                out = np.zeros(size, np.float32)
-                out[idx] = vals
-                return out
+            return self._decode(enc, size)
         except KeyError as err:
             raise ValueError(f"array {err} missing for codec {self.name}") from None
-        raise ValueError(f"unknown codec {self.name!r}")
 
     def error_bound(self, x: np.ndarray) -> np.ndarray:
         """Per-element bound on |decode(encode(x)) - x| (top-k: the dropped magnitude)."""
-        x = np.asarray(x, dtype=np.float32).ravel()
-        if self.name == "none":
-            return np.zeros_like(x)
-        if self.name == "fp16":
-            return np.abs(x) * 2.0**-11 + 2.0**-24
-        if self.name in ("int8", "int4"):
-            levels = 127 if self.name == "int8" else 7
-            pad = (-x.size) % self.chunk
-            xp = np.concatenate([x, np.zeros(pad, np.float32)]).reshape(-1, self.chunk)
-            scale = np.abs(xp).max(axis=1, keepdims=True) / levels
-            return np.broadcast_to(scale, xp.shape).ravel()[: x.size] * (1 + 1e-5)
-        if self.name == "topk":
-            k = max(1, int(np.ceil(self.k_fraction * x.size)))
-            kth = np.partition(np.abs(x), -k)[-k]
-            # kept values are int8-quantised against the largest kept magnitude of their chunk;
-            # bound it by the largest overall (chunks of kept values are not the input's chunks)
-            scale = np.abs(x).max() / 127
-            return np.where(np.abs(x) >= kth, scale * (1 + 1e-5), np.maximum(np.abs(x), scale * (1 + 1e-5)))
-        raise ValueError(f"unknown codec {self.name!r}")
+        return self._error_bound(np.asarray(x, dtype=np.float32).ravel())
+
+    @abstractmethod
+    def describe(self) -> str:
+        """What goes on the wire, in a few words (reports, ledger)."""
+
+    @classmethod
+    def from_config(cls, codec_cfg: Mapping[str, Any]) -> Codec:
+        """The codec a validated ``codec`` config section describes."""
+        return cls()
+
+    @classmethod
+    def validate(cls, codec_cfg: Mapping[str, Any], path: str = "codec") -> None:
+        """Check this codec's keys of ``codec_cfg`` (found at ``path``); raise ConfigError on the first bad one."""
+        choice(_section(path, codec_cfg), f"{path}.downlink", DOWNLINKS)
+
+    @abstractmethod
+    def _encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded: ...
+
+    @abstractmethod
+    def _decode(self, enc: Mapping[str, np.ndarray], size: int) -> np.ndarray: ...
+
+    @abstractmethod
+    def _error_bound(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def _decode_values(enc: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+    out = np.asarray(enc["values"]).astype(np.float32)
+    if out.size != size:
+        raise ValueError(f"{out.size} values, expected {size}")
+    return out
+
+
+@dataclass(frozen=True)
+class NoneCodec(Codec):
+    """Float32 as it is: the reference."""
+
+    name: ClassVar[str] = "none"
+    form: ClassVar[str] = "float32"
+
+    def describe(self) -> str:
+        return "float32 values"
+
+    def _encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded:
+        return {"values": x}
+
+    def _decode(self, enc: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        return _decode_values(enc, size)
+
+    def _error_bound(self, x: np.ndarray) -> np.ndarray:
+        return np.zeros_like(x)
+
+
+@dataclass(frozen=True)
+class Fp16Codec(Codec):
+    """Float16: half the bytes, relative error ≤ 2^-11."""
+
+    name: ClassVar[str] = "fp16"
+    form: ClassVar[str] = "float16"
+
+    def describe(self) -> str:
+        return "float16 values"
+
+    def _encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded:
+        return {"values": x.astype(np.float16)}
+
+    def _decode(self, enc: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        return _decode_values(enc, size)
+
+    def _error_bound(self, x: np.ndarray) -> np.ndarray:
+        return np.abs(x) * 2.0**-11 + 2.0**-24
+
+
+@dataclass(frozen=True)
+class QuantCodec(Codec):
+    """Stochastic rounding to ``2 * levels + 1`` integers, one float32 scale per ``chunk`` values."""
+
+    levels: ClassVar[int]
+    chunk: int = DEFAULT_CHUNK
+
+    @classmethod
+    def from_config(cls, codec_cfg: Mapping[str, Any]) -> Codec:
+        return cls(chunk=int(codec_cfg.get("chunk", DEFAULT_CHUNK)))
+
+    @classmethod
+    def validate(cls, codec_cfg: Mapping[str, Any], path: str = "codec") -> None:
+        super().validate(codec_cfg, path)
+        integer(_section(path, codec_cfg), f"{path}.chunk", 8)
+
+    def _pack(self, q: np.ndarray) -> np.ndarray:
+        return q
+
+    def _unpack(self, q: np.ndarray, size: int) -> np.ndarray:
+        return q
+
+    def _encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded:
+        q, scales = quantise(x, self.levels, self.chunk, rng)
+        return {"q": self._pack(q), "scales": scales}
+
+    def _decode(self, enc: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        q, scales = np.asarray(enc["q"]), np.asarray(enc["scales"], dtype=np.float32)
+        padded = scales.size * self.chunk
+        q = self._unpack(q, padded)
+        if q.size != padded or padded < size or padded - size >= self.chunk:
+            raise ValueError(f"{q.size} codes and {scales.size} scales do not fit {size} values")
+        return dequantise(q, scales, size)
+
+    def _error_bound(self, x: np.ndarray) -> np.ndarray:
+        pad = (-x.size) % self.chunk
+        xp = np.concatenate([x, np.zeros(pad, np.float32)]).reshape(-1, self.chunk)
+        scale = np.abs(xp).max(axis=1, keepdims=True) / self.levels
+        return np.broadcast_to(scale, xp.shape).ravel()[: x.size] * (1 + 1e-5)
+
+
+@dataclass(frozen=True)
+class Int8Codec(QuantCodec):
+    """255 levels, one byte per value."""
+
+    name: ClassVar[str] = "int8"
+    form: ClassVar[str] = "int8-quantised"
+    levels: ClassVar[int] = 127
+
+    def describe(self) -> str:
+        return f"int8 per {self.chunk}-element chunk + fp32 scale"
+
+
+@dataclass(frozen=True)
+class Int4Codec(QuantCodec):
+    """15 levels, two values per byte."""
+
+    name: ClassVar[str] = "int4"
+    form: ClassVar[str] = "int4-quantised"
+    levels: ClassVar[int] = 7
+
+    def describe(self) -> str:
+        return f"int4 (two per byte) per {self.chunk}-element chunk + fp32 scale"
+
+    def _pack(self, q: np.ndarray) -> np.ndarray:
+        return _pack4(q)
+
+    def _unpack(self, q: np.ndarray, size: int) -> np.ndarray:
+        return _unpack4(q.astype(np.uint8), size)
+
+
+def _gaps(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted positions as gaps to the previous one, a gap over 255 bridged by zero-valued filler entries."""
+    gaps = np.diff(idx, prepend=-1)
+    fill = (gaps - 1) // 255
+    if fill.any():
+        extra = np.concatenate([idx[i] - 255 * np.arange(fill[i], 0, -1) for i in np.nonzero(fill)[0]])
+        idx = np.union1d(idx, extra)
+        gaps = np.diff(idx, prepend=-1)
+    return idx, gaps
+
+
+@dataclass(frozen=True)
+class TopKCodec(Codec):
+    """The ``k_fraction`` largest |x|: uint8 position gaps, values as int8 with a float32 scale per chunk."""
+
+    name: ClassVar[str] = "topk"
+    form: ClassVar[str] = "top-k sparsified"
+    k_fraction: float = DEFAULT_K_FRACTION
+    chunk: int = DEFAULT_CHUNK
+
+    @classmethod
+    def from_config(cls, codec_cfg: Mapping[str, Any]) -> Codec:
+        return cls(k_fraction=float(codec_cfg.get("k_fraction", DEFAULT_K_FRACTION)),
+                   chunk=int(codec_cfg.get("chunk", DEFAULT_CHUNK)))
+
+    @classmethod
+    def validate(cls, codec_cfg: Mapping[str, Any], path: str = "codec") -> None:
+        super().validate(codec_cfg, path)
+        root = _section(path, codec_cfg)
+        number(root, f"{path}.k_fraction", 0.0, 1.0, low_open=True)
+        if require(root, f"{path}.downlink") == "delta":
+            raise ConfigError(f"config: {path}.downlink=delta with {path}=topk would lose what top-k drops on the "
+                              f"way down; use {path}.downlink=full")
+
+    def describe(self) -> str:
+        return (f"top {self.k_fraction * 100:g}% of values: uint8 position gap + int8 value per "
+                f"{self.chunk}-element chunk + fp32 scale")
+
+    def _k(self, size: int) -> int:
+        return max(1, int(np.ceil(self.k_fraction * size)))
+
+    def _encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded:
+        k = self._k(x.size)
+        idx, gaps = _gaps(np.sort(np.argpartition(np.abs(x), -k)[-k:]).astype(np.int64))
+        q, scales = quantise(x[idx], 127, self.chunk, rng)
+        return {"gaps": gaps.astype(np.uint8), "q": q, "scales": scales}
+
+    def _decode(self, enc: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        gaps = np.asarray(enc["gaps"]).astype(np.int64)
+        q, scales = np.asarray(enc["q"]), np.asarray(enc["scales"], dtype=np.float32)
+        if gaps.size == 0 or q.size != scales.size * self.chunk or not gaps.size <= q.size < gaps.size + self.chunk:
+            raise ValueError("positions and values do not match")
+        idx = np.cumsum(gaps) - 1
+        if idx.min() < 0 or idx.max() >= size or (gaps[1:] == 0).any():
+            raise ValueError("positions fall outside the model")
+        out = np.zeros(size, np.float32)
+        out[idx] = dequantise(q, scales, gaps.size)
+        return out
+
+    def _error_bound(self, x: np.ndarray) -> np.ndarray:
+        k = self._k(x.size)
+        kth = np.partition(np.abs(x), -k)[-k]
+        # kept values are int8-quantised against the largest kept magnitude of their chunk;
+        # bound it by the largest overall (chunks of kept values are not the input's chunks)
+        scale = np.abs(x).max() / 127
+        return np.where(np.abs(x) >= kth, scale * (1 + 1e-5), np.maximum(np.abs(x), scale * (1 + 1e-5)))
+
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (NoneCodec, Fp16Codec, Int8Codec, Int4Codec, TopKCodec)}
 
 
 def wire_bytes(enc: Mapping[str, np.ndarray]) -> int:
@@ -207,7 +381,16 @@ class ErrorFeedback:
 
 
 def get_codec(cfg: Mapping[str, Any] | None) -> Codec:
+    """The codec the ``codec`` config section names (no section: ``none``, float32)."""
     if not cfg:
-        return Codec()
-    return Codec(name=str(cfg.get("name", "none")), chunk=int(cfg.get("chunk", 256)),
-                 k_fraction=float(cfg.get("k_fraction", 0.1)))
+        return NoneCodec()
+    name = str(cfg.get("name", "none"))
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r}; pick one of {list(CODECS)}")
+    return CODECS[name].from_config(cfg)
+
+
+def validate_codec(cfg: Mapping[str, Any]) -> None:
+    """Check the ``codec`` section of the whole config ``cfg``; raise ConfigError on the first bad value."""
+    name = choice(cfg, "codec.name", tuple(CODECS), group="codec")
+    CODECS[name].validate(cfg["codec"])

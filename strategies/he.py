@@ -37,8 +37,8 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
 import struct
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -131,7 +131,8 @@ class KeySet:
         if self.secret is None:
             raise HEError("this key set has no secret key (it is the server's); provision with `iiotfl keys`")
         with tempfile.TemporaryDirectory(dir=_tmp_dir()) as work:
-            parts = {"parms": _save(self.parms, "parms", Path(work)), "public_key": _save(self.public, "pk", Path(work))}
+            parts = {"parms": _save(self.parms, "parms", Path(work)),
+                     "public_key": _save(self.public, "pk", Path(work))}
             secret = _save(self.secret, "sk", Path(work))
         for path, members in ((server, parts), (device, {**parts, "secret_key": secret})):
             tmp = path.with_suffix(".tmp")
@@ -153,7 +154,8 @@ class KeySet:
         except FileNotFoundError:
             raise HEError(f"HE key file {path} not found; create the key set with `iiotfl keys DIR`") from None
         except (zipfile.BadZipFile, OSError) as err:
-            raise HEError(f"HE key file {path} is not an iiotfl key set ({err}); re-create it with `iiotfl keys`") from None
+            raise HEError(f"HE key file {path} is not an iiotfl key set ({err}); "
+                          "re-create it with `iiotfl keys`") from None
         if "parms" not in members or "public_key" not in members:
             raise HEError(f"HE key file {path} lacks parameters or public key; re-create it with `iiotfl keys`")
         with tempfile.TemporaryDirectory(dir=_tmp_dir()) as work:
@@ -275,7 +277,7 @@ class KeySet:
         """Homomorphic sum of several devices' ciphertexts; needs no secret key.
 
         BFV addition is coefficient-wise addition modulo each prime (what SEAL's
-        ``Evaluator.add`` does; ``tests/test_he.py`` checks they agree), done here on
+        ``Evaluator.add`` does; ``tests/unit/test_he.py`` checks they agree), done here on
         all ciphertexts of an update at once."""
         total = self.coefficients(payloads[0], expected).copy()
         for payload in payloads[1:]:  # < 2^40 each: 2^23 devices fit a uint64 before reducing

@@ -27,22 +27,27 @@ import hashlib
 from collections.abc import Iterable
 from logging import INFO, WARNING
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from iiotfl.strategies import he
+from iiotfl.compat.flower import GaussianPrivacyEvent
+from iiotfl.configs import ConfigError, integer, number
+from iiotfl.strategies import he, wire
 from iiotfl.strategies.codec_fedavg import CodecFedAvg
 from iiotfl.strategies.codecs import flatten, unflatten
+from iiotfl.strategies.spec import BuildContext, StrategySpec
 
 
 def digest(payload: bytes) -> str:
     return hashlib.sha256(payload).hexdigest()
 
 
-def verified_payload(record: ArrayRecord, meta: ConfigRecord, fingerprint: str) -> bytes:
+def verified_payload(record: ArrayRecord, meta: Mapping[str, object], fingerprint: str) -> bytes:
     """Ciphertext bytes of ``record`` after checking ``meta``'s key-set fingerprint and digest."""
     if meta.get("fingerprint") != fingerprint:
         raise he.HEError(f"encrypted under key set {meta.get('fingerprint')!r}, the fleet's is "
@@ -57,7 +62,7 @@ class HEFedAvg(CodecFedAvg):
     """CodecFedAvg whose uplink is packed BFV ciphertexts, summed without a secret key."""
 
     def __init__(self, *, keys: str | Path, initial_range: float = 0.05, range_factor: float = 4.0,
-                 min_aggregate: int = 2, dp: "HEDP | None" = None, **kwargs: object) -> None:
+                 min_aggregate: int = 2, dp: "HEDP | None" = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.keys = he.KeySet.load(Path(keys))
         if self.keys.can_decrypt:
@@ -93,13 +98,13 @@ class HEFedAvg(CodecFedAvg):
             self.weights = {n: counts[n] * len(nodes) / total for n in nodes}
         ranges = self.tensor_ranges()
         for msg in messages:
-            cfg = msg.content["config"]
-            cfg["he-ranges"] = ranges
-            cfg["he-weight"] = self.weights[msg.metadata.dst_node_id]
-            cfg["he-fingerprint"] = self.keys.fingerprint
+            cfg = wire.config_record(msg.content, "config")
+            cfg[wire.HE_RANGES] = ranges
+            cfg[wire.HE_WEIGHT] = self.weights[msg.metadata.dst_node_id]
+            cfg[wire.HE_FINGERPRINT] = self.keys.fingerprint
             if self.dp is not None:
-                cfg["he-dp-clip"] = self.dp.clipping_norm
-                cfg["he-dp-sigma"] = self.dp.share_sigma
+                cfg[wire.HE_DP_CLIP] = self.dp.clipping_norm
+                cfg[wire.HE_DP_SIGMA] = self.dp.share_sigma
         self.sent_ranges = ranges
         return messages
 
@@ -107,15 +112,17 @@ class HEFedAvg(CodecFedAvg):
     def check(self, msg: Message, expected: int) -> bytes:
         """The reply's ciphertext bytes, or HEError saying what is wrong with them."""
         content = msg.content
-        if "he-update" not in content or "he" not in content:
+        if wire.HE_UPDATE not in content or "he" not in content:
             raise he.HEError("no encrypted update in the reply (is the gateway running strategy=he?)")
-        payload = verified_payload(content["he-update"], content["he"], self.keys.fingerprint)
+        payload = verified_payload(wire.array_record(content, wire.HE_UPDATE), content["he"], self.keys.fingerprint)
         self.keys.coefficients(payload, expected)
         return payload
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        base = flatten(self.view)
+        view = self.view
+        assert view is not None, "a train reply before configure_train sent a model"
+        base = flatten(view)
         expected = he.ciphertext_count(base.size)
         payloads, nodes, contents = [], [], []
         self.current, self.rejected = set(), {}
@@ -125,11 +132,11 @@ class HEFedAvg(CodecFedAvg):
                 log(INFO, "gateway %d replied with an error: %s", node, msg.error.reason)
                 continue
             metrics = msg.content["metrics"]
-            if "num-examples" in metrics:
-                self.counts[node] = int(metrics["num-examples"])
+            if wire.NUM_EXAMPLES in metrics:
+                self.counts[node] = wire.as_int(metrics[wire.NUM_EXAMPLES])
             try:
                 payloads.append(self.check(msg, expected))
-            except (he.HEError, KeyError, ValueError) as err:
+            except (he.HEError, KeyError, ValueError, wire.RecordKindError) as err:
                 self.rejected[node] = str(err)
                 log(WARNING, "round %d: update of gateway %d rejected, the others go on: %s", server_round, node, err)
                 continue
@@ -143,16 +150,16 @@ class HEFedAvg(CodecFedAvg):
         slots = self.decrypt(total, nodes, server_round)
         if slots is None:
             return None, None
-        ranges = he.element_ranges(self.sent_ranges, self.view)
+        ranges = he.element_ranges(self.sent_ranges, view)
         total_weight = sum(self.weights[n] for n in nodes)
         if self.dp is not None:
             self.dp.record(len(nodes))
         mean = he.decode_sum(slots, base.size, ranges, total_weight)
         if self.dp is None:  # next round's shared ranges from this aggregate (public to the server)
-            parts = unflatten(mean, self.view)
+            parts = unflatten(mean, view)
             self.ranges = [max(self.range_factor * float(np.abs(v).max(initial=0.0)), 1e-6) for v in parts.values()]
         self.current = set(nodes)
-        weights = unflatten(base + mean, self.view)
+        weights = unflatten(base + mean, view)
         arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
@@ -162,6 +169,7 @@ class HEFedAvg(CodecFedAvg):
 
     def decrypt(self, total: bytes, contributors: list[int], server_round: int) -> np.ndarray | None:
         """Ask the contributors, one after the other, to decrypt the sum."""
+        assert self.grid is not None, "decrypt before configure_train gave the strategy its grid"
         return decrypt_sum(self.grid, total, contributors, server_round, self.keys, self.min_aggregate)
 
 
@@ -170,18 +178,18 @@ def decrypt_sum(grid: Grid, total: bytes, contributors: list[int], server_round:
     for node in contributors:
         content = RecordDict({
             "sum": ArrayRecord({"ct": Array(np.frombuffer(total, dtype=np.uint8))}),
-            "config": ConfigRecord({"contributors": len(contributors), "min-aggregate": min_aggregate,
+            "config": ConfigRecord({"contributors": len(contributors), wire.MIN_AGGREGATE: min_aggregate,
                                     "fingerprint": keys.fingerprint, "digest": digest(total),
-                                    "server-round": server_round}),
+                                    wire.SERVER_ROUND: server_round}),
         })
         replies = list(grid.send_and_receive([Message(content=content, dst_node_id=node,
-                                                      message_type="query.he_decrypt")]))
+                                                      message_type=wire.QUERY_HE_DECRYPT)]))
         for reply in replies:
             if reply.has_error():
                 log(WARNING, "gateway %d could not decrypt the round-%d sum: %s", node, server_round,
                     reply.error.reason)
             elif "slots" in reply.content:
-                return reply.content["slots"]["slots"].numpy().astype(np.int64)
+                return wire.array_record(reply.content, "slots")["slots"].numpy().astype(np.int64)
     log(WARNING, "round %d: no gateway decrypted the aggregate; nothing aggregated", server_round)
     return None
 
@@ -212,8 +220,6 @@ class HEDP:
         self.history: list[float] = []  # effective noise multiplier per round
 
     def record(self, replies: int) -> None:
-        from flwr.supercore.privacy_accounting import GaussianPrivacyEvent
-
         z_eff = self.share_sigma * np.sqrt(max(replies - 1, 1)) / self.clipping_norm
         self.history.append(float(z_eff))
         self.accountant.compose(GaussianPrivacyEvent(noise_multiplier=float(z_eff), sample_size=self.population,
@@ -224,7 +230,35 @@ class HEDP:
 
     def spent(self):
         """ε and δ so far, and the last round's effective noise multiplier (what the ServerApp logs)."""
-        from types import SimpleNamespace
-
         return SimpleNamespace(epsilon=self.epsilon(self.delta), delta=self.delta,
                                noise_multiplier=self.history[-1] if self.history else None)
+
+
+def validate(cfg: Mapping[str, Any]) -> None:
+    """strategy=he: its parameters, the digit headroom, and the codec it replaces."""
+    gateways = int(cfg["fleet"]["gateways"])
+    if cfg["codec"]["name"] != "none":
+        raise ConfigError("config: strategy=he quantises updates itself; use codec=none with it")
+    number(cfg, "strategy.initial_range", 0.0, 1e6, low_open=True)
+    number(cfg, "strategy.range_factor", 1.0, 1e6)
+    integer(cfg, "strategy.min_aggregate", 2)
+    if gateways > he.MAX_DEVICES:
+        raise ConfigError(f"config: strategy=he sums at most {he.MAX_DEVICES} gateways per round (digit headroom); "
+                          f"set fleet.clients_per_round <= {he.MAX_DEVICES}")
+    if gateways < 2:
+        raise ConfigError("config: strategy=he needs fleet.gateways >= 2 (one gateway's sum is its update)")
+
+
+def build(cfg: Mapping[str, Any], ctx: BuildContext) -> HEFedAvg:
+    st = cfg["strategy"]
+    keys = ctx.keys or Path(str(st["keys"]))
+    return HEFedAvg(keys=keys / he.SERVER_FILE, initial_range=float(st["initial_range"]),
+                    range_factor=float(st["range_factor"]), min_aggregate=int(st["min_aggregate"]), dp=ctx.dp,
+                    **ctx.common)
+
+
+SPEC = StrategySpec(
+    name="he", build=build, validate=validate, uplink="encrypted", client_dp="distributed", needs_keys=True,
+    describe="model update, {noise}int8-quantised, encrypted (BFV, packed 4 per slot); the server adds "
+             "ciphertexts and learns only the sum",
+)

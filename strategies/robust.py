@@ -17,7 +17,7 @@ the replies to the Flower rule. Nothing here re-implements a rule:
   ``floor(beta x n)`` largest and smallest values (unweighted).
 
 Every rule needs each update in plaintext, so what cannot go with them (checked in
-``configs.validate``, README "Robust aggregation and poisoned gateways"):
+by :func:`validate`; docs: "Robust aggregation and poisoned gateways"):
 
 * ``strategy=he`` / ``secagg``: the server only ever learns the sum; they are alternative
   strategy choices, not combinable with these.
@@ -25,7 +25,7 @@ Every rule needs each update in plaintext, so what cannot go with them (checked 
   updates (sensitivity C/n); Krum's selection or a median changes by up to ~C when one
   gateway changes, so the reported epsilon would be false. ``privacy=sample`` (DP-SGD on
   the gateways) composes: the server-side rule is post-processing.
-* ``codec=topk``: each gateway sends its own 2% largest changes, on mostly different
+* ``codec=topk``: each gateway sends its own largest changes (codec.k_fraction), on mostly different
   coordinates. Distances between such sparse vectors measure their norms, not whether they
   agree (Krum then keeps the smallest update, not the typical one), and a coordinate-wise
   median or trimmed mean is zero wherever fewer than half the gateways sent that
@@ -43,8 +43,9 @@ from flwr.app import Message
 from flwr.common.logger import log
 from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
-from iiotfl.configs import ROBUST  # noqa: F401  (the strategy names, one list for configs and here)
+from iiotfl.configs import ConfigError, integer, number
 from iiotfl.strategies.codec_fedavg import CodecFedAvg
+from iiotfl.strategies.spec import BuildContext, StrategySpec
 
 
 def updates_needed(cfg: Mapping[str, Any]) -> int:
@@ -90,19 +91,87 @@ class CodecTrimmedAvg(_Robust, FedTrimmedAvg):
     """Flower's FedTrimmedAvg on decoded updates."""
 
 
-def build_robust(cfg: Mapping[str, Any], common: dict[str, Any]) -> CodecFedAvg:
-    """The Flower rule of ``strategy=krum | median | trimmed_mean`` with CodecFedAvg's ``common`` settings."""
+def _krum(cfg: Mapping[str, Any], ctx: BuildContext) -> CodecFedAvg:
     st = cfg["strategy"]
-    name = st["name"]
-    if name == "krum":
-        f, keep = int(st["num_malicious_nodes"]), int(st["num_nodes_to_keep"])
-        strategy = (CodecKrum(num_malicious_nodes=f, **common) if keep == 1 else
-                    CodecMultiKrum(num_malicious_nodes=f, num_nodes_to_select=keep, **common))
-    elif name == "median":
-        strategy = CodecMedian(**common)
-    elif name == "trimmed_mean":
-        strategy = CodecTrimmedAvg(beta=float(st["beta"]), **common)
-    else:
-        raise ValueError(f"unknown robust strategy {name!r}; choose one of {list(ROBUST)}")
+    f, keep = int(st["num_malicious_nodes"]), int(st["num_nodes_to_keep"])
+    strategy = (CodecKrum(num_malicious_nodes=f, **ctx.common) if keep == 1 else
+                CodecMultiKrum(num_malicious_nodes=f, num_nodes_to_select=keep, **ctx.common))
     strategy.min_updates = updates_needed(cfg)
     return strategy
+
+
+def _median(cfg: Mapping[str, Any], ctx: BuildContext) -> CodecFedAvg:
+    strategy = CodecMedian(**ctx.common)
+    strategy.min_updates = updates_needed(cfg)
+    return strategy
+
+
+def _trimmed_mean(cfg: Mapping[str, Any], ctx: BuildContext) -> CodecFedAvg:
+    strategy = CodecTrimmedAvg(beta=float(cfg["strategy"]["beta"]), **ctx.common)
+    strategy.min_updates = updates_needed(cfg)
+    return strategy
+
+
+_FIX = "raise fleet.gateways (or fleet.clients_per_round / fleet.fraction_train)"
+
+
+def _updates_per_round(cfg: Mapping[str, Any]) -> int:
+    fleet = cfg["fleet"]
+    return fleet.get("clients_per_round") or max(1, int(int(fleet["gateways"]) * float(fleet["fraction_train"])))
+
+
+def _refuse_unsuitable(cfg: Mapping[str, Any]) -> None:
+    """What a rule that needs each update in plaintext cannot go with."""
+    name = cfg["strategy"]["name"]
+    if cfg["privacy"]["name"] == "client":
+        raise ConfigError(f"config: strategy={name} with privacy=client: Flower's DP wrappers calibrate the noise "
+                          f"to a mean of clipped updates, which {name} is not, so the reported epsilon would be "
+                          "false; use privacy=sample (DP-SGD on the gateways) with it, or strategy=fedavg")
+    if cfg["codec"]["name"] == "topk":
+        raise ConfigError(f"config: strategy={name} with codec=topk: every gateway sends its own largest "
+                          f"changes, so {name} would judge sparsity patterns, not outliers (and drop what error "
+                          "feedback holds back); use codec=int8, int4, fp16 or none with it")
+
+
+def validate_krum(cfg: Mapping[str, Any]) -> None:
+    _refuse_unsuitable(cfg)
+    per_round = _updates_per_round(cfg)
+    f = integer(cfg, "strategy.num_malicious_nodes", 0)
+    keep = integer(cfg, "strategy.num_nodes_to_keep", 1)
+    if per_round < (need := updates_needed(cfg)):
+        raise ConfigError(f"config: strategy=krum with strategy.num_malicious_nodes={f} needs >= 2f+3 = "
+                          f"{need} updates per round, the fleet gives {per_round}; {_FIX} or lower "
+                          "strategy.num_malicious_nodes")
+    if keep > per_round - f:
+        raise ConfigError(f"config: strategy.num_nodes_to_keep={keep} would keep poisoned updates: with "
+                          f"{per_round} updates per round and num_malicious_nodes={f}, keep at most "
+                          f"{per_round - f}")
+
+
+def validate_median(cfg: Mapping[str, Any]) -> None:
+    _refuse_unsuitable(cfg)
+    per_round = _updates_per_round(cfg)
+    if per_round < (need := updates_needed(cfg)):
+        raise ConfigError(f"config: strategy=median needs >= {need} updates per round (the median of two is their "
+                          f"mean), the fleet gives {per_round}; {_FIX}")
+
+
+def validate_trimmed_mean(cfg: Mapping[str, Any]) -> None:
+    _refuse_unsuitable(cfg)
+    per_round = _updates_per_round(cfg)
+    beta = number(cfg, "strategy.beta", 0.0, 0.5, low_open=True)
+    if beta >= 0.5:
+        raise ConfigError(f"config: strategy.beta={beta} would trim everything; it must be in (0, 0.5)")
+    if per_round < (need := updates_needed(cfg)):
+        raise ConfigError(f"config: strategy=trimmed_mean with strategy.beta={beta} trims int(beta x "
+                          f"{per_round}) = 0 updates per end, which is plain FedAvg; raise strategy.beta to "
+                          f">= {1 / per_round:.2g} or the updates per round to >= {need}")
+
+
+_PLAIN = "the codec's encoding of the update; the server sees each gateway's update"
+KRUM = StrategySpec(name="krum", build=_krum, validate=validate_krum, uplink="plaintext", describe=_PLAIN,
+                    client_dp=None)
+MEDIAN = StrategySpec(name="median", build=_median, validate=validate_median, uplink="plaintext", describe=_PLAIN,
+                      client_dp=None)
+TRIMMED_MEAN = StrategySpec(name="trimmed_mean", build=_trimmed_mean, validate=validate_trimmed_mean,
+                            uplink="plaintext", describe=_PLAIN, client_dp=None)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from iiotfl.compat.flower import task_identity
+
 ROOT = Path(__file__).resolve().parent.parent
 IIOTFL = Path(sys.executable).parent / "iiotfl"
 
@@ -46,8 +48,7 @@ def fleet_run(tmp_path_factory):
 @pytest.fixture
 def serverapp_identity():
     """Messages the ServerApp creates take run and node ids from its task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
+    TaskIdentity = task_identity()
     saved = (TaskIdentity._run_id, TaskIdentity._node_id, getattr(TaskIdentity, "_task_id", None))
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     yield

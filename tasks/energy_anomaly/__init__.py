@@ -37,6 +37,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from iiotfl.configs import ConfigError, choice, integer, number, require
 from iiotfl.tasks.energy_anomaly.data import (
     FLAG_KINDS,
     KINDS,
@@ -49,6 +50,8 @@ from iiotfl.tasks.energy_anomaly.data import (
 )
 from iiotfl.tasks.energy_anomaly.metrics import detection_delay, f1_at, pr_auc
 from iiotfl.tasks.energy_anomaly.model import ResidualMLP
+from iiotfl.tasks.energy_anomaly.scada import TURBINES, ScadaUnavailable, turbine_series, zip_path
+from iiotfl.tasks.energy_anomaly.smart_meter import FEATURES, generate_site
 
 SOURCES = ("scada", "smart_meter")
 
@@ -75,52 +78,42 @@ class EnergyAnomaly:
         if self.source == "scada":
             self.features = ["wind_speed", "outdoor_temp", "wind_dir_sin", "wind_dir_cos"]
         else:
-            from iiotfl.tasks.energy_anomaly.smart_meter import FEATURES
-
             self.features = list(FEATURES)
 
     @staticmethod
     def validate(cfg: Mapping[str, Any]) -> None:
         """Check the task section of a run config; raise configs.ConfigError naming the key and the fix."""
-        from iiotfl.configs import ConfigError, _choice, _float, _get, _int
-
-        _int(cfg, "task.window", 1, 144)
-        _int(cfg, "task.hidden", 1, 4096)
-        _int(cfg, "task.score_bins", 1, 1000)
-        _float(cfg, "task.threshold_quantile", 0.5, 0.99999)
-        source = _choice(cfg, "task.data.source", SOURCES)
+        integer(cfg, "task.window", 1, 144)
+        integer(cfg, "task.hidden", 1, 4096)
+        integer(cfg, "task.score_bins", 1, 1000)
+        number(cfg, "task.threshold_quantile", 0.5, 0.99999)
+        source = choice(cfg, "task.data.source", SOURCES)
         gateways = int(cfg["fleet"]["gateways"])
         if source == "scada":
-            from iiotfl.tasks.energy_anomaly.scada import TURBINES, ScadaUnavailable, zip_path
-
-            _int(cfg, "task.data.scada.events_per_kind", 0, 10)  # 40 events fit in 2015
-            _int(cfg, "task.data.scada.score_window", 1, 1000)
+            integer(cfg, "task.data.scada.events_per_kind", 0, 10)  # 40 events fit in 2015
+            integer(cfg, "task.data.scada.score_window", 1, 1000)
             if gateways > len(TURBINES):
                 raise ConfigError(f"config: fleet.gateways={gateways} but task.data.source=scada has "
                                   f"{len(TURBINES)} turbines (one per gateway); set fleet.gateways<={len(TURBINES)} "
                                   "or use task.data.source=smart_meter")
             try:
-                zip_path(_get(cfg, "task.data.scada.zip"))
+                zip_path(require(cfg, "task.data.scada.zip"))
             except ScadaUnavailable as err:
                 raise ConfigError(f"config: task.data.source=scada: {err}") from None
         else:
-            _int(cfg, "task.data.smart_meter.train_days", 7)
-            _int(cfg, "task.data.smart_meter.score_window", 1, 1000)
-            per_kind = _int(cfg, "task.data.smart_meter.events_per_kind", 0, 100)
-            _int(cfg, "task.data.smart_meter.test_days", max(1, 14 * per_kind))  # room for every event
-            _int(cfg, "task.data.smart_meter.test_sites", 1)
+            integer(cfg, "task.data.smart_meter.train_days", 7)
+            integer(cfg, "task.data.smart_meter.score_window", 1, 1000)
+            per_kind = integer(cfg, "task.data.smart_meter.events_per_kind", 0, 100)
+            integer(cfg, "task.data.smart_meter.test_days", max(1, 14 * per_kind))  # room for every event
+            integer(cfg, "task.data.smart_meter.test_sites", 1)
 
     # -- data -------------------------------------------------------------------
     def _series(self, partition_id: int, node_config: Mapping[str, Any] | None = None) -> EnergySeries:
         data_cfg = self.cfg["data"]
         if self.source == "scada":
-            from iiotfl.tasks.energy_anomaly.scada import turbine_series
-
             scada = data_cfg["scada"]
             path = (node_config or {}).get("data-path") or scada.get("zip")
             return turbine_series(self.seed, int(partition_id), int(scada["events_per_kind"]), path)
-        from iiotfl.tasks.energy_anomaly.smart_meter import generate_site
-
         meter = data_cfg["smart_meter"]
         return generate_site(self.seed, int(partition_id), int(meter["train_days"]), int(meter["test_days"]),
                              int(meter["events_per_kind"]))
@@ -140,8 +133,6 @@ class EnergyAnomaly:
     def server_test_data(self, num_plants: int) -> EnergySeries:
         """Every turbine (scada), or up to ``smart_meter.test_sites`` sites spread over the fleet."""
         if self.source == "scada":
-            from iiotfl.tasks.energy_anomaly.scada import TURBINES
-
             sites = range(min(int(num_plants), len(TURBINES)))
         else:
             count = min(int(num_plants), int(self.cfg["data"]["smart_meter"]["test_sites"]))

@@ -15,6 +15,7 @@ it calibrate the alarm threshold) and 1 for the evaluation period.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from typing import Any
 
 import numpy as np
 
@@ -65,7 +66,7 @@ def concat(parts: list[EnergySeries]) -> EnergySeries:
         events.append(np.where(p.event >= 0, p.event + offset, -1))
         offset += int(p.event.max(initial=-1)) + 1
     first = parts[0]
-    arrays = {f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(first)
+    arrays: dict[str, Any] = {f.name: np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(first)
               if isinstance(getattr(first, f.name), np.ndarray)}
     arrays["event"] = np.concatenate(events).astype(np.int32)
     return replace(first, **arrays, source="+".join(dict.fromkeys(p.source for p in parts)))

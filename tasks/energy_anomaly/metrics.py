@@ -29,7 +29,8 @@ def f1_at(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str,
     precision = tp / max(float(alarm.sum()), 1.0)
     recall = tp / max(float(labels.sum()), 1.0)
     f1 = 2 * precision * recall / (precision + recall) if precision + recall > 0 else 0.0
-    return {"f1": f1, "precision": precision, "recall": recall, "alarm_rate": float(alarm.mean()) if len(alarm) else 0.0}
+    return {"f1": f1, "precision": precision, "recall": recall,
+            "alarm_rate": float(alarm.mean()) if len(alarm) else 0.0}
 
 
 def detection_delay(step: np.ndarray, label: np.ndarray, event: np.ndarray, scores: np.ndarray,

@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from iiotfl.tasks.energy_anomaly.data import IGNORED, EnergySeries, kind_code
+from iiotfl.tasks.energy_anomaly.faults import Event, inject, schedule
+
 OPENOA_VERSION = "3.2"
 PIP_COMMAND = f"pip install --no-deps openoa=={OPENOA_VERSION}"
 TURBINES = ("R80711", "R80721", "R80736", "R80790")
@@ -129,7 +132,7 @@ def load_farm(configured: str | None = None) -> dict[str, np.ndarray]:
     try:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp.npz")
-        np.savez(tmp, **data)
+        np.savez(tmp, **data)  # type: ignore[arg-type]  # numpy's stub: a ** key could be allow_pickle
         os.replace(tmp, cache)
     except OSError:
         pass  # a read-only home: parse again next time
@@ -139,7 +142,6 @@ def load_farm(configured: str | None = None) -> dict[str, np.ndarray]:
 def flags(farm: dict[str, np.ndarray], turbine: int) -> np.ndarray:
     """Label codes from the data set's own flags for one turbine: 0, availability, curtailment, or
     -1 (stands still in wind, no flag; or a flagged interval of the training year not its own)."""
-    from iiotfl.tasks.energy_anomaly.data import IGNORED, kind_code
 
     p, ws = farm["p"], farm["ws"]
     others = np.delete(np.arange(len(TURBINES)), turbine)
@@ -170,7 +172,6 @@ TOLERANCE = {"ws": 0.2, "p": 0.01}  # a row counts as changed by a fault beyond 
 
 def fault_events(seed: int, turbine: int, events_per_kind: int, usable: np.ndarray):
     """The faults injected into ``turbine``'s 2015 (pure function of seed and turbine)."""
-    from iiotfl.tasks.energy_anomaly.faults import Event, schedule
 
     rng = np.random.default_rng([seed, turbine, 0x5CADA])
     wanted = [(k, int(rng.integers(lo, hi + 1))) for k, (lo, hi) in FAULT_LENGTHS.items()
@@ -191,8 +192,6 @@ def fault_events(seed: int, turbine: int, events_per_kind: int, usable: np.ndarr
 
 def turbine_series(seed: int, turbine: int, events_per_kind: int, configured_zip: str | None = None):
     """One turbine: 2014 (period 0) and 2015 (period 1, with injected faults), labelled."""
-    from iiotfl.tasks.energy_anomaly.data import EnergySeries, kind_code
-    from iiotfl.tasks.energy_anomaly.faults import inject
 
     if not 0 <= turbine < len(TURBINES):
         raise ValueError(f"La Haute Borne has {len(TURBINES)} turbines; partition {turbine} has none "

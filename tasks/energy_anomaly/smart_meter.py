@@ -38,7 +38,7 @@ KINDS = ("spike", "level_shift", "stale", "drift")
 FEATURES = ("temp", "temp_typical", "hour_sin", "hour_cos", "dow_sin", "dow_cos")
 
 
-def _bump(h: np.ndarray, centre: float, width: float) -> np.ndarray:
+def _bump(h: np.ndarray, centre: float | np.ndarray, width: float) -> np.ndarray:
     d = (h - centre + 12.0) % 24.0 - 12.0
     return np.exp(-0.5 * (d / width) ** 2)
 

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
 import torch
 
+from iiotfl.configs import ConfigError, choice, integer, number, require
+from iiotfl.tasks.predictive_maintenance.anonymise import anonymise, plant_key
 from iiotfl.tasks.predictive_maintenance.data import Normaliser, RunToFailure, condition_sums, make_windows
 from iiotfl.tasks.predictive_maintenance.generator import CONDITIONS, SENSORS, generate_plant, truncate_units
 from iiotfl.tasks.predictive_maintenance.loader import DataFormatError, load_cmapss, load_csv
 from iiotfl.tasks.predictive_maintenance.metrics import phm08_score, rmse
 from iiotfl.tasks.predictive_maintenance.model import RulCNN
+
+DATA_SOURCES = ("generator", "csv", "cmapss")
 
 
 class PredictiveMaintenance:
@@ -36,23 +39,21 @@ class PredictiveMaintenance:
     @staticmethod
     def validate(cfg: Mapping[str, Any]) -> None:
         """Check the task section of a run config; raise configs.ConfigError naming the key and the fix."""
-        from iiotfl.configs import DATA_SOURCES, ConfigError, _choice, _float, _get, _int
-
-        _int(cfg, "task.window", 2)
-        _int(cfg, "task.rul_cap", 1)
-        source = _choice(cfg, "task.data.source", DATA_SOURCES)
+        integer(cfg, "task.window", 2)
+        integer(cfg, "task.rul_cap", 1)
+        source = choice(cfg, "task.data.source", DATA_SOURCES)
         if source == "generator":
-            low = _int(cfg, "task.data.units_min", 2)
-            _int(cfg, "task.data.units_max", low)
-            _int(cfg, "task.data.test_units", 1)
+            low = integer(cfg, "task.data.units_min", 2)
+            integer(cfg, "task.data.units_max", low)
+            integer(cfg, "task.data.test_units", 1)
             if cfg["task"]["data"].get("test_plants") is not None:
-                _int(cfg, "task.data.test_plants", 1)
-        elif not _get(cfg, "task.data.path") and cfg["engine"]["name"] != "remote":  # remote: `gateway --data`
+                integer(cfg, "task.data.test_plants", 1)
+        elif not require(cfg, "task.data.path") and cfg["engine"]["name"] != "remote":  # remote: `gateway --data`
             raise ConfigError(
                 f"config: task.data.path is empty but task.data.source={source}; give each gateway's file "
                 "(\"{partition}\" is replaced by its partition id)"
             )
-        _float(cfg, "task.data.local_val_fraction", 0.0, 0.9)
+        number(cfg, "task.data.local_val_fraction", 0.0, 0.9)
 
     # -- data -------------------------------------------------------------------
     def _read(self, path: str, rul_path: str | None = None) -> RunToFailure:
@@ -75,8 +76,6 @@ class PredictiveMaintenance:
                 rul_cap=self.rul_cap,
             )
         else:
-            from iiotfl.privacy.anonymise import anonymise, plant_key
-
             path = node_config.get("data-path") or str(data_cfg["path"]).format(partition=partition_id)
             # identifiers and exact times stop here, on the device (privacy/anonymise.py)
             data = anonymise(self._read(path), plant_key(node_config, partition_id))

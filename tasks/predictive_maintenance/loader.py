@@ -122,31 +122,22 @@ def _assemble(
     )
 
 
-def load_csv(
-    path: str | Path,
-    *,
-    unit: str = "unit",
-    time: str = "cycle",
-    sensors: list[str] | None = None,
-    settings: list[str] | None = None,
-    rul: str | None = "rul",
-    sep: str = ",",
-    drop: list[str] | None = None,
-) -> RunToFailure:
-    """Load run-to-failure records in the CSV schema above (``drop``: columns never read).
-
-    ``path`` may be a directory: every ``*.csv`` in it (same header) is read, in name order,
-    as one table, so a plant can append a file a day and units may span files."""
-    path = Path(path)
+def _csv_files(path: Path) -> list[Path]:
+    """The CSV files of ``path``: the file itself, or every ``*.csv`` of a data directory in name order."""
     if path.is_dir():  # a gateway's data directory: every *.csv, one header, rows appended in name order
         files = sorted(path.glob("*.csv"))
         if not files:
             raise DataFormatError(f"{path}: no *.csv files in this data directory; export the plant's records "
                                   "there in the CSV schema of tasks/predictive_maintenance/loader.py")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise DataFormatError(f"{path}: file not found; check task.data.path")
+        return files
+    if path.is_file():
+        return [path]
+    raise DataFormatError(f"{path}: file not found; check task.data.path")
+
+
+def _read_rows(path: Path, sep: str) -> tuple[list[str], list[list[str]], list[tuple[Path, int]]]:
+    """(header, rows with a placeholder first, (file, line) of every row) of every file of ``path``."""
+    files = _csv_files(path)
     header: list[str] = []
     rows: list[list[str]] = [[]]
     where: list[tuple[Path, int]] = [(path, 1)]  # (file, line) of every row, for error messages
@@ -166,20 +157,46 @@ def load_csv(
         header = header or first
         rows += [r for _, r in lines[1:]]
         where += [(file, n) for n, _ in lines[1:]]
-    settings = list(settings or [])
+    return header, rows, where
+
+
+def _columns(path: Path, header: list[str], unit: str, time: str, settings: list[str], sensors: list[str] | None,
+             rul: str | None, drop: list[str] | None) -> tuple[list[str], bool]:
+    """The sensor columns (all but unit, time, settings, RUL and ``drop`` when not named) and whether RUL is there."""
     has_rul = rul is not None and rul in header
-    needed = [unit, time, *settings, *(sensors or [])]
-    for col in needed:
+    for col in [unit, time, *settings, *(sensors or [])]:
         if col not in header:
             raise DataFormatError(
                 f"{path}: column {col!r} missing (header has {header}); rename it or set task.data.csv "
                 "to the right column names"
             )
     if sensors is None:
-        taken = {unit, time, *settings, *([rul] if has_rul else []), *(drop or [])}
+        taken = {unit, time, *settings, *([rul] if has_rul and rul else []), *(drop or [])}
         sensors = [h for h in header if h not in taken]
     if not sensors:
         raise DataFormatError(f"{path}: no sensor columns besides {unit!r} and {time!r}; add sensor columns")
+    return sensors, has_rul
+
+
+def load_csv(
+    path: str | Path,
+    *,
+    unit: str = "unit",
+    time: str = "cycle",
+    sensors: list[str] | None = None,
+    settings: list[str] | None = None,
+    rul: str | None = "rul",
+    sep: str = ",",
+    drop: list[str] | None = None,
+) -> RunToFailure:
+    """Load run-to-failure records in the CSV schema above (``drop``: columns never read).
+
+    ``path`` may be a directory: every ``*.csv`` in it (same header) is read, in name order,
+    as one table, so a plant can append a file a day and units may span files."""
+    path = Path(path)
+    header, rows, where = _read_rows(path, sep)
+    settings = list(settings or [])
+    sensors, has_rul = _columns(path, header, unit, time, settings, sensors, rul, drop)
     if len(rows) < 3:
         raise DataFormatError(f"{path}: only {len(rows) - 1} data row(s); need at least two rows per unit")
     col = {h: i for i, h in enumerate(header)}
@@ -201,7 +218,7 @@ def load_csv(
             sens[i, j] = _number(r[col[name]], f"{file}: row {line}, column {name!r}")
         for j, name in enumerate(settings):
             sets[i, j] = _number(r[col[name]], f"{file}: row {line}, column {name!r}")
-        if ruls is not None:
+        if ruls is not None and rul is not None:
             ruls[i] = _number(r[col[rul]], f"{file}: row {line}, column {rul!r}")
     return _assemble(path, units, times, sets, sens, ruls, tuple(sensors), tuple(settings), first_row=2)
 

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
+from iiotfl.configs import ConfigError, choice, integer, number, require
 from iiotfl.tasks.quality_control.data import Normaliser, feature_sums, make_samples
 from iiotfl.tasks.quality_control.generator import (
     DERIVED,
@@ -61,12 +62,10 @@ class QualityControl:
     @staticmethod
     def validate(cfg: Mapping[str, Any]) -> None:
         """Check the task section of a run config; raise configs.ConfigError naming the key and the fix."""
-        from iiotfl.configs import ConfigError, _choice, _float, _get, _int
-
-        derived = _get(cfg, "task.derived_features")
+        derived = require(cfg, "task.derived_features")
         if not isinstance(derived, bool):
             raise ConfigError(f"config: task.derived_features={derived!r} is invalid; it must be true or false")
-        features = _get(cfg, "task.features")
+        features = require(cfg, "task.features")
         if features is not None:
             names = available_features(derived)
             if not isinstance(features, (list, tuple)) or not features:
@@ -80,38 +79,38 @@ class QualityControl:
             if unknown:
                 raise ConfigError(f"config: task.features has unknown name(s) {unknown}; choose from {list(names)}"
                                   + ("" if derived else " (power_W etc. need task.derived_features=true)"))
-        _int(cfg, "task.hidden", 2, 4096)
-        pos_weight = _get(cfg, "task.pos_weight")
+        integer(cfg, "task.hidden", 2, 4096)
+        pos_weight = require(cfg, "task.pos_weight")
         if pos_weight is not None:
-            _float(cfg, "task.pos_weight", 0.0, 1e4, low_open=True)
-        source = _choice(cfg, "task.data.source", DATA_SOURCES)
+            number(cfg, "task.pos_weight", 0.0, 1e4, low_open=True)
+        source = choice(cfg, "task.data.source", DATA_SOURCES)
         if source == "generator":
-            low = _int(cfg, "task.data.rows_min", 10)
-            _int(cfg, "task.data.rows_max", low)
-            _int(cfg, "task.data.test_rows", 10)
-            _int(cfg, "task.data.calibration_rows", 10)
-            if _get(cfg, "task.plants.mix_concentration") is not None:
-                _float(cfg, "task.plants.mix_concentration", 0.0, 1e6, low_open=True)
-            _float(cfg, "task.plants.ambient_shift", 0.0, 30.0)
-            _float(cfg, "task.plants.cooling_shift", 0.0, 5.0)
-            _float(cfg, "task.plants.torque_shift", 0.0, 30.0)
-            _float(cfg, "task.plants.speed_shift", 0.0, 0.5)
-        elif not _get(cfg, "task.data.path") and cfg["engine"]["name"] != "remote":  # remote: `gateway --data`
+            low = integer(cfg, "task.data.rows_min", 10)
+            integer(cfg, "task.data.rows_max", low)
+            integer(cfg, "task.data.test_rows", 10)
+            integer(cfg, "task.data.calibration_rows", 10)
+            if require(cfg, "task.plants.mix_concentration") is not None:
+                number(cfg, "task.plants.mix_concentration", 0.0, 1e6, low_open=True)
+            number(cfg, "task.plants.ambient_shift", 0.0, 30.0)
+            number(cfg, "task.plants.cooling_shift", 0.0, 5.0)
+            number(cfg, "task.plants.torque_shift", 0.0, 30.0)
+            number(cfg, "task.plants.speed_shift", 0.0, 0.5)
+        elif not require(cfg, "task.data.path") and cfg["engine"]["name"] != "remote":  # remote: `gateway --data`
             raise ConfigError(
                 f"config: task.data.path is empty but task.data.source={source}; give each gateway's file "
                 "(\"{partition}\" is replaced by its partition id)"
             )
-        _float(cfg, "task.data.local_val_fraction", 0.0, 0.9)
+        number(cfg, "task.data.local_val_fraction", 0.0, 0.9)
 
     # -- data -------------------------------------------------------------------
     def _plant_kw(self) -> dict[str, Any]:
         p = self.plants
         return {
-            "mix_concentration": p.get("mix_concentration", 5.0),
-            "ambient_shift": float(p.get("ambient_shift", 3.0)),
-            "cooling_shift": float(p.get("cooling_shift", 0.3)),
-            "torque_shift": float(p.get("torque_shift", 4.0)),
-            "speed_shift": float(p.get("speed_shift", 0.04)),
+            "mix_concentration": p["mix_concentration"],
+            "ambient_shift": float(p["ambient_shift"]),
+            "cooling_shift": float(p["cooling_shift"]),
+            "torque_shift": float(p["torque_shift"]),
+            "speed_shift": float(p["speed_shift"]),
         }
 
     def _select(self, data: ProcessRecords) -> ProcessRecords:
@@ -211,7 +210,8 @@ class QualityControl:
         """Probabilities (n, 6): machine failure, TWF, HDF, PWF, OSF, RNF."""
         return torch.sigmoid(self.logits(model, x)).numpy()
 
-    def thresholds(self, model: torch.nn.Module, calibration: ProcessRecords | None, normaliser: Normaliser) -> np.ndarray:
+    def thresholds(self, model: torch.nn.Module, calibration: ProcessRecords | None,
+                   normaliser: Normaliser) -> np.ndarray:
         """Per label, the F1-maximising threshold on ``calibration`` (0.5 without one)."""
         if calibration is None or len(calibration) == 0:
             return np.full(len(LABELS), 0.5)

@@ -15,7 +15,6 @@ import numpy as np
 
 from iiotfl.tasks.quality_control.generator import ProcessRecords
 
-
 # Nominal centre and spread of each feature (the AI4I operating point). Sums are taken of
 # (x - centre) / spread, so they stay small (a plant of 10^5 processes sums squares of ~10^5,
 # not of power in W: ~4·10^12, the limit of strategy=he's fixed-point secure sum) and the

@@ -44,7 +44,7 @@ Failure modes (fixed physics; only the operating point differs between plants):
 Machine failure = any of the five. Published counts (of 10,000): machine failure 339,
 TWF 46, HDF 115, PWF 95, OSF 98, RNF 19. This generator at :data:`AI4I` (mean ± sd of 20
 draws of 10,000): machine failure 358 ± 16, TWF 46 ± 4, HDF 115 ± 9, PWF 97 ± 11,
-OSF 110 ± 8, RNF 10 ± 4 (``tests/test_quality_control.py`` checks the ranges). OSF is
+OSF 110 ± 8, RNF 10 ± 4 (``tests/unit/test_quality_control.py`` checks the ranges). OSF is
 what the stated rule gives for N(40, 10) torque and uniformly worn tools; the file's
 machine-failure flag is also 0 on most of its RNF rows, here it is always 1.
 """
@@ -52,7 +52,7 @@ machine-failure flag is also 0 on most of its RNF rows, here it is always 1.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -237,7 +237,7 @@ def simulate(n: int, rng: np.random.Generator, op: OperatingPoint = AI4I) -> dic
         "torque": torque,
         "wear": wear,
         "modes": modes,
-        "machine_failure": modes.any(axis=1),
+        "machine_failure": modes.any(axis=1),  # type: ignore[dict-item]  # numpy's stub: any(axis=) may be a scalar
     }
 
 
@@ -265,9 +265,9 @@ def plant_operating_point(
     draws = rng.random(4)
     normal = rng.standard_normal()
     if mix_concentration:
-        mix = rng.dirichlet(float(mix_concentration) * np.asarray(base.mix, dtype=float))
-        mix = np.maximum(mix, 1e-3)
-        mix = tuple(float(v) for v in mix / mix.sum())
+        drawn = rng.dirichlet(float(mix_concentration) * np.asarray(base.mix, dtype=float))
+        drawn = np.maximum(drawn, 1e-3)
+        mix = cast(tuple[float, float, float], tuple(float(v) for v in drawn / drawn.sum()))  # one per product type
     else:
         mix = base.mix
     return replace(
@@ -297,7 +297,8 @@ def records(
     cols = [sim["air"], sim["process"], sim["speed"], sim["torque"], sim["wear"]]
     names = list(SENSORS)
     if derived:
-        cols += [sim["process"] - sim["air"], sim["torque"] * sim["speed"] * 2 * np.pi / 60, sim["wear"] * sim["torque"]]
+        cols += [sim["process"] - sim["air"], sim["torque"] * sim["speed"] * 2 * np.pi / 60,
+                 sim["wear"] * sim["torque"]]
         names += list(DERIVED)
     features = np.column_stack([*cols, onehot])
     names += [f"type_{t}" for t in TYPES]
@@ -339,7 +340,8 @@ def generate_plant(
     op = plant_operating_point(seed, partition, **plant_kw)
     rng = np.random.default_rng([int(seed), int(partition), SPLITS[split]])
     if n_rows is None:
-        n_rows = int(np.random.default_rng([int(seed), _PLANT_SALT, int(partition), 1]).integers(rows_min, rows_max + 1))
+        n_rows = int(np.random.default_rng([int(seed), _PLANT_SALT, int(partition), 1])
+                     .integers(rows_min, rows_max + 1))
     sim = simulate(int(n_rows), rng, op)
     out = records(
         sim,

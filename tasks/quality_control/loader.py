@@ -49,8 +49,8 @@ def load_csv(path: str | Path, *, derived: bool = False, sep: str = ",", plant: 
     path = Path(path)
     names = {**COLUMNS, **{k: v for k, v in (columns or {}).items() if v}}
     if not path.is_file():
-        raise DataFormatError(f"{path}: file not found; set task.data.path (\"{{partition}}\" = the gateway's partition "
-                              "id) or the gateway's node config data-path")
+        raise DataFormatError(f"{path}: file not found; set task.data.path (\"{{partition}}\" = the gateway's "
+                              "partition id) or the gateway's node config data-path")
     with path.open(newline="") as fh:
         reader = csv.reader(fh, delimiter=sep)
         header = next(reader, None)
@@ -68,22 +68,26 @@ def load_csv(path: str | Path, *, derived: bool = False, sep: str = ",", plant: 
         raise DataFormatError(f"{path}: {len(rows)} data row(s); a gateway needs at least 2 process records")
     n = len(rows)
     ptype = np.zeros(n, dtype=np.int64)
-    vals = {k: np.zeros(n) for k in ("air", "process", "speed", "torque", "wear", "machine_failure", *[m.lower() for m in MODES])}
+    vals = {k: np.zeros(n) for k in ("air", "process", "speed", "torque", "wear", "machine_failure",
+                                     *[m.lower() for m in MODES])}
     for i, row in enumerate(rows):
         where = f"{path}, row {i + 2}"
         if len(row) < len(header):
             raise DataFormatError(f"{where}: {len(row)} fields, header has {len(header)}; fix that row")
         letter = row[col["type"]].strip().upper()
         if letter not in TYPES:
-            raise DataFormatError(f"{where}, column {names['type']!r}: {letter!r} is not a product type L/M/H; fix that row")
+            raise DataFormatError(f"{where}, column {names['type']!r}: {letter!r} is not a product type L/M/H; "
+                                  "fix that row")
         ptype[i] = TYPES.index(letter)
         for k in vals:
             if k in col:
                 vals[k][i] = _number(row[col[k]].strip(), f"{where}, column {names[k]!r}")
     modes = np.stack([vals[m.lower()] for m in MODES], axis=1) > 0
     failure = vals["machine_failure"] > 0 if "machine_failure" in col else modes.any(axis=1)
-    sim = {"type": ptype, "air": vals["air"], "process": vals["process"], "speed": vals["speed"],
-           "torque": vals["torque"], "wear": vals["wear"], "modes": modes, "machine_failure": failure}
+    sim: dict[str, np.ndarray] = {
+        "type": ptype, "air": vals["air"], "process": vals["process"], "speed": vals["speed"],
+        "torque": vals["torque"], "wear": vals["wear"], "modes": modes,
+        "machine_failure": failure}  # type: ignore[dict-item]  # numpy's stub: any(axis=) may be a scalar
     out = records(sim, derived=derived, plant=plant, source=str(path))
     if "udi" in col:
         out.udi = np.array([int(_number(r[col["udi"]], f"{path}, row {i + 2}, column {names['udi']!r}"))

@@ -38,6 +38,8 @@ class MultiLabelBCE(nn.Module):
     against the imbalance of rare failures.
     """
 
+    pos_weight: torch.Tensor | None  # a buffer (registered in __init__)
+
     def __init__(self, pos_weight: torch.Tensor | float | None = None, reduction: str = "mean") -> None:
         super().__init__()
         self.reduction = reduction

@@ -1,0 +1,179 @@
+"""``report.md`` of one run (with ``metrics.png`` and ``links.png``), rendered from whatever the run
+directory holds (:mod:`.runs`), so a failed run still gets a report that says how far it got.
+
+Sections, in order: what the launcher noted (links, transport, SuperLink restarts, notes), the
+headline figures (status, the task's primary metric, privacy spent, bytes), one row per round,
+the gateways by class (when the rounds recorded them), privacy (:mod:`.privacy`), the
+on-device model of ``iiotfl export``, and the logs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from iiotfl.server.report.plots import plot_classes, plot_rounds
+from iiotfl.server.report.privacy import epsilon_text, privacy_section
+from iiotfl.server.report.runs import (
+    GATEWAY_FIGURES,
+    load_outages,
+    load_rounds,
+    metric_columns,
+    per_class,
+    read_json,
+    run_summary,
+)
+from iiotfl.server.report.text import direction, fmt, metric_label
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Render ``report.md`` (and ``metrics.png``) from what the run directory holds."""
+    run_dir = Path(run_dir)
+    rounds = load_rounds(run_dir)
+    launch = read_json(run_dir / "launch.json")
+    final = read_json(run_dir / "metrics.json")
+    s = run_summary(run_dir)
+    lines = ["# iiotfl run report", ""]
+    lines += _launch_notes(launch, s["links"])  # links.json, else what the launcher said
+    lines += _headline(s, final)
+    lines += _rounds_section(rounds, s, run_dir)
+    lines += _classes_section(rounds, run_dir)
+    lines += privacy_section(run_dir, final)
+    lines += export_section(run_dir)
+    if launch.get("logs"):
+        lines += ["", "## Logs", ""] + [f"- {name}: `{path}`" for name, path in launch["logs"].items()]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _launch_notes(launch: dict[str, Any], links: str | None) -> list[str]:
+    """What the launcher recorded about the run's setting: links, transport, restarts, notes."""
+    lines = []
+    if links:
+        lines += [f"**Links: {links}.**", ""]
+    if launch.get("transport"):
+        lines += [f"**Transport: {launch['transport']}.**", ""]
+    for event in launch.get("resumed") or []:
+        lines += [f"**The SuperLink died (exit code {event['superlink_exit']}) {event['at_s']:.0f} s into the run; it "
+                  f"was restarted on its state database and the run resumed after round {event['after_round']} "
+                  "from that round's checkpoint.**", ""]
+    for note in launch.get("notes", []):
+        lines.append(f"> {note}")
+    if launch.get("notes"):
+        lines.append("")
+    return lines
+
+
+def _headline(s: dict[str, Any], final: dict[str, Any]) -> list[str]:
+    """The figures the run is judged by (:func:`run_summary`), one bullet each."""
+    metric = s["metric"]
+    headline = (f"- global {metric_label(metric)} ({direction(s['higher_is_better'])}): "
+                f"{fmt(s['initial_metric'])} (initial) → {fmt(s['final_metric'])} (final)") if metric else \
+        "- global metric: - (no server-side evaluation recorded)"
+    if s["final_rmse_last"] is not None or s["final_phm_score"] is not None:  # predictive maintenance
+        headline += (f"; RMSE at last cycle {fmt(s['final_rmse_last'])}, PHM08 score {fmt(s['final_phm_score'])}")
+    return [
+        f"- status: **{s['status']}**" + (f" — {s['error']}" if s["error"] else ""),
+        f"- task: {s['task'] or '-'}, engine: {fmt(s['engine'])}, gateways: {fmt(s['gateways'])}",
+        f"- rounds completed: {s['rounds_done']}, wall time: {fmt(s['wall_s'])} s, "
+        f"mean round: {fmt(s['mean_round_s'])} s",
+        headline,
+        f"- privacy: {epsilon_text(s)}",
+        f"- model: {fmt(final.get('parameters'))} parameters, {fmt(final.get('model_bytes'))} bytes",
+        f"- bytes per gateway per round (model payload): up {fmt(s['bytes_up_per_client_round'])}, "
+        f"down {fmt(s['bytes_down_per_client_round'])}; all traffic seen by the SuperLink: "
+        f"{fmt(s['superlink_bytes'])} bytes",
+    ]
+
+
+def _rounds_section(rounds: list[dict[str, Any]], s: dict[str, Any], run_dir: Path) -> list[str]:
+    """One row per round (time, the server-side metrics, replies, mean train loss) and metrics.png."""
+    metric = s["metric"]
+    columns = metric_columns(rounds, metric)
+    lines = [
+        "",
+        "## Rounds",
+        "",
+        "| round | time [s] | simulated [s] | " + "".join(f"{metric_label(k)} | " for k in columns)
+        + "gateways | late | mean train loss |",
+        "|---:|---:|---:|" + "---:|" * len(columns) + "---:|---:|---:|",
+    ]
+    for r in rounds:
+        sv, cl = r["server"], r["clients"]
+        losses = [c["train_loss"] for c in cl if "train_loss" in c]
+        loss = sum(losses) / len(losses) if losses else None
+        lines.append(
+            f"| {r['round']} | {fmt(r['round_time'])} | {fmt(r.get('sim_round_s'))} | "
+            + "".join(f"{fmt(sv.get(k))} | " for k in columns)
+            + f"{r.get('aggregated', len(cl))} | {len(r.get('late') or [])} | {fmt(loss)} |"
+        )
+    hidden = metric_columns(rounds, metric, most=10**6)[len(columns):]
+    if hidden:
+        lines += ["", f"Also evaluated each round (in metrics.jsonl): {', '.join(hidden)}."]
+    if plot_rounds(rounds, run_dir / "metrics.png", metric, s["higher_is_better"]):
+        lines += ["", "![metrics per round](metrics.png)"]
+    return lines
+
+
+def _classes_section(rounds: list[dict[str, Any]], run_dir: Path) -> list[str]:
+    """Time and bytes per gateway class (link/device), links.png, late gateways and outages."""
+    classes = per_class(rounds)
+    if not classes:
+        return []
+    lines = [
+        "", "## Gateways by class (link/device)", "",
+        "Means per gateway and round. Application bytes: the Flower message payload; wire bytes: the "
+        "gateway's veth counters (headers, retransmissions, Flower's polling and heartbeats included). "
+        "Round time (push to reply) = compute (the ClientApp's handler) + transfer (bytes over the link "
+        "rates plus round trips) + waiting (the rest). Link bound: compute + transfer. Simulated: the "
+        "clock of engine=sim (link bound + Flower's own per-exchange overhead + outage waiting).",
+        "",
+        "| class | gateways | replies | late | app up [B] | app down [B] | wire up [B] | wire down [B] "
+        "| compute [s] | transfer [s] | waiting [s] | round [s] | link bound [s] | simulated [s] |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for cls, c in classes.items():
+        lines.append(f"| {cls} | {c['gateways']} | {c['replies']} | {c['late']} | "
+                     + " | ".join(fmt(c[k]) for k in GATEWAY_FIGURES) + " |")
+    if plot_classes(classes, run_dir / "links.png"):
+        lines += ["", "![time and bytes per gateway class](links.png)"]
+    late = [(r["round"], r["late"]) for r in rounds if r.get("late")]
+    if late:
+        lines += ["", "Late (excluded) gateways: " + "; ".join(f"round {n}: {g}" for n, g in late)]
+    events = load_outages(run_dir)
+    if events:
+        lines += ["", "Outages: " + "; ".join(
+            f"gateway {e['gateway']} {e['state']} at {e['t']:.1f}s (round {e['round']})" for e in events)]
+    return lines
+
+
+def export_section(run_dir: Path) -> list[str]:
+    """The on-device model of ``iiotfl export``: size, latency and metrics, int8 beside float32."""
+    ex = read_json(Path(run_dir) / "export" / "export.json")
+    if not ex:
+        return []
+    lines = ["", "## On-device model (`iiotfl export`)", "",
+             f"`{ex['file']}`: dynamic int8 TorchScript (quantised layers: {', '.join(ex['quantised_layers'])}; "
+             "the rest stays float32), signed with the run's artefact key; `server.export.load_export` checks the "
+             "signature (`verify.pub`) before loading it.", "",
+             ]
+    f32 = (ex.get("metrics") or {}).get("float32") or {}
+    primary = [ex["primary_metric"]] if ex.get("primary_metric") in f32 else []
+    keys = (primary + [k for k in f32 if k not in primary and k != "num-examples"])[:4]  # the task's own, primary first
+    lines += ["| model | TorchScript size [B] | latency per sample [µs] | " + " | ".join(keys) + " |",
+              "|---|---:|---:|" + "---:|" * len(keys)]
+    for name in ("float32", "int8"):
+        m = ex["metrics"].get(name) or {}
+        lines.append(f"| {name} | {fmt(ex[f'{name}_bytes'])} | {fmt(ex['latency_us'][name])} | "
+                     + " | ".join(fmt(m.get(k)) for k in keys) + " |")
+    if ex["metrics"]:
+        i8 = ex["metrics"]["int8"]
+        delta = ", ".join(f"{k} {i8[k] - f32[k]:+.4g}" for k in keys if k in i8)
+        unit = " cycles" if "rmse" in keys else ""
+        lines += ["", f"Change int8 − float32 on the server's test data: {delta}; largest change of one prediction: "
+                      f"{fmt(ex['max_abs_prediction_change'])}{unit}."]
+    lines += ["", f"Latency: {ex['latency_setup']}."]
+    if ex.get("note"):
+        lines += ["", f"Note: {ex['note']}."]
+    return lines

@@ -1,0 +1,241 @@
+"""Reading one run directory: what each writer left there, tolerant of a run that stopped early.
+
+A run directory holds what the ServerApp wrote (``metrics.jsonl`` as rounds finish,
+``metrics.json`` and the encrypted, signed ``model.ckpt`` at the end, ``privacy_ledger.jsonl``),
+what the launcher wrote (``launch.json``: engine, status, wall time, traffic seen by the
+SuperLink; ``links.json``, ``outages.jsonl``), what Hydra wrote (``.hydra/config.yaml``,
+``.hydra/overrides.yaml``) and what ``iiotfl export`` / ``iiotfl audit`` measured
+(``export/export.json``, ``audit.json``). Every reader here returns an empty value for a file
+that is missing or cut short; none raises on a failed run.
+
+Every task names its own primary metric and direction (``metrics.json``: ``primary_metric``,
+``higher_is_better``; :class:`tasks.Task`): :func:`metric_of` reads them, never a fixed one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from iiotfl.privacy.ledger import read_jsonl
+from iiotfl.server.report.text import finite, mean
+from iiotfl.tasks import task_class
+
+RUN_FILES = ("launch.json", "metrics.jsonl", "metrics.json")  # any of them (or .hydra/config.yaml): a run
+SKIP_DIRS = {"flwr", "logs", "checkpoints", "export", "certs", "he-keys", ".hydra"}  # a run's own folders
+
+GATEWAY_FIGURES = ("bytes_up", "bytes_down", "wire_up", "wire_down", "compute_s", "transfer_s", "wait_s",
+                   "round_s", "bound_s", "sim_s")
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object file; {} when it is missing, unreadable or not an object."""
+    try:
+        data = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def load_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``; a line cut short by a crash is left out."""
+    rows = [row for row in read_jsonl(Path(run_dir) / "metrics.jsonl") if "round" in row]
+    for row in rows:
+        row.setdefault("server", {})
+        row.setdefault("clients", [])
+        row.setdefault("round_time", 0.0)
+    return rows
+
+
+def load_config(run_dir: Path) -> dict[str, Any]:
+    """The run's composed config: ``config.yaml`` (resolved, written when the run started) or
+    Hydra's ``.hydra/config.yaml`` (also there for a run refused by the config checks)."""
+    for path in (Path(run_dir) / "config.yaml", Path(run_dir) / ".hydra" / "config.yaml"):
+        if path.exists():
+            try:
+                cfg = yaml.safe_load(path.read_text())
+            except yaml.YAMLError:
+                continue
+            if isinstance(cfg, dict):
+                return cfg
+    return {}
+
+
+def load_overrides(run_dir: Path) -> list[str]:
+    """The command-line overrides of the run (``.hydra/overrides.yaml``), hydra.* left out."""
+    path = Path(run_dir) / ".hydra" / "overrides.yaml"
+    if not path.exists():
+        return []
+    try:
+        items = yaml.safe_load(path.read_text()) or []
+    except yaml.YAMLError:
+        return []
+    return [str(o) for o in items if not str(o).lstrip("+~").startswith("hydra.")]
+
+
+def load_outages(run_dir: Path) -> list[dict[str, Any]]:
+    """The link down/up events of ``outages.jsonl`` (none: [])."""
+    return read_jsonl(Path(run_dir) / "outages.jsonl")
+
+
+def metric_of(final: dict[str, Any], task: str | None) -> tuple[str | None, bool | None]:
+    """(primary metric, higher is better) of the run's task: from ``metrics.json``, else from the
+    class of ``task`` (a run that failed before the end), else (None, None)."""
+    if final.get("primary_metric"):
+        return str(final["primary_metric"]), bool(final.get("higher_is_better", False))
+    if task:
+        try:
+            cls = task_class(task)
+            return str(cls.primary_metric), bool(cls.higher_is_better)
+        except Exception:  # noqa: BLE001 - a task this checkout does not have
+            pass
+    return None, None
+
+
+def privacy_spent(mechanism: str, final: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mechanism, epsilon and delta a run spent. The mechanism is the one ``metrics.json`` recorded,
+    else ``mechanism`` (the configured one: a run that failed before the end). No DP: epsilon =
+    inf. Sample-level DP: the largest epsilon of any gateway (each composes over its own rounds);
+    client-level: the fleet's."""
+    recorded = final.get("privacy") or {}
+    mechanism = recorded.get("mechanism") or mechanism or "none"
+    if mechanism == "none":
+        return {"dp": "none", "epsilon": math.inf, "delta": None}
+    eps, delta = None, None
+    for r in rounds:
+        p = r.get("privacy") or {}
+        for key in ("epsilon", "device_epsilon_max"):
+            v = p.get(key)
+            if finite(v) and (eps is None or v > eps):
+                eps = float(v)
+        if p.get("delta") is not None:
+            delta = p["delta"]
+    for c in recorded.get("checks") or []:  # sample-level: per gateway, recomputed
+        v = c.get("reported")
+        if finite(v) and (eps is None or v > eps):
+            eps, delta = float(v), c.get("delta", delta)
+    return {"dp": mechanism, "epsilon": eps, "delta": delta}
+
+
+def group_value(name: str, cfg: dict[str, Any], overrides: list[str]) -> str:
+    """The option of config group ``name`` a run used: its override first (also right for a sweep
+    point whose config could not be composed), else the composed config."""
+    for o in overrides:
+        key, _, value = o.lstrip("+~").partition("=")
+        if key == name:
+            return value
+    section = cfg.get(name)
+    if not isinstance(section, dict):
+        return ""
+    value = str(section.get("name", ""))
+    if name == "link":  # a fleet with mixed links says so
+        mix = (cfg.get("fleet") or {}).get("link_mix") or {} if isinstance(cfg.get("fleet"), dict) else {}
+        if mix:
+            value = "mix " + ", ".join(f"{k}:{v}" for k, v in mix.items())
+    return value
+
+
+def metric_columns(rounds: list[dict[str, Any]], primary: str | None, most: int = 8) -> list[str]:
+    """Server-side metrics of the rounds, the primary one first, at most ``most`` (num-examples left
+    out; every metric is in metrics.jsonl)."""
+    keys: list[str] = [primary] if primary else []
+    for r in rounds:
+        for k in r["server"]:
+            if k not in keys and k != "num-examples":
+                keys.append(k)
+    return keys[:most]
+
+
+def _traffic(trained: list[dict[str, Any]]) -> dict[str, Any]:
+    """Mean model payload per gateway and round, both ways (metrics.jsonl: each client's bytes)."""
+    up = [c["bytes-up"] for r in trained for c in r["clients"] if "bytes-up" in c]
+    down = [c["bytes-down"] for r in trained for c in r["clients"] if "bytes-down" in c]
+    return {"bytes_up_per_client_round": sum(up) / len(up) if up else None,
+            "bytes_down_per_client_round": sum(down) / len(down) if down else None}
+
+
+def run_summary(run_dir: Path) -> dict[str, Any]:
+    """The figures one run is judged by (also one row of a sweep table)."""
+    run_dir = Path(run_dir)
+    rounds = load_rounds(run_dir)
+    launch = read_json(run_dir / "launch.json")
+    final = read_json(run_dir / "metrics.json")
+    cfg, overrides = load_config(run_dir), load_overrides(run_dir)
+    task = final.get("task") or group_value("task", cfg, overrides)
+    metric, higher = metric_of(final, task)
+    scored = [r for r in rounds if r["server"]]
+    trained = [r for r in rounds if r["round"] > 0]
+    first = scored[0]["server"] if scored else {}
+    last = scored[-1]["server"] if scored else {}
+    return {
+        "status": launch.get("status", "completed" if (run_dir / "metrics.json").exists() else "unknown"),
+        "engine": launch.get("engine", ""),
+        "gateways": launch.get("gateways", ""),
+        "task": task,
+        "rounds_done": len(trained),
+        "metric": metric,
+        "higher_is_better": higher,
+        "initial_metric": first.get(metric) if metric else None,
+        "final_metric": last.get(metric) if metric else None,
+        **privacy_spent(group_value("privacy", cfg, overrides), final, rounds),
+        "initial_rmse": first.get("rmse"),
+        "final_rmse": last.get("rmse"),
+        "final_rmse_last": last.get("rmse_last"),
+        "final_phm_score": last.get("phm_score"),
+        "mean_round_s": sum(r["round_time"] for r in trained) / len(trained) if trained else None,
+        "wall_s": launch.get("wall_s"),
+        **_traffic(trained),
+        "superlink_bytes": launch.get("traffic", {}).get("total-bytes"),
+        "sim_round_s": mean([r.get("sim_round_s") for r in trained]),
+        "late_replies": sum(len(r.get("late") or []) for r in trained),
+        "links": (read_json(run_dir / "links.json").get("emulation") or launch.get("links") or ""),
+        "error": launch.get("error", ""),
+    }
+
+
+def per_class(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Mean per-gateway-round figures for each gateway class (link/device)."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rounds:
+        for g in r.get("gateways") or []:
+            groups.setdefault(g.get("class") or "?", []).append(g)
+    out = {}
+    for cls, rows in sorted(groups.items()):
+        done = [g for g in rows if g.get("status") == "aggregated"]
+        out[cls] = {
+            "gateways": len({g.get("partition") for g in rows}),
+            "replies": len(done),
+            "late": sum(g.get("status") == "late" for g in rows),
+            **{k: mean([g.get(k) for g in (rows if k.startswith("wire") else done)]) for k in GATEWAY_FIGURES},
+        }
+    return out
+
+
+def is_run_dir(path: Path) -> bool:
+    """A run directory: what ``iiotfl run`` (one run or one point of a sweep) writes."""
+    path = Path(path)
+    return any((path / name).exists() for name in RUN_FILES) or (path / ".hydra" / "config.yaml").exists()
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Every run directory at or below ``root`` (a sweep, a day of sweeps, ``runs/``), in natural order."""
+    root = Path(root)
+    found = []
+    for here, dirs, _ in os.walk(root):
+        if is_run_dir(Path(here)):
+            found.append(Path(here))
+            dirs[:] = []  # a run's own folders (flwr/, logs/, ...) hold no runs
+            continue
+        dirs[:] = [d for d in dirs if d not in SKIP_DIRS and not d.startswith(".")]
+
+    def key(p: Path) -> list[Any]:
+        rel = p.relative_to(root).as_posix()
+        return [(0, int(t), "") if t.isdigit() else (1, 0, t) for t in re.split(r"(\d+)", rel) if t]
+
+    return sorted(found, key=key)

@@ -1,0 +1,144 @@
+"""The per-round log of a run: ``metrics.jsonl``, one line per round, written as it happens."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from iiotfl.links.counters import read_wire
+from iiotfl.links.outages import Outages
+from iiotfl.links.profiles import GatewayProfile, gateway_profiles, link_time, transfer_time
+from iiotfl.privacy.ledger import keep_rounds
+from iiotfl.server.rounds import DeadlineGrid, RoundTrace
+from iiotfl.strategies import wire
+
+
+class RoundLog:
+    """Collects per-round figures and appends them to ``metrics.jsonl`` as they happen.
+
+    Per gateway and round: application bytes (Flower message payload, both ways), wire
+    bytes (its link's counters on a shaped fleet, which the launcher writes to ``wire.json``),
+    and the round time split into compute (the ClientApp's handler), transfer (bytes over the
+    link rates plus round trips, ``links/profiles.py``) and waiting (the rest: Flower's polling, process start-up,
+    queueing behind other gateways, outages). ``bound_s`` = compute + transfer;
+    ``sim_s`` is the simulated clock (bound + Flower's overhead + outage waiting).
+    """
+
+    def __init__(self, path: Path, cfg: dict[str, Any], grid: DeadlineGrid, simulated: bool,
+                 keep_upto: int | None = None) -> None:
+        self.path = path
+        kept = keep_rounds(path, keep_upto)  # a resumed run keeps its completed rounds
+        self.start = time.time()
+        self.last = self.start
+        self.grid = grid
+        self.simulated = simulated  # engine=sim: the round time is the simulated clock's
+        self.clients: list[dict[str, Any]] = []
+        self.rows: list[dict[str, Any]] = kept
+        self.profiles = {p.index: p for p in gateway_profiles(cfg)}
+        self.node_partition: dict[int, int] = {}
+        self.run_dir = path.parent
+        self.counters = self.read_counters()
+        # engine=sim: a simulated clock that also knows the outage schedule
+        self.outages = Outages(cfg, [])
+        self.deadline = float(cfg["fleet"]["round_timeout"])
+        self.sim_clock = 0.0
+
+    def read_counters(self) -> dict[int, dict[str, int]]:
+        """Each shaped gateway's wire byte counters, as the launcher last wrote them (``wire.json``)."""
+        return read_wire(self.run_dir) or {}
+
+    def _timing(self, part: int, prof: GatewayProfile, c: dict[str, Any], measured: float,
+                pushed: float, replied: float) -> dict[str, Any]:
+        """An aggregated gateway's bytes and round time split: compute, transfer, waiting, simulated."""
+        compute = float(c[wire.T_END] - c[wire.T_START])
+        objects = (c.get(wire.OBJECTS_DOWN), c.get(wire.OBJECTS_UP))
+        transfer = transfer_time(prof.link, c[wire.BYTES_DOWN], c[wire.BYTES_UP], *objects)
+        wait_outage = 0.0
+        if self.simulated:
+            wait_outage = self.outages.up_again(part, self.sim_clock, len(self.rows)) - self.sim_clock
+        return dict(
+            status="aggregated", bytes_down=c[wire.BYTES_DOWN], bytes_up=c[wire.BYTES_UP],
+            round_s=measured, compute_s=compute, transfer_s=transfer,
+            wait_s=max(0.0, measured - compute - transfer),
+            # of the waiting: before the ClientApp process existed (Flower's pull interval,
+            # the downlink), its start-up (interpreter, imports), after the reply left
+            before_process_s=float(c[wire.T_PROC]) - pushed if wire.T_PROC in c else None,
+            startup_s=float(c[wire.T_START] - c[wire.T_PROC]) if wire.T_PROC in c else None,
+            after_reply_s=replied - float(c[wire.T_END]),
+            bound_s=compute + transfer,
+            sim_s=link_time(prof.link, prof.device, compute, c[wire.BYTES_DOWN], c[wire.BYTES_UP],
+                            outage_wait_s=wait_outage, measured_on_share=1.0 if self.simulated else None,
+                            objects_down=objects[0], objects_up=objects[1]),
+            train_loss=c.get(wire.TRAIN_LOSS),
+        )
+
+    def _gateway_row(self, node: int, pushed: float, trace: RoundTrace, counters: dict) -> dict[str, Any]:
+        """One sampled gateway's row: what it sent, its round time split, its link's wire bytes."""
+        part = self.node_partition.get(node)
+        c = trace.metrics.get(node)
+        prof = self.profiles.get(part) if part is not None else None
+        row: dict[str, Any] = {"partition": part, "node": node, "class": prof.label if prof else None}
+        if c is not None:
+            row["metrics"] = {k: v for k, v in c.items() if k.startswith("dp-")}
+        if c is not None and c.get(wire.DP_STOPPED):
+            row.update(status="budget-spent", bytes_up=0, epsilon=c.get(wire.DP_EPSILON))
+        elif node in trace.replied and c is not None and prof is not None and part is not None:
+            row.update(self._timing(part, prof, c, trace.replied[node] - pushed, pushed, trace.replied[node]))
+        else:
+            row["status"] = ("late" if node in trace.late else "extra" if node in trace.extra
+                             else "error" if node in trace.errors else "unknown")
+        if part in counters and part in self.counters:
+            row["wire_up"] = counters[part]["up"] - self.counters[part]["up"]
+            row["wire_down"] = counters[part]["down"] - self.counters[part]["down"]
+        return row
+
+    def _gateways(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        trace = self.grid.train_trace
+        now_counters = self.read_counters()
+        self.clients = [trace.metrics[n] for n in trace.replied if n in trace.metrics]
+        rows = [self._gateway_row(node, pushed, trace, now_counters) for node, pushed in trace.sent.items()]
+        self.counters = now_counters
+        aggregated = [r for r in rows if r.get("status") == "aggregated"]
+        if self.simulated:
+            # on the simulated clock a gateway past the deadline would have been late
+            for r in aggregated:
+                if r["sim_s"] > self.deadline:  # would have missed the deadline (outage, slow link)
+                    r["sim_late"], r["sim_s"] = True, self.deadline
+        sim_round = min(self.deadline, max((r["sim_s"] for r in aggregated), default=0.0))
+        if self.simulated:
+            self.sim_clock += sim_round
+        summary = {
+            "sampled": len(trace.sent),
+            "aggregated": len(aggregated),
+            "late": sorted(r["partition"] for r in rows if r["status"] == "late" and r["partition"] is not None),
+            "skipped": trace.below_minimum,
+            "train_s": trace.ended - trace.started,
+            "sim_round_s": sim_round,
+            "bound_round_s": max((r["bound_s"] for r in aggregated), default=0.0),
+            "sim_late": sorted(r["partition"] for r in aggregated if r.get("sim_late")),
+        }
+        return sorted(rows, key=lambda r: (r["partition"] is None, r["partition"])), summary
+
+    def write(self, server_round: int, evaluation: dict[str, float], privacy: dict[str, float] | None = None) -> None:
+        now = time.time()
+        gateways, summary = self._gateways() if server_round else ([], {})
+        device_eps = [g["metrics"][wire.DP_EPSILON] for g in gateways if wire.DP_EPSILON in g.get("metrics", {})]
+        if device_eps:
+            privacy = {**(privacy or {}), "device_epsilon_max": max(device_eps)}
+        row = {
+            "round": server_round,
+            "time": now - self.start,
+            "round_time": now - self.last if server_round else 0.0,
+            "server": evaluation,
+            "privacy": privacy or {},
+            **summary,
+            "clients": self.clients,
+            "gateways": gateways,
+        }
+        self.last = now
+        self.clients = []
+        self.rows.append(row)
+        with self.path.open("a") as fh:
+            fh.write(json.dumps(row) + "\n")

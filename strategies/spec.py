@@ -1,0 +1,54 @@
+"""What a strategy states about itself: the entry every aggregation strategy adds to the registry.
+
+A strategy is one file in ``strategies/`` that defines its Flower strategy class and one
+:class:`StrategySpec`, and one line in ``strategies/__init__.py``'s ``STRATEGIES``. Everything
+else — the config checks, the ServerApp, the launcher (key provisioning, resume), the ledger
+and the reports — asks the spec instead of comparing the strategy's name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.serverapp.strategy import Strategy
+
+Config = Mapping[str, Any]
+# What a spec builds: a Message-API strategy, or Flower's legacy one for a spec with a runner of its own (SecAgg+)
+BuiltStrategy = Strategy | LegacyStrategy
+
+
+@dataclass
+class BuildContext:
+    """What ``StrategySpec.build`` gets besides the config."""
+
+    common: dict[str, Any]                      # CodecFedAvg's sampling/codec/downlink keyword arguments
+    keys: Path | None = None                    # the HE key directory (strategy.keys or the launcher's)
+    dp: Any = None                              # distributed DP noise shares (privacy=client on he/secagg)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StrategySpec:
+    """One aggregation strategy, as the rest of the project sees it."""
+
+    name: str
+    build: Callable[[Config, BuildContext], BuiltStrategy]
+    validate: Callable[[Config], None]
+    uplink: str            # what a gateway's update is on the uplink: "plaintext", "encrypted" or "masked"
+    describe: str          # how an update leaves a gateway (ledger and report wording; an encrypted or
+                           # masked uplink's text has a {noise} field for the DP noise share added first)
+    client_dp: str | None  # privacy=client: "wrappers" (Flower's DP wrappers around the mean),
+                           # "distributed" (noise shares added on the gateways), None (refused)
+    resume_refusal: str | None = None  # why a run cannot resume after a SuperLink restart (None: it can)
+    needs_keys: bool = False           # HE key set: the local fleet provisions one when strategy.keys is null
+    runner: Callable[..., Any] | None = None  # a workflow of its own (SecAgg+ in Flower's legacy workflow):
+                                              # (grid, context, cfg, model, train_config, evaluate, rounds,
+                                              # strategy, examples) -> (final arrays, client evaluation)
+
+    @property
+    def server_sees_updates(self) -> bool:
+        """Whether the server sees each gateway's update (not only their sum)."""
+        return self.uplink == "plaintext"

@@ -1,0 +1,114 @@
+"""Wire constants: the message types, record names and keys the ServerApp and the ClientApp exchange.
+
+Defined once here and imported by both ends of every message (the ServerApp and its strategies,
+the ClientApp), as Flower keeps its own in ``common/differential_privacy_constants.py``.
+Below them, typed accessors (``as_int``, ``config_record``, ...) that read a record's value or a
+message's record with the type these constants give it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+# -- message types (besides Flower's train / evaluate) --------------------------------------
+QUERY_FEATURE_STATS = "query.feature_stats"  # round 0: each gateway's feature sums
+QUERY_HE_DECRYPT = "query.he_decrypt"        # strategy=he: one gateway decrypts a sum
+
+# -- records ----------------------------------------------------------------------------------
+STATS_HE = "stats-he"      # the encrypted feature sums (strategy=he)
+HE_UPDATE = "he-update"    # the encrypted update (strategy=he)
+
+# -- server -> gateway: the train config ------------------------------------------------------
+SERVER_ROUND = "server-round"
+LOCAL_EPOCHS = "local-epochs"
+BATCH_SIZE = "batch-size"
+NORM_SUMS = "norm-sums"                  # the fleet's feature sums, flattened
+NORM_COLS = "norm-cols"                  # ... and their number of columns
+BASE_ROUND = "base-round"                # a delta downlink is against the model of this round
+HE_RANGES = "he-ranges"                  # strategy=he: per-tensor clipping ranges
+HE_WEIGHT = "he-weight"                  # strategy=he: this gateway's FedAvg weight
+HE_FINGERPRINT = "he-fingerprint"        # strategy=he: the key set the server uses
+HE_DP_CLIP = "he-dp-clip"                # distributed DP: clip the update to this L2 norm
+HE_DP_SIGMA = "he-dp-sigma"              # distributed DP: this gateway's noise share (std)
+SECAGG_WEIGHT_SCALE = "secagg-weight-scale"  # SecAgg+: example counts scaled to max_weight
+MIN_AGGREGATE = "min-aggregate"          # a decrypt request: the fewest contributions allowed
+
+# -- gateway -> server: reply metrics ---------------------------------------------------------
+NUM_EXAMPLES = "num-examples"
+BYTES_DOWN = "bytes-down"
+BYTES_UP = "bytes-up"
+OBJECTS_DOWN = "objects-down"
+OBJECTS_UP = "objects-up"
+T_PROC = "t-proc"        # when the ClientApp process started
+T_START = "t-start"      # when the handler started
+T_END = "t-end"          # when the reply was ready
+RESIDUAL_NORM = "residual-norm"
+TRAIN_LOSS = "train_loss"
+DP_SIGMA = "dp-sigma"
+DP_CLIP = "dp-clip"
+DP_DELTA = "dp-delta"
+DP_BUDGET = "dp-budget"
+DP_BUDGET_LEFT = "dp-budget-left"
+DP_EPSILON = "dp-epsilon"
+DP_STOPPED = "dp-stopped"
+DP_Q = "dp-q"
+DP_STEPS = "dp-steps"
+DP_WEIGHT = "dp-weight"
+SECAGG_SATURATED = "secagg-saturated"
+HE_SATURATED = "he-saturated"
+
+
+# -- typed access ------------------------------------------------------------------------------
+# A record's values are typed as any value a record can hold, a RecordDict's as any record
+# kind; these read one with the type the protocol above gives it. The values convert with
+# int() / float() / str(), as the code did inline before.
+
+_Record = TypeVar("_Record", ArrayRecord, ConfigRecord, MetricRecord)
+
+
+class RecordKindError(TypeError):
+    """A message or state record is of another kind than the protocol says (a malformed reply)."""
+
+
+def as_int(value: Any) -> int:
+    return int(value)
+
+
+def as_float(value: Any) -> float:
+    return float(value)
+
+
+def as_str(value: Any) -> str:
+    return str(value)
+
+
+def as_ints(value: Any) -> list[int]:
+    return [int(v) for v in value]
+
+
+def as_floats(value: Any) -> list[float]:
+    return [float(v) for v in value]
+
+
+def _record(content: RecordDict, key: str, kind: type[_Record]) -> _Record:
+    record = content[key]
+    if not isinstance(record, kind):
+        raise RecordKindError(f"record {key!r} is a {type(record).__name__}, the protocol sends a {kind.__name__}")
+    return record
+
+
+def array_record(content: RecordDict, key: str) -> ArrayRecord:
+    """``content[key]``, which must be an ArrayRecord (KeyError if absent, RecordKindError if another kind)."""
+    return _record(content, key, ArrayRecord)
+
+
+def config_record(content: RecordDict, key: str) -> ConfigRecord:
+    """``content[key]``, which must be a ConfigRecord (KeyError if absent, RecordKindError if another kind)."""
+    return _record(content, key, ConfigRecord)
+
+
+def metric_record(content: RecordDict, key: str) -> MetricRecord:
+    """``content[key]``, which must be a MetricRecord (KeyError if absent, RecordKindError if another kind)."""
+    return _record(content, key, MetricRecord)
