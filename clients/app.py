@@ -88,8 +88,8 @@ def _device_keys(settings: RunSettings, context: Context) -> he.KeySet:
 
 
 def _encrypted(payload: bytes, keys: he.KeySet, key: str) -> dict:
-    return {key: ArrayRecord({"ct": Array(np.frombuffer(payload, dtype=np.uint8))}),
-            "he": ConfigRecord({"fingerprint": keys.fingerprint, "digest": digest(payload)})}
+    return {key: ArrayRecord({wire.CT: Array(np.frombuffer(payload, dtype=np.uint8))}),
+            wire.HE: ConfigRecord({wire.FINGERPRINT: keys.fingerprint, wire.DIGEST: digest(payload)})}
 
 
 @app.query("feature_stats")
@@ -99,14 +99,14 @@ def feature_stats(msg: Message, context: Context) -> Message:
     settings, task, train, _, partition = _plant(context)
     sums = task.feature_sums(train)
     examples = len(task.windows(train, task.normaliser(sums))[1])  # the FedAvg weight, public anyway
-    gateway = MetricRecord({"partition": partition, wire.NUM_EXAMPLES: examples, "rows": int(sums.shape[0]),
-                            "cols": int(sums.shape[1])})
+    gateway = MetricRecord({"partition": partition, wire.NUM_EXAMPLES: examples, wire.ROWS: int(sums.shape[0]),
+                            wire.COLS: int(sums.shape[1])})
     if strategy_spec(settings.cfg).needs_keys:  # strategy=he: the statistics leave encrypted
         keys = _device_keys(settings, context)
         encrypted = _encrypted(keys.encrypt_slots(he.to_limbs(sums)), keys, wire.STATS_HE)
-        reply = RecordDict({**encrypted, "gateway": gateway})
+        reply = RecordDict({**encrypted, wire.GATEWAY: gateway})
     else:
-        reply = RecordDict({"stats": ArrayRecord(numpy_ndarrays=[sums]), "gateway": gateway})
+        reply = RecordDict({wire.STATS: ArrayRecord(numpy_ndarrays=[sums]), wire.GATEWAY: gateway})
     return Message(content=reply, reply_to=msg)
 
 
@@ -115,12 +115,12 @@ def he_decrypt(msg: Message, context: Context) -> Message:
     """Decrypt a *sum* of encrypted updates or statistics (never fewer than min-aggregate)."""
     config = wire.config_record(msg.content, "config")
     keys = _device_keys(from_run_config(context.run_config), context)
-    if wire.as_int(config["contributors"]) < max(2, wire.as_int(config[wire.MIN_AGGREGATE])):
+    if wire.as_int(config[wire.CONTRIBUTORS]) < max(2, wire.as_int(config[wire.MIN_AGGREGATE])):
         raise he.HEError(f"asked to decrypt a sum of {wire.as_str(config['contributors'])} update(s); this gateway "
                          f"decrypts only sums of at least {max(2, wire.as_int(config['min-aggregate']))}")
-    payload = verified_payload(wire.array_record(msg.content, "sum"), config, keys.fingerprint)
+    payload = verified_payload(wire.array_record(msg.content, wire.SUM), config, keys.fingerprint)
     slots = keys.decrypt_slots(payload)
-    return Message(content=RecordDict({"slots": ArrayRecord({"slots": Array(slots)})}), reply_to=msg)
+    return Message(content=RecordDict({wire.SLOTS: ArrayRecord({wire.SLOTS: Array(slots)})}), reply_to=msg)
 
 
 def _he_update(settings: RunSettings, context: Context, config: ConfigRecord, update: np.ndarray, view,
@@ -301,7 +301,7 @@ def _encoded_reply(msg: Message, context: Context, cfg, codec, update: np.ndarra
     reply = MetricRecord({**metrics, wire.BYTES_UP: record.count_bytes(), wire.OBJECTS_DOWN: _objects_down(msg),
                           wire.OBJECTS_UP: 2 + 2 + len(record), wire.T_END: time.time(),
                           wire.RESIDUAL_NORM: residual_norm})
-    return Message(content=RecordDict({"update": record, "metrics": reply}), reply_to=msg)
+    return Message(content=RecordDict({wire.UPDATE: record, "metrics": reply}), reply_to=msg)
 
 
 def _reply(msg: Message, context: Context, settings: RunSettings, model, view, config, metrics: dict,

@@ -35,14 +35,14 @@ def federated_feature_sums(grid: Grid, nodes: list[int], timeout: float, keys=No
     replies = [r for r in grid.send_and_receive(messages, timeout=timeout) if r.has_content()]
     if not replies:
         raise RuntimeError("no gateway answered the feature-statistics query; check the SuperNode logs")
-    gateways = {r.metadata.src_node_id: wire.metric_record(r.content, "gateway") for r in replies}
+    gateways = {r.metadata.src_node_id: wire.metric_record(r.content, wire.GATEWAY) for r in replies}
     partitions = {n: wire.as_int(g["partition"]) for n, g in gateways.items()}
     examples = {n: wire.as_int(g[wire.NUM_EXAMPLES]) for n, g in gateways.items()}
     if keys is None:
-        nbytes = {r.metadata.src_node_id: r.content["stats"].count_bytes() for r in replies}
-        total = sum(wire.array_record(r.content, "stats").to_numpy_ndarrays()[0] for r in replies)
+        nbytes = {r.metadata.src_node_id: r.content[wire.STATS].count_bytes() for r in replies}
+        total = sum(wire.array_record(r.content, wire.STATS).to_numpy_ndarrays()[0] for r in replies)
         return total, partitions, nbytes, examples
-    shape = {(wire.as_int(g["rows"]), wire.as_int(g["cols"])) for g in gateways.values()}
+    shape = {(wire.as_int(g[wire.ROWS]), wire.as_int(g[wire.COLS])) for g in gateways.values()}
     if len(shape) != 1:
         raise RuntimeError(f"gateways disagree on the statistics' shape {sorted(shape)}; they run different tasks")
     rows, cols = shape.pop()
@@ -50,7 +50,7 @@ def federated_feature_sums(grid: Grid, nodes: list[int], timeout: float, keys=No
     for r in replies:
         try:
             record = wire.array_record(r.content, wire.STATS_HE)
-            payload = verified_payload(record, r.content["he"], keys.fingerprint)
+            payload = verified_payload(record, r.content[wire.HE], keys.fingerprint)
         except he.HEError as err:
             log(WARNING, "gateway %d: statistics left out: %s", r.metadata.src_node_id, err)
             continue

@@ -151,13 +151,13 @@ class CodecFedAvg(FedAvg):
         base = flatten(self.view) if self.view is not None else None
         for msg in valid:
             node = msg.metadata.src_node_id
-            if "update" not in msg.content and msg.content["metrics"].get(wire.DP_STOPPED):
+            if wire.UPDATE not in msg.content and msg.content["metrics"].get(wire.DP_STOPPED):
                 log(INFO, "gateway %d has spent its privacy budget and sent no update", node)
                 self.current.add(node)  # it still holds this round's model
                 continue
             assert base is not None and self.view is not None, "a train reply before configure_train sent a model"
             try:
-                update = self.codec.decode(record_arrays(wire.array_record(msg.content, "update")), base.size)
+                update = self.codec.decode(record_arrays(wire.array_record(msg.content, wire.UPDATE)), base.size)
                 weights = unflatten(base + update, self.view)
             except (KeyError, ValueError, wire.RecordKindError) as err:
                 log(INFO, "gateway %d sent a malformed update, left out of round %d: %s", node, server_round, err)

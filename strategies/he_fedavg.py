@@ -49,11 +49,11 @@ def digest(payload: bytes) -> str:
 
 def verified_payload(record: ArrayRecord, meta: Mapping[str, object], fingerprint: str) -> bytes:
     """Ciphertext bytes of ``record`` after checking ``meta``'s key-set fingerprint and digest."""
-    if meta.get("fingerprint") != fingerprint:
+    if meta.get(wire.FINGERPRINT) != fingerprint:
         raise he.HEError(f"encrypted under key set {meta.get('fingerprint')!r}, the fleet's is "
                          f"{fingerprint!r} (give the gateway this run's device.he)")
-    payload = record["ct"].numpy().tobytes()
-    if digest(payload) != meta.get("digest"):
+    payload = record[wire.CT].numpy().tobytes()
+    if digest(payload) != meta.get(wire.DIGEST):
         raise he.HEError("ciphertext bytes do not match their digest (tampered or corrupted in transit)")
     return payload
 
@@ -112,9 +112,9 @@ class HEFedAvg(CodecFedAvg):
     def check(self, msg: Message, expected: int) -> bytes:
         """The reply's ciphertext bytes, or HEError saying what is wrong with them."""
         content = msg.content
-        if wire.HE_UPDATE not in content or "he" not in content:
+        if wire.HE_UPDATE not in content or wire.HE not in content:
             raise he.HEError("no encrypted update in the reply (is the gateway running strategy=he?)")
-        payload = verified_payload(wire.array_record(content, wire.HE_UPDATE), content["he"], self.keys.fingerprint)
+        payload = verified_payload(wire.array_record(content, wire.HE_UPDATE), content[wire.HE], self.keys.fingerprint)
         self.keys.coefficients(payload, expected)
         return payload
 
@@ -177,9 +177,9 @@ def decrypt_sum(grid: Grid, total: bytes, contributors: list[int], server_round:
                 min_aggregate: int) -> np.ndarray | None:
     for node in contributors:
         content = RecordDict({
-            "sum": ArrayRecord({"ct": Array(np.frombuffer(total, dtype=np.uint8))}),
-            "config": ConfigRecord({"contributors": len(contributors), wire.MIN_AGGREGATE: min_aggregate,
-                                    "fingerprint": keys.fingerprint, "digest": digest(total),
+            wire.SUM: ArrayRecord({wire.CT: Array(np.frombuffer(total, dtype=np.uint8))}),
+            "config": ConfigRecord({wire.CONTRIBUTORS: len(contributors), wire.MIN_AGGREGATE: min_aggregate,
+                                    wire.FINGERPRINT: keys.fingerprint, wire.DIGEST: digest(total),
                                     wire.SERVER_ROUND: server_round}),
         })
         replies = list(grid.send_and_receive([Message(content=content, dst_node_id=node,
@@ -188,8 +188,8 @@ def decrypt_sum(grid: Grid, total: bytes, contributors: list[int], server_round:
             if reply.has_error():
                 log(WARNING, "gateway %d could not decrypt the round-%d sum: %s", node, server_round,
                     reply.error.reason)
-            elif "slots" in reply.content:
-                return wire.array_record(reply.content, "slots")["slots"].numpy().astype(np.int64)
+            elif wire.SLOTS in reply.content:
+                return wire.array_record(reply.content, wire.SLOTS)[wire.SLOTS].numpy().astype(np.int64)
     log(WARNING, "round %d: no gateway decrypted the aggregate; nothing aggregated", server_round)
     return None
 

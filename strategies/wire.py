@@ -17,8 +17,20 @@ QUERY_FEATURE_STATS = "query.feature_stats"  # round 0: each gateway's feature s
 QUERY_HE_DECRYPT = "query.he_decrypt"        # strategy=he: one gateway decrypts a sum
 
 # -- records ----------------------------------------------------------------------------------
+UPDATE = "update"          # the encoded update (codec)
+STATS = "stats"            # the feature sums, in plaintext
 STATS_HE = "stats-he"      # the encrypted feature sums (strategy=he)
 HE_UPDATE = "he-update"    # the encrypted update (strategy=he)
+HE = "he"                  # the meta record of a ciphertext: key-set fingerprint and digest
+GATEWAY = "gateway"        # a statistics reply: partition, examples, the sums' shape
+SUM = "sum"                # a decrypt request: the summed ciphertext
+SLOTS = "slots"            # a decrypt reply: the plaintext slots
+CT = "ct"                  # the array of a ciphertext record
+CONTRIBUTORS = "contributors"  # a decrypt request: how many contributions the sum holds
+DIGEST = "digest"          # SHA-256 of the ciphertext bytes
+FINGERPRINT = "fingerprint"    # the key set's fingerprint
+ROWS = "rows"              # the feature sums' shape
+COLS = "cols"
 
 # -- server -> gateway: the train config ------------------------------------------------------
 SERVER_ROUND = "server-round"
