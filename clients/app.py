@@ -28,6 +28,7 @@ from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from iiotfl.clients.poison import poison
+from iiotfl.clients.processes import started_at
 from iiotfl.clients.training import train_local, train_local_dp
 from iiotfl.compat.flower import (
     KEY_CLIPPING_NORM,
@@ -47,16 +48,6 @@ from iiotfl.strategies.he_fedavg import digest, verified_payload
 from iiotfl.tasks import get_task
 
 app = ClientApp()
-
-
-def _process_started() -> float:
-    """Wall-clock time this process (Flower starts one per message) was created."""
-    try:
-        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        uptime = float(open("/proc/uptime").read().split()[0])
-        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
-    except (OSError, ValueError, IndexError):
-        return time.time()
 
 
 def _plant(context: Context):
@@ -237,7 +228,7 @@ def _secagg_fit(msg: Message, context: Context, started: float) -> Message:
                    else min(max_weight, len(y) * wire.as_float(config.get(wire.SECAGG_WEIGHT_SCALE, 1.0))))
     metrics = {**stats, **extra, "partition": partition, wire.NUM_EXAMPLES: len(y),
                wire.SECAGG_SATURATED: float(np.mean(np.abs(weights) > clip_range)),
-               wire.T_PROC: _process_started(), wire.T_START: started,
+               wire.T_PROC: started_at(), wire.T_START: started,
                wire.BYTES_DOWN: sum(len(t) for t in parameters.tensors),
                # SecAgg+ sends int64 masked integers: 8 bytes per weight, plus the weight factor
                wire.BYTES_UP: 8 * (weights.size + 1) + 128 * (len(view) + 1),
@@ -357,7 +348,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         stats = train_local(model, x, task.target(y), **common)
     stats.update(poison(model, view, cfg, context, partition))  # fleet.poison: a poisoned gateway's update
-    metrics = {**stats, **dp, "partition": partition, wire.T_PROC: _process_started(), wire.T_START: started,
+    metrics = {**stats, **dp, "partition": partition, wire.T_PROC: started_at(), wire.T_START: started,
                wire.NUM_EXAMPLES: len(y), wire.BYTES_DOWN: bytes_down}
     return _reply(msg, context, settings, model, view, config, metrics, codec)
 

@@ -40,7 +40,7 @@ def _pids() -> Iterator[int]:
             yield int(entry.name)
 
 
-def _stat(pid: int) -> list[str]:
+def _stat(pid: int | str) -> list[str]:
     """The fields of /proc/<pid>/stat after the command name: state, ppid, pgrp, ... (OSError if gone)."""
     return (PROC / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()
 
@@ -71,6 +71,16 @@ def start_ticks(pid: int) -> str | None:
         return _stat(pid)[19]
     except (OSError, IndexError):
         return None
+
+
+def started_at(pid: int | str = "self") -> float:
+    """Wall-clock time ``pid`` (default: this process) was created; now if /proc cannot tell."""
+    try:
+        ticks = int(_stat(pid)[19])
+        uptime = float((PROC / "uptime").read_text().split()[0])
+        return time.time() - (uptime - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return time.time()
 
 
 def cmdline(pid: int) -> bytes | None:
