@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from iiotfl.clients import gateway
 from iiotfl.compat.flower import task_identity
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,6 +21,11 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subpro
     return subprocess.run(
         [str(IIOTFL), *args], capture_output=True, text=True, timeout=timeout, cwd=cwd or ROOT
     )
+
+
+def supernode_argv(dep, i: int, superlink: str) -> list[str]:
+    """The flower-supernode command gateway ``i`` of deployment ``dep`` runs through its ``iiotfl gateway``."""
+    return gateway.supernode_argv(gateway.parser().parse_args(dep.gateway_argv(i, superlink)[2:]))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -236,10 +236,6 @@ class Deployment:
             argv += ["--node-config", f'poison="{poison["kind"]}" poison-factor={float(poison["factor"])}']
         return argv
 
-    def supernode_argv(self, i: int, superlink: str) -> list[str]:
-        """The flower-supernode command gateway i's ``iiotfl gateway`` runs (what the tests parse)."""
-        return gateway.supernode_argv(gateway.parser().parse_args(self.gateway_argv(i, superlink)[2:]))
-
     def write_connection(self) -> None:
         write_connection(self.home, certs.flwr_connection(f"127.0.0.1:{self.port}",
                                                           self.certs / certs.CA_CRT if self.certs else None))

@@ -33,7 +33,7 @@ from iiotfl.compat.flower import (
 from iiotfl.configs import ConfigError, compose
 from iiotfl.security import certs
 from iiotfl.server.launch import CONNECTION, Deployment, SimDeployment, free_port, validate, wait_port
-from tests.conftest import run_cli
+from tests.conftest import run_cli, supernode_argv
 
 
 def _files(d: Path) -> dict[str, bytes]:
@@ -152,7 +152,7 @@ def test_fleet_flags_are_flwr_1_42_flags(certs_dir, tmp_path):
     assert not sl.insecure and sl.enable_supernode_auth and not sl.simulation
     assert (sl.ssl_ca_certfile, sl.ssl_certfile, sl.ssl_keyfile) == tuple(
         str(certs_dir / f) for f in ("ca.crt", "superlink.crt", "superlink.key"))
-    sn = supernode_parser().parse_args(dep.supernode_argv(2, "10.77.0.1:5000")[1:])
+    sn = supernode_parser().parse_args(supernode_argv(dep, 2, "10.77.0.1:5000")[1:])
     assert not sn.insecure and sn.root_certificates == str(certs_dir / "ca.crt")
     assert sn.auth_supernode_private_key == str(certs_dir / "gateways/gateway-2.key")
     assert sn.superlink == "10.77.0.1:5000" and "partition-id=2" in sn.node_config
@@ -164,7 +164,7 @@ def test_fleet_flags_are_flwr_1_42_flags(certs_dir, tmp_path):
 
     insecure = Deployment(compose(["engine.insecure=true"]), tmp_path / "insecure")
     assert "--insecure" in insecure.superlink_argv() and "--enable-supernode-auth" not in insecure.superlink_argv()
-    assert "--insecure" in insecure.supernode_argv(0, "127.0.0.1:1")
+    assert "--insecure" in supernode_argv(insecure, 0, "127.0.0.1:1")
     sim = SimDeployment(compose(["engine=sim"]), tmp_path / "sim")
     assert {"--insecure", "--simulation"} <= set(sim.superlink_argv())
 
@@ -202,7 +202,7 @@ class SecureLink:
 
     def supernode(self, name: str, i: int, insecure: bool = False, **flags: str | None) -> subprocess.Popen:
         """Gateway i's SuperNode as the fleet starts it, with ``flags`` changed (None: dropped)."""
-        argv = self.dep.supernode_argv(i, self.address)
+        argv = supernode_argv(self.dep, i, self.address)
         for flag, value in flags.items():
             argv = _replace(argv, "--" + flag.replace("_", "-"), value)
         return self.dep.spawn(name, argv + (["--insecure"] if insecure else []))

@@ -15,6 +15,7 @@ from iiotfl.server.launch import validate
 from iiotfl.strategies import build_strategy
 from iiotfl.strategies.codec_fedavg import CodecFedAvg, encoded_record
 from iiotfl.strategies.codecs import flatten, get_codec
+from tests.conftest import supernode_argv
 
 FIVE = ["fleet.gateways=5"]
 
@@ -155,7 +156,7 @@ def test_the_fleet_tells_poisoned_gateways_through_their_node_config(tmp_path):
 
     dep = Deployment(compose(["fleet.gateways=3", "engine.insecure=true", "fleet.poison.gateways=[1]",
                               "fleet.poison.kind=sign_flip", "fleet.poison.factor=4"]), tmp_path)
-    configs = [parse_config_args([supernode_parser().parse_args(dep.supernode_argv(i, "127.0.0.1:1")[1:])
+    configs = [parse_config_args([supernode_parser().parse_args(supernode_argv(dep, i, "127.0.0.1:1")[1:])
                                   .node_config]) for i in range(3)]
     assert configs[1]["poison"] == "sign_flip" and configs[1]["poison-factor"] == 4.0
     assert "poison" not in configs[0] and "poison" not in configs[2]
