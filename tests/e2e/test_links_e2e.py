@@ -13,7 +13,7 @@ import pytest
 from iiotfl.clients.processes import processes_with_env
 from iiotfl.links import namespaces, shaping
 from tests.conftest import IIOTFL, ROOT, run_cli
-from tests.test_e2e import assert_nothing_left, rounds_of
+from tests.e2e.test_e2e import assert_nothing_left, rounds_of
 
 pytestmark = [
     pytest.mark.slow,

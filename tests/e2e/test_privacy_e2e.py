@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run_cli
-from tests.test_e2e import rounds_of
+from tests.e2e.test_e2e import rounds_of
 
 pytestmark = pytest.mark.slow
 
