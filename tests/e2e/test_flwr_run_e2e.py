@@ -5,14 +5,13 @@ the installed ``iiotfl`` package serves the FAB's components (``iiotfl.server.ap
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 
 import pytest
 import tomli_w
 
-from iiotfl.clients.processes import BIN, bin_env
+from iiotfl.clients.processes import BIN, bin_env, spawn, stop_group
 from iiotfl.server.launch.superlink import APP_DIR, CONNECTION, free_port, superlink_argv, wait_port, write_connection
 
 pytestmark = pytest.mark.slow
@@ -24,18 +23,14 @@ def test_flwr_run_dot_trains_with_the_defaults(tmp_path):
     env = {**bin_env(), "FLWR_HOME": str(home)}
     port = free_port()
     procs: list[subprocess.Popen] = []
-    logs = [open(tmp_path / "superlink.log", "w")]
     try:
-        procs.append(subprocess.Popen(superlink_argv(port, certs_dir=None), env=env, stdout=logs[0],
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(spawn(superlink_argv(port, certs_dir=None), env, log=tmp_path / "superlink.log"))
         wait_port(port, procs[0], 60, "flower-superlink", tmp_path / "superlink.log")
         for i in range(4):  # the default fleet: fleet.gateways=4, all connected before round 1
-            logs.append(open(tmp_path / f"supernode-{i}.log", "w"))
-            procs.append(subprocess.Popen(
-                [str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
-                 "--host", "127.0.0.1", "--port", str(free_port()),
-                 "--node-config", f"partition-id={i} num-partitions=4"],
-                env=env, stdout=logs[-1], stderr=subprocess.STDOUT, start_new_session=True))
+            procs.append(spawn([str(BIN / "flower-supernode"), "--insecure", "--superlink", f"127.0.0.1:{port}",
+                                "--host", "127.0.0.1", "--port", str(free_port()),
+                                "--node-config", f"partition-id={i} num-partitions=4"],
+                               env, log=tmp_path / f"supernode-{i}.log"))
         write_connection(home, {"address": f"127.0.0.1:{port}", "insecure": True})
         run_config = tmp_path / "run_config.toml"
         run_config.write_text(tomli_w.dumps({"num-server-rounds": 1, "output-dir": str(out)}))
@@ -52,15 +47,4 @@ def test_flwr_run_dot_trains_with_the_defaults(tmp_path):
         assert summary["task"] == "predictive_maintenance" and summary["gateways_connected"] == 4
     finally:
         for proc in reversed(procs):
-            try:
-                os.killpg(proc.pid, 15)
-            except ProcessLookupError:
-                pass
-        for proc in procs:
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, 9)
-                proc.wait()
-        for fh in logs:
-            fh.close()
+            stop_group(proc, grace=15)
