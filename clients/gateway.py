@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import hashlib
 import os
 import queue
 import re
@@ -199,9 +200,10 @@ def _pump(stream, lines: queue.Queue) -> None:
         lines.put(line)
 
 
-def _watch(proc: subprocess.Popen, lines: queue.Queue, tail: list[str]) -> tuple[str | None, bool]:
+def _watch(proc: subprocess.Popen, lines: queue.Queue, tail: list[str], on_join) -> tuple[str | None, bool]:
     """Pass the SuperNode's output through until it exits, names a TLS / node-key failure, or gives up
-    on a handshake; returns (that failure or None, whether it gave up). ``tail`` keeps its last lines."""
+    on a handshake; returns (that failure or None, whether it gave up). ``tail`` keeps its last lines;
+    ``on_join()`` is called when the SuperNode says it joined."""
     while not leader_exited(proc):
         try:
             line = lines.get(timeout=0.5)
@@ -211,7 +213,9 @@ def _watch(proc: subprocess.Popen, lines: queue.Queue, tail: list[str]) -> tuple
         sys.stdout.flush()
         tail.append(line)
         del tail[:-200]
-        if LOG["error_block_end"] in line:
+        if LOG["joined"] in line:
+            on_join()
+        elif LOG["error_block_end"] in line:
             why = supernode_failure("".join(tail))
             if why is not None:
                 return why, False
@@ -224,7 +228,7 @@ def _watch(proc: subprocess.Popen, lines: queue.Queue, tail: list[str]) -> tuple
     return None, False
 
 
-def _run_supernode(argv: list[str]) -> tuple[int, str | None, bool]:
+def _run_supernode(argv: list[str], on_join=lambda: None) -> tuple[int, str | None, bool]:
     """Run flower-supernode (and the SuperExec it starts) to its end; pass its output through.
 
     Returns (exit code, the one-line TLS / node-key failure or None, whether it joined). flwr reports such a
@@ -234,29 +238,52 @@ def _run_supernode(argv: list[str]) -> tuple[int, str | None, bool]:
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     tail: list[str] = []
+    joined: list[bool] = []
+
+    def joined_now() -> None:
+        joined.append(True)
+        on_join()
+
     try:
-        why, lost = _watch(proc, lines, tail)
+        why, lost = _watch(proc, lines, tail, joined_now)
     finally:
         code = stop_group(proc, STOP_GRACE_S)  # its SuperExec too, before the leader is reaped
     while not lines.empty():
         tail.append(lines.get())
         sys.stdout.write(tail[-1])
     sys.stdout.flush()
-    joined = any(LOG["joined"] in x for x in tail)
     if lost:  # supervise() probes the SuperLink: a real certificate problem is named there
-        return code or ExitCode.SUPERNODE_CONNECTION_ERROR, None, joined
+        return code or ExitCode.SUPERNODE_CONNECTION_ERROR, None, bool(joined)
     if why is not None:
-        return ExitCode.SUPERNODE_CONNECTION_ERROR, why, joined
-    return code, supernode_failure("".join(tail)) if code else None, joined
+        return ExitCode.SUPERNODE_CONNECTION_ERROR, why, bool(joined)
+    return code, supernode_failure("".join(tail)) if code else None, bool(joined)
+
+
+def joined_marker(args: argparse.Namespace) -> Path | None:
+    """The file that says this node key has joined this SuperLink before (``--state-dir``), so a
+    gateway restarted while the SuperLink still holds its old session waits for it instead of
+    taking the refusal for an unregistered key; None without ``--state-dir``."""
+    if not args.state_dir:
+        return None
+    key = Path(args.key).read_bytes() if args.key else b"no-key"
+    digest = hashlib.sha256(key + b"\0" + args.superlink.encode()).hexdigest()[:16]
+    return Path(args.state_dir) / f"joined-{digest}"
+
+
+def _remember(marker: Path | None) -> None:
+    if marker is not None:
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        marker.touch()
 
 
 def supervise(args: argparse.Namespace, say=print) -> int:
     """Run flower-supernode until it ends on its own terms; restart it after failures."""
-    delay, joined_before = 1.0, False
+    marker = joined_marker(args)
+    delay, joined_before = 1.0, marker is not None and marker.exists()
     while True:
         wait_for_superlink(args.superlink, None if args.insecure else str(args.ca), args.max_wait, say)
         started = time.monotonic()
-        code, why, joined = _run_supernode(supernode_argv(args))
+        code, why, joined = _run_supernode(supernode_argv(args), on_join=lambda: _remember(marker))
         joined_before = joined_before or joined
         if why and LOG["not_registered"] in why and joined_before:
             # this key joined before: the SuperLink still holds the session of the SuperNode
@@ -290,6 +317,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--clientappio-port", type=int, default=9094)
     p.add_argument("--max-wait", type=float, default=None, help="give up after this many seconds unreachable")
     p.add_argument("--check", action="store_true", help="only check the inputs and apply the link, then exit")
+    p.add_argument("--state-dir", help="where the gateway remembers that its key joined this SuperLink, so "
+                   "after a restart it waits for the SuperLink to drop its old session (a container's own disk)")
 
 
 def parser() -> argparse.ArgumentParser:

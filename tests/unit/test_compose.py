@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import shlex
 import shutil
 import subprocess
 import uuid
@@ -48,10 +50,19 @@ def _gateway_args(name: str):
     return parser().parse_args(SERVICES[name]["command"])
 
 
+def _server_argv() -> list[str]:
+    """The server's command as compose runs it with IIOTFL_OVERRIDES unset."""
+    return shlex.split(SERVICES["server"]["command"].replace("${IIOTFL_OVERRIDES:-}", ""))
+
+
+def _host(path: str) -> str:
+    return path.replace("${IIOTFL_CERTS:-./certs}", "./certs")
+
+
 def _mounts(name: str) -> list[tuple[str, str, str]]:
     out = []
     for v in SERVICES[name].get("volumes", []):
-        host, target, *mode = v.split(":")
+        host, target, *mode = _host(v).split(":")
         out.append((host, target, mode[0] if mode else "rw"))
     return out
 
@@ -86,7 +97,8 @@ def test_ports_addresses_and_partitions_agree():
         assert args.num_partitions == len(GATEWAYS), name
         ids.append(args.partition_id)
     assert sorted(ids) == list(range(len(GATEWAYS)))
-    server = SERVICES["server"]["command"]
+    server = _server_argv()
+    assert server[:2] == ["iiotfl", "run"]
     assert f"engine.superlink={address}" in server and f"fleet.gateways={len(GATEWAYS)}" in server
     assert address in SERVICES["register"]["command"]
     certs = SERVICES["certs"]["command"]
@@ -103,8 +115,21 @@ def test_ports_addresses_and_partitions_agree():
     from iiotfl.configs import compose
     from iiotfl.server.launch import validate
 
-    overrides = [a for a in server[2:] if not a.startswith("hydra.")]
-    validate(compose(overrides))
+    validate(compose(server[2:]))
+
+
+def test_every_up_writes_its_own_run_directory_on_the_projects_own_subnet():
+    """No fixed hydra.run.dir (a reused directory lets an old checkpoint pass for today's): the server
+    runs in /results, so each run is /results/runs/<date>/<time>; the plant network is inside 10.77.0.0/16."""
+    server = SERVICES["server"]
+    assert not any(a.startswith("hydra.run.dir") for a in _server_argv())
+    assert server["working_dir"] == "/results"
+    hydra = yaml.safe_load((ROOT / "configs" / "config.yaml").read_text())["hydra"]
+    assert hydra["run"]["dir"].startswith("runs/${now:")
+    (subnet,) = [ipaddress.ip_network(c["subnet"]) for c in COMPOSE["networks"]["plant"]["ipam"]["config"]]
+    assert subnet.subnet_of(ipaddress.ip_network("10.77.0.0/16"))
+    for name in GATEWAYS:  # each gateway remembers that its key joined (a restarted container waits)
+        assert _gateway_args(name).state_dir
 
 
 def test_every_mounted_certificate_file_is_one_iiotfl_certs_writes(tmp_path):
@@ -140,9 +165,11 @@ def test_every_mounted_certificate_file_is_one_iiotfl_certs_writes(tmp_path):
 def test_dockerfile_pins_and_copies_what_exists():
     text = (ROOT / "docker" / "Dockerfile").read_text()
     assert re.search(r"pip install torch==2\.13\.0 --index-url https://download\.pytorch\.org/whl/cpu", text)
-    assert "FROM python:3.11-slim" in text and "iproute2" in text
-    for src in re.findall(r"^COPY (\S+) ", text, flags=re.M):
-        assert (ROOT / src).exists(), src
+    assert "ARG BASE=python:3.11-slim" in text and "iproute2" in text
+    for src in re.findall(r"^COPY (?!--from)(\S+) ", text, flags=re.M):
+        assert (ROOT / src).exists(), src  # docker/wheels too: its README is in git, the wheels are not
+    # the images never carry the wheelhouse: it is only copied into the deps stage
+    assert re.findall(r"^COPY docker/wheels", text, flags=re.M) and "COPY --from=deps /opt/venv /opt/venv" in text
     targets = set(re.findall(r"^FROM \S+ AS (\w+)", text, flags=re.M))
     for name, svc in SERVICES.items():
         build = svc.get("build")

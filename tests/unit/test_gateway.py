@@ -153,3 +153,23 @@ def test_key_and_data_errors(pki, tmp_path):
     assert code == 0
     code, err = _gateway(*base, "--link", "carrier_pigeon")
     assert code == 2 and "carrier_pigeon" in err[0] and "does not exist" in err[0]
+
+
+def test_the_joined_marker_is_per_key_and_superlink_and_only_with_a_state_dir(tmp_path):
+    """A restarted gateway container waits for its old session only if this key joined this SuperLink."""
+    from iiotfl.clients import gateway
+
+    keys = []
+    for i in range(2):
+        keys.append(tmp_path / f"gateway-{i}.key")
+        keys[-1].write_bytes(f"key {i}".encode())
+
+    def marker(key, superlink="superlink:9093", state=tmp_path / "state"):
+        return gateway.joined_marker(gateway.parser().parse_args(
+            ["--superlink", superlink, "--key", str(key), *(["--state-dir", str(state)] if state else [])]))
+
+    assert marker(keys[0], state=None) is None
+    assert marker(keys[0]) == marker(keys[0]) and marker(keys[0]).parent == tmp_path / "state"
+    assert len({marker(keys[0]), marker(keys[1]), marker(keys[0], "other:9093")}) == 3
+    gateway._remember(marker(keys[0]))
+    assert marker(keys[0]).exists() and not marker(keys[1]).exists()
