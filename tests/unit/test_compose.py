@@ -128,6 +128,10 @@ def test_every_up_writes_its_own_run_directory_on_the_projects_own_subnet():
     assert hydra["run"]["dir"].startswith("runs/${now:")
     (subnet,) = [ipaddress.ip_network(c["subnet"]) for c in COMPOSE["networks"]["plant"]["ipam"]["config"]]
     assert subnet.subnet_of(ipaddress.ip_network("10.77.0.0/16"))
+    # no service on compose's default network: it would take a subnet from the engine's pool, which a
+    # local fleet running beside (10.77.0.1/16 on its bridge) makes overlap, and the engine refuses
+    for name, svc in SERVICES.items():
+        assert svc.get("networks") == ["plant"] or svc.get("network_mode") == "none", name
     for name in GATEWAYS:  # each gateway remembers that its key joined (a restarted container waits)
         assert _gateway_args(name).state_dir
 
