@@ -10,9 +10,13 @@ Prints one JSON line:
                                 the compose file's links: NB-IoT, LTE-M, Wi-Fi) in containers and on the
                                 local fleet; the fleet also shapes the downlink and adds the links' delay
   compose_final_rmse / fleet_final_rmse
+  with --restarts, the compose restart scenario of tests/e2e/test_compose_e2e.py (all gateways on LTE-M):
+  round_without_gateway_s       gateway-2's container killed after round 1, to a round completed without it
+  gateway_rejoin_s              `docker start` of that container, to a round that aggregated it again
+  superlink_crash_to_end_s      the SuperLink's process killed (restart policy), to the resumed run's end
 
 Needs root, Debian's docker.io and docker-compose (docker/engine install) and debootstrap.
-Usage: python bench/compose.py [--warm-only]   (--warm-only keeps what is cached: no cold build)
+Usage: python bench/compose.py [--warm-only] [--restarts]   (--warm-only: no cold build)
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from iiotfl.server.report import run_summary  # noqa: E402
-from tests.e2e.compose import ComposeFleet, build_images, docker, engine  # noqa: E402
+from tests.e2e.compose import ComposeFleet, build_images, docker, engine, restart_scenario  # noqa: E402
 
 ROUNDS = 3
 LINKS = "{0: nb_iot, 1: lte_m, 2: wifi}"  # the compose file's gateways
@@ -98,6 +102,12 @@ def main() -> None:
         "compose_mean_round_s": round(c["mean_round_s"], 2), "fleet_mean_round_s": round(f["mean_round_s"], 2),
         "compose_final_rmse": round(c["final_rmse"], 3), "fleet_final_rmse": round(f["final_rmse"], 3),
     })
+        if "--restarts" in sys.argv:
+            seen = restart_scenario(env, Path(tmp) / "restarts")
+            result.update({"round_without_gateway_s": round(seen["round_without_s"], 1),
+                           "gateway_rejoin_s": round(seen["rejoin_s"], 1),
+                           "superlink_crash_to_end_s": round(seen["crash_to_end_s"], 1),
+                           "restart_scenario_exit": seen["exit"]})
     print(json.dumps(result))
 
 

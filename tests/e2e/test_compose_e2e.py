@@ -7,13 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import time
 
 import pytest
 
 from iiotfl.server.report import run_summary
-from tests.e2e.compose import FAST_LINKS, ComposeFleet, EngineMissing, build_images, docker, engine
+from tests.e2e.compose import ComposeFleet, EngineMissing, aggregated, build_images, engine, restart_scenario
 
 GATEWAYS = [0, 1, 2]
 
@@ -29,10 +27,6 @@ def docker_env():
         pytest.skip(f"no Docker engine: {err}")
     build_images(env)
     return env
-
-
-def aggregated(row: dict) -> list[int]:
-    return sorted(g["partition"] for g in row["gateways"] if g["status"] == "aggregated")
 
 
 def _down_and_check(fleet: ComposeFleet) -> None:
@@ -72,39 +66,7 @@ def test_compose_up_trains_every_gateway_every_round_over_tls_like_the_local_fle
 def restarts(docker_env, tmp_path_factory):
     """One compose run (all gateways on LTE-M, 6 rounds) that goes through a gateway container killed
     and started again, then the SuperLink container crashing; what happened, for the tests below."""
-    workdir = tmp_path_factory.mktemp("compose-restarts")
-    fleet = ComposeFleet(docker_env, workdir, overrides="fleet.rounds=6 fleet.round_timeout=240",
-                         extra=(FAST_LINKS,))
-    seen: dict = {}
-    try:
-        fleet.provision()
-        fleet.up()
-        rows = fleet.wait_rows(lambda rows: rows[-1]["round"] >= 1, timeout=600)
-        gateway = fleet.container("gateway-2")
-        docker(fleet.env, "kill", gateway)  # SIGKILL: the plant's box loses power
-        seen["killed_after"] = rows[-1]["round"]
-        seen["without"] = fleet.wait_rows(
-            lambda rows: any(r["round"] > seen["killed_after"] and 2 not in aggregated(r) for r in rows),
-            timeout=400)
-        docker(fleet.env, "start", gateway)
-        started = time.time()
-        seen["back"] = fleet.wait_rows(
-            lambda rows: rows[-1]["round"] > seen["killed_after"] + 1 and 2 in aggregated(rows[-1]), timeout=400)
-        seen["rejoin_s"] = time.time() - started
-        seen["gateway_log"] = fleet.logs("gateway-2")
-        if seen["back"][-1]["round"] >= 6:
-            raise AssertionError("the run ended before the SuperLink could be crashed; raise fleet.rounds")
-        seen["before_crash"] = fleet.rows()
-        superlink = fleet.container("superlink")
-        os.kill(int(docker(fleet.env, "inspect", "-f", "{{.State.Pid}}", superlink)), signal.SIGKILL)
-        seen["exit"] = fleet.wait_server(timeout=900)
-        seen["server_log"] = fleet.logs("server")
-        seen["superlink_restarts"] = int(docker(fleet.env, "inspect", "-f", "{{.RestartCount}}", superlink))
-        seen["run"] = fleet.results()
-    finally:
-        fleet.down()
-        seen["leftovers"] = fleet.leftovers()
-    return seen
+    return restart_scenario(docker_env, tmp_path_factory.mktemp("compose-restarts"))
 
 
 def test_a_killed_gateway_container_is_left_out_and_rejoins_when_started(restarts):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -155,3 +156,48 @@ class ComposeFleet:
                           ("volumes", ["volume", "ls", "-q"])):
             found[kind] = docker(self.env, *cmd, "--filter", f"label={LABEL}={self.name}").split()
         return found
+
+
+def aggregated(row: dict) -> list[int]:
+    """The partitions whose updates a metrics.jsonl row aggregated."""
+    return sorted(g["partition"] for g in row["gateways"] if g["status"] == "aggregated")
+
+
+def restart_scenario(env: dict[str, str], workdir: Path) -> dict:
+    """One compose run, all gateways on LTE-M, 6 rounds: after round 1 gateway-2's container is killed
+    (SIGKILL: the plant's box loses power) and, once a round completed without it, started again; once
+    it is back in a round, the SuperLink's process is killed (a crash: the restart policy applies).
+    Returns what happened; ``down -v`` runs whatever happens, and ``leftovers`` says what it left."""
+    fleet = ComposeFleet(env, workdir, overrides="fleet.rounds=6 fleet.round_timeout=240", extra=(FAST_LINKS,))
+    seen: dict = {}
+    try:
+        fleet.provision()
+        fleet.up()
+        rows = fleet.wait_rows(lambda rows: rows[-1]["round"] >= 1, timeout=600)
+        gateway = fleet.container("gateway-2")
+        docker(fleet.env, "kill", gateway)
+        killed, seen["killed_after"] = time.time(), rows[-1]["round"]
+        seen["without"] = fleet.wait_rows(
+            lambda rows: any(r["round"] > seen["killed_after"] and 2 not in aggregated(r) for r in rows), timeout=400)
+        seen["round_without_s"] = time.time() - killed
+        docker(fleet.env, "start", gateway)
+        started = time.time()
+        seen["back"] = fleet.wait_rows(
+            lambda rows: rows[-1]["round"] > seen["killed_after"] + 1 and 2 in aggregated(rows[-1]), timeout=400)
+        seen["rejoin_s"] = time.time() - started
+        seen["gateway_log"] = fleet.logs("gateway-2")
+        if seen["back"][-1]["round"] >= 6:
+            raise AssertionError("the run ended before the SuperLink could be crashed; raise fleet.rounds")
+        seen["before_crash"] = fleet.rows()
+        superlink = fleet.container("superlink")
+        os.kill(int(docker(fleet.env, "inspect", "-f", "{{.State.Pid}}", superlink)), signal.SIGKILL)
+        crashed = time.time()
+        seen["exit"] = fleet.wait_server(timeout=900)
+        seen["crash_to_end_s"] = time.time() - crashed
+        seen["server_log"] = fleet.logs("server")
+        seen["superlink_restarts"] = int(docker(fleet.env, "inspect", "-f", "{{.RestartCount}}", superlink))
+        seen["run"] = fleet.results()
+    finally:
+        fleet.down()
+        seen["leftovers"] = fleet.leftovers()
+    return seen
