@@ -97,11 +97,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         c = compose_run(env, Path(tmp))
         f = fleet_run(Path(tmp))
-    result.update({
-        "up_s": c["up_s"], "up_to_first_round_s": c["first_round_s"],
-        "compose_mean_round_s": round(c["mean_round_s"], 2), "fleet_mean_round_s": round(f["mean_round_s"], 2),
-        "compose_final_rmse": round(c["final_rmse"], 3), "fleet_final_rmse": round(f["final_rmse"], 3),
-    })
+        result.update({
+            "up_s": c["up_s"], "up_to_first_round_s": c["first_round_s"],
+            "compose_mean_round_s": round(c["mean_round_s"], 2), "fleet_mean_round_s": round(f["mean_round_s"], 2),
+            "compose_final_rmse": round(c["final_rmse"], 3), "fleet_final_rmse": round(f["final_rmse"], 3),
+        })
         if "--restarts" in sys.argv:
             seen = restart_scenario(env, Path(tmp) / "restarts")
             result.update({"round_without_gateway_s": round(seen["round_without_s"], 1),
