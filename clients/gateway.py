@@ -228,24 +228,18 @@ def _watch(proc: subprocess.Popen, lines: queue.Queue, tail: list[str], on_join)
     return None, False
 
 
-def _run_supernode(argv: list[str], on_join=lambda: None) -> tuple[int, str | None, bool]:
+def _run_supernode(argv: list[str], on_join) -> tuple[int, str | None]:
     """Run flower-supernode (and the SuperExec it starts) to its end; pass its output through.
 
-    Returns (exit code, the one-line TLS / node-key failure or None, whether it joined). flwr reports such a
-    failure as a block ending in "For more information, visit ..." while its SuperExec keeps
-    the output open and retries; the whole process group is ended there."""
+    Returns (exit code, the one-line TLS / node-key failure or None); ``on_join()`` is called when it
+    joins. flwr reports such a failure as a block ending in "For more information, visit ..." while
+    its SuperExec keeps the output open and retries; the whole process group is ended there."""
     proc = spawn(argv, bin_env())  # it starts flower-superexec by name
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     tail: list[str] = []
-    joined: list[bool] = []
-
-    def joined_now() -> None:
-        joined.append(True)
-        on_join()
-
     try:
-        why, lost = _watch(proc, lines, tail, joined_now)
+        why, lost = _watch(proc, lines, tail, on_join)
     finally:
         code = stop_group(proc, STOP_GRACE_S)  # its SuperExec too, before the leader is reaped
     while not lines.empty():
@@ -253,10 +247,10 @@ def _run_supernode(argv: list[str], on_join=lambda: None) -> tuple[int, str | No
         sys.stdout.write(tail[-1])
     sys.stdout.flush()
     if lost:  # supervise() probes the SuperLink: a real certificate problem is named there
-        return code or ExitCode.SUPERNODE_CONNECTION_ERROR, None, bool(joined)
+        return code or ExitCode.SUPERNODE_CONNECTION_ERROR, None
     if why is not None:
-        return ExitCode.SUPERNODE_CONNECTION_ERROR, why, bool(joined)
-    return code, supernode_failure("".join(tail)) if code else None, bool(joined)
+        return ExitCode.SUPERNODE_CONNECTION_ERROR, why
+    return code, supernode_failure("".join(tail)) if code else None
 
 
 def joined_marker(args: argparse.Namespace) -> Path | None:
@@ -280,11 +274,16 @@ def supervise(args: argparse.Namespace, say=print) -> int:
     """Run flower-supernode until it ends on its own terms; restart it after failures."""
     marker = joined_marker(args)
     delay, joined_before = 1.0, marker is not None and marker.exists()
+
+    def joined() -> None:
+        nonlocal joined_before
+        joined_before = True
+        _remember(marker)
+
     while True:
         wait_for_superlink(args.superlink, None if args.insecure else str(args.ca), args.max_wait, say)
         started = time.monotonic()
-        code, why, joined = _run_supernode(supernode_argv(args), on_join=lambda: _remember(marker))
-        joined_before = joined_before or joined
+        code, why = _run_supernode(supernode_argv(args), joined)
         if why and LOG["not_registered"] in why and joined_before:
             # this key joined before: the SuperLink still holds the session of the SuperNode
             # that died until its heartbeat expires (about a minute), then it takes the key again
