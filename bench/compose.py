@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from iiotfl.server.report import run_summary  # noqa: E402
-from tests.e2e.compose import ComposeFleet, build_images, docker, engine, restart_scenario  # noqa: E402
+from tests.e2e.compose import ComposeFleet, build_images, docker, engine, restart_scenario, stop_engine  # noqa: E402
 
 ROUNDS = 3
 LINKS = "{0: nb_iot, 1: lte_m, 2: wifi}"  # the compose file's gateways
@@ -87,7 +87,7 @@ def fleet_run(work: Path) -> dict:
 
 
 def main() -> None:
-    env = engine()
+    env, started = engine()
     result: dict = {"bench": "compose", "gateways": 3, "rounds": ROUNDS}
     if "--warm-only" not in sys.argv:
         forget_cache(env)
@@ -109,6 +109,8 @@ def main() -> None:
                            "superlink_crash_to_end_s": round(seen["crash_to_end_s"], 1),
                            "restart_scenario_exit": seen["exit"]})
     print(json.dumps(result))
+    if started:
+        stop_engine()
 
 
 if __name__ == "__main__":

@@ -11,7 +11,15 @@ import os
 import pytest
 
 from iiotfl.server.report import run_summary
-from tests.e2e.compose import ComposeFleet, EngineMissing, aggregated, build_images, engine, restart_scenario
+from tests.e2e.compose import (
+    ComposeFleet,
+    EngineMissing,
+    aggregated,
+    build_images,
+    engine,
+    restart_scenario,
+    stop_engine,
+)
 
 GATEWAYS = [0, 1, 2]
 
@@ -20,13 +28,17 @@ GATEWAYS = [0, 1, 2]
 def docker_env():
     """A running engine and the images, built once per session (cached by content)."""
     try:
-        env = engine()
+        env, started = engine()
     except EngineMissing as err:
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the compose tests under a real engine: {err}")
         pytest.skip(f"no Docker engine: {err}")
-    build_images(env)
-    return env
+    try:
+        build_images(env)
+        yield env
+    finally:
+        if started:
+            stop_engine()
 
 
 def _down_and_check(fleet: ComposeFleet) -> None:

@@ -30,20 +30,26 @@ class EngineMissing(RuntimeError):
     """No Docker engine or docker-compose here."""
 
 
-def engine() -> dict[str, str]:
-    """The environment that reaches a running engine (DOCKER_HOST); starts one with docker/engine."""
+def engine() -> tuple[dict[str, str], bool]:
+    """The environment that reaches a running engine (DOCKER_HOST), and whether it was started here
+    (``docker/engine start``, where none answered): then :func:`stop_engine` stops it."""
     if shutil.which("docker") is None or shutil.which("docker-compose") is None:
         raise EngineMissing("docker and docker-compose are not installed (docker/engine install)")
     env = dict(os.environ)
     if subprocess.run(["docker", "info"], env=env, capture_output=True).returncode == 0:
-        return env
+        return env, False
     proc = subprocess.run([str(ROOT / "docker" / "engine"), "start"], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0:
         raise EngineMissing(proc.stderr.strip() or "docker/engine start failed")
     for line in proc.stdout.splitlines():
         if line.startswith("export DOCKER_HOST="):
             env["DOCKER_HOST"] = line.split("=", 1)[1]
-    return env
+    return env, True
+
+
+def stop_engine() -> None:
+    """Stop the engine :func:`engine` started (docker/engine stops only one it started)."""
+    subprocess.run([str(ROOT / "docker" / "engine"), "stop"], capture_output=True, timeout=120)
 
 
 def build_images(env: dict[str, str]) -> float:
