@@ -17,8 +17,8 @@ from iiotfl.clients.poison import validate_poison
 from iiotfl.configs import ConfigError, choice, integer, number, require
 from iiotfl.links.outages import OUTAGE_MODES
 from iiotfl.links.profiles import ProfileError, gateway_profiles
-from iiotfl.privacy.modes import validate_privacy
-from iiotfl.strategies import validate_strategy
+from iiotfl.privacy.modes import privacy_mode, validate_privacy
+from iiotfl.strategies import strategy_spec, validate_strategy
 from iiotfl.strategies.codecs import validate_codec
 from iiotfl.tasks import TASKS, task_class
 
@@ -54,6 +54,13 @@ def _validate_selection(cfg: Mapping[str, Any], gateways: int) -> None:
     choice(cfg, "fleet.outage.mode", OUTAGE_MODES)
 
 
+def _validate_privacy_with_strategy(cfg: Mapping[str, Any]) -> None:
+    """A privacy mode the strategy's gateways do not apply is refused, never claimed in the report."""
+    mode, spec = privacy_mode(cfg), strategy_spec(cfg)
+    if mode.on_device and spec.sample_dp_refusal:
+        raise ConfigError(f"config: privacy={mode.name} with strategy={spec.name} is refused: {spec.sample_dp_refusal}")
+
+
 def validate(cfg: Mapping[str, Any]) -> None:
     """Check every value the run uses (all but the engine's); raise ConfigError on the first bad one."""
     choice(cfg, "task.name", tuple(TASKS), group="task")
@@ -63,6 +70,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     _validate_selection(cfg, gateways)
     validate_privacy(cfg)
     validate_strategy(cfg)
+    _validate_privacy_with_strategy(cfg)
     validate_poison(cfg)
     try:
         gateway_profiles(cfg)

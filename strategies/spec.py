@@ -43,6 +43,7 @@ class StrategySpec:
     client_dp: str | None  # privacy=client: "wrappers" (Flower's DP wrappers around the mean),
                            # "distributed" (noise shares added on the gateways), None (refused)
     resume_refusal: str | None = None  # why a run cannot resume after a SuperLink restart (None: it can)
+    sample_dp_refusal: str | None = None  # why privacy=sample (DP-SGD on the gateways) cannot run with it
     needs_keys: bool = False           # HE key set: the local fleet provisions one when strategy.keys is null
     runner: Callable[..., Any] | None = None  # a workflow of its own (SecAgg+ in Flower's legacy workflow):
                                               # (grid, context, cfg, model, train_config, evaluate, rounds,

@@ -95,6 +95,9 @@ def test_dp_sgd_trains_and_reports_what_the_accountant_needs():
         (["privacy=client", "codec=int8"], r"use codec=none with it"),
         (["privacy=sample", "privacy.epsilon=null", "privacy.noise_multiplier=null"], r"privacy needs privacy.epsilon"),
         (["privacy.name=laplace"], r"pick privacy=<one of"),
+        # SecAgg+'s gateways train in Flower's workflow, without DP-SGD: refused, never claimed in the report
+        (["strategy=secagg", "fleet.gateways=3", "privacy=sample"],
+         r"privacy=sample with strategy=secagg is refused: .* runs no DP-SGD"),
     ],
 )
 def test_bad_privacy_config_is_refused(overrides, message):

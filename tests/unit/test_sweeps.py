@@ -77,7 +77,7 @@ def sweep(tmp_path) -> Path:
     make_run(root, "3", privacy="client", codec="int8", status="failed", error=REFUSED_INT8)
     make_run(root, "4", task="energy_anomaly", metric="pr_auc", higher=True, values=[0.2, 0.6, 0.8])
     make_run(root, "5", task="energy_anomaly", metric="pr_auc", higher=True, values=[0.2, 0.5, 0.6],
-             privacy="sample", epsilon=[0.0, 0.7, 1.0], strategy="secagg")
+             privacy="sample", epsilon=[0.0, 0.7, 1.0], strategy="he")
     make_run(root, "6", task="energy_anomaly", metric="pr_auc", higher=True, values=[0.2, 0.55],
              strategy="secagg", status="failed", error="the ServerApp process died before the run finished")
     make_run(root, "10", values=[120.0, 30.0, 19.0], link="nb_iot", wall=200.0)  # natural order: after 6
