@@ -72,6 +72,16 @@ def integer(cfg: Mapping[str, Any], path: str, low: int, high: int | None = None
     return int(value)
 
 
+def flag(cfg: Mapping[str, Any], path: str) -> bool:
+    """A boolean key: YAML's true or false, never a string (``engine.insecure='false'`` is refused, not taken
+    as set)."""
+    value = require(cfg, path)
+    if not isinstance(value, bool):
+        raise ConfigError(f"config: {path}={value!r} is invalid; it must be true or false, unquoted "
+                          f"(e.g. {path}=false)")
+    return value
+
+
 def number(cfg: Mapping[str, Any], path: str, low: float, high: float, low_open: bool = False) -> float:
     value = require(cfg, path)
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)

@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Mapping
 
 import numpy as np
 
-from iiotfl.configs import ConfigError, choice, integer, number, require
+from iiotfl.configs import ConfigError, choice, flag, integer, number, require
 
 Encoded = dict[str, np.ndarray]
 
@@ -313,6 +313,8 @@ class TopKCodec(Codec):
         super().validate(codec_cfg, path)
         root = _section(path, codec_cfg)
         number(root, f"{path}.k_fraction", 0.0, 1.0, low_open=True)
+        if codec_cfg.get("error_feedback") is not None:
+            flag(root, f"{path}.error_feedback")
         if require(root, f"{path}.downlink") == "delta":
             raise ConfigError(f"config: {path}.downlink=delta with {path}=topk would lose what top-k drops on the "
                               f"way down; use {path}.downlink=full")

@@ -30,7 +30,7 @@ from typing import Any, Callable, ClassVar, Mapping
 import tomli_w
 
 from iiotfl.clients import gateway, processes
-from iiotfl.configs import ConfigError, require, to_run_config
+from iiotfl.configs import ConfigError, flag, require, to_run_config
 from iiotfl.links import namespaces, shaping
 from iiotfl.links.profiles import GatewayProfile, gateway_profiles
 from iiotfl.security import certs
@@ -65,9 +65,7 @@ class Deployment:
     def validate(cls, cfg: Mapping[str, Any]) -> None:
         """TLS and node authentication unless engine.insecure; a given certs directory must hold what the
         fleet reads (the SuperLink certificate's addresses are checked at start, once links are known)."""
-        insecure, given = require(cfg, "engine.insecure"), require(cfg, "engine.certs")
-        if not isinstance(insecure, bool):
-            raise ConfigError(f"config: engine.insecure={insecure!r} is invalid; it must be true or false")
+        insecure, given = flag(cfg, "engine.insecure"), require(cfg, "engine.certs")
         if given is None:
             return
         if insecure:

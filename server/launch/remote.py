@@ -21,7 +21,7 @@ from typing import Any, ClassVar, Mapping
 
 from iiotfl.clients.gateway import GatewayError, wait_for_superlink
 from iiotfl.compat.flower import LOG
-from iiotfl.configs import ConfigError, require
+from iiotfl.configs import ConfigError, flag, require
 from iiotfl.security import certs
 from iiotfl.server.launch.deployment import Deployment
 from iiotfl.server.launch.superlink import LaunchError, write_connection
@@ -40,7 +40,7 @@ class RemoteDeployment(Deployment):
         if not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"config: engine.superlink={address!r} is not host:port; give the SuperLink's address, "
                               "e.g. engine.superlink=superlink.plant.example:9093")
-        if not require(cfg, "engine.insecure") and not require(cfg, "engine.ca"):
+        if not flag(cfg, "engine.insecure") and not require(cfg, "engine.ca"):
             raise ConfigError("config: engine=remote needs engine.ca (the SuperLink's ca.crt from `iiotfl certs`), or "
                               "engine.insecure=true for a SuperLink started with --insecure")
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 import numpy as np
 import torch
 
-from iiotfl.configs import ConfigError, choice, integer, number, require
+from iiotfl.configs import ConfigError, choice, flag, integer, number, require
 from iiotfl.tasks.quality_control.data import Normaliser, feature_sums, make_samples
 from iiotfl.tasks.quality_control.generator import (
     DERIVED,
@@ -62,9 +62,7 @@ class QualityControl:
     @staticmethod
     def validate(cfg: Mapping[str, Any]) -> None:
         """Check the task section of a run config; raise configs.ConfigError naming the key and the fix."""
-        derived = require(cfg, "task.derived_features")
-        if not isinstance(derived, bool):
-            raise ConfigError(f"config: task.derived_features={derived!r} is invalid; it must be true or false")
+        derived = flag(cfg, "task.derived_features")
         features = require(cfg, "task.features")
         if features is not None:
             names = available_features(derived)

@@ -96,3 +96,16 @@ def test_remote_engine_needs_an_address_and_a_ca_or_an_explicit_insecure():
         validate(compose(["engine=remote"]))
     validate(compose(["engine=remote", "engine.insecure=true"]))
     validate(compose(["engine=remote", "engine.ca=/c/ca.crt"]))
+
+
+@pytest.mark.parametrize("overrides", [
+    ["engine=remote", "engine.insecure='false'"],   # a string: before, any non-empty one turned TLS off
+    ["engine=fleet", "engine.insecure='true'"],
+    ["engine=remote", "engine.ca=/c/ca.crt", "engine.insecure=1"],
+    ["codec=topk", "codec.error_feedback='no'"],
+    ["task=quality_control", "task.derived_features='false'"],
+])
+def test_booleans_are_typed_never_strings(overrides):
+    key = overrides[-1].split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{key}=.* is invalid; it must be true or false, unquoted"):
+        validate(compose(overrides))
