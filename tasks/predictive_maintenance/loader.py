@@ -44,6 +44,11 @@ CMAPSS_SENSORS: tuple[str, ...] = (
 CMAPSS_SETTINGS: tuple[str, ...] = ("altitude", "mach", "tra")
 
 
+# No sensor, setting, time or label of a machine comes near this; a value beyond it is a broken export
+# (1.8e308 passes float() and then overflows every plant's statistics to inf and NaN).
+MAX_ABS = 1e12
+
+
 class DataFormatError(ValueError):
     """A data file that cannot be used, with the place and the fix in one line."""
 
@@ -55,14 +60,21 @@ def _number(text: str, where: str) -> float:
         raise DataFormatError(f"{where}: value {text!r} is not a number; fix or remove that row") from None
     if not math.isfinite(value):
         raise DataFormatError(f"{where}: value {text!r} is not finite; fix or remove that row")
+    if abs(value) > MAX_ABS:
+        raise DataFormatError(f"{where}: value {text!r} is out of range (|value| > {MAX_ABS:g}); fix or remove "
+                              "that row")
     return value
 
 
 def _time_value(text: str, where: str) -> float:
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         pass
+    else:
+        if not math.isfinite(value) or abs(value) > MAX_ABS:
+            raise DataFormatError(f"{where}: time value {text!r} is not a finite cycle number; fix that row")
+        return value
     try:
         return datetime.fromisoformat(text.strip()).timestamp()
     except ValueError:
@@ -135,6 +147,19 @@ def _csv_files(path: Path) -> list[Path]:
     raise DataFormatError(f"{path}: file not found; check task.data.path")
 
 
+def _csv_lines(file: Path, sep: str) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of one CSV file as (line, fields); a file that is not UTF-8 text or has a field
+    beyond csv's limit (131,072 characters) is one line naming it."""
+    try:
+        with file.open(newline="", encoding="utf-8") as fh:
+            return [(n, r) for n, r in enumerate(csv.reader(fh, delimiter=sep), 1) if any(c.strip() for c in r)]
+    except UnicodeDecodeError as err:
+        raise DataFormatError(f"{file}: not UTF-8 text (it holds byte {err.object[err.start:err.start + 1]!r}); "
+                              "save it as UTF-8") from None
+    except csv.Error as err:
+        raise DataFormatError(f"{file}: not a readable CSV file ({err}); fix the file or task.data.csv.sep") from None
+
+
 def _read_rows(path: Path, sep: str) -> tuple[list[str], list[list[str]], list[tuple[Path, int]]]:
     """(header, rows with a placeholder first, (file, line) of every row) of every file of ``path``."""
     files = _csv_files(path)
@@ -142,8 +167,7 @@ def _read_rows(path: Path, sep: str) -> tuple[list[str], list[list[str]], list[t
     rows: list[list[str]] = [[]]
     where: list[tuple[Path, int]] = [(path, 1)]  # (file, line) of every row, for error messages
     for file in files:
-        with file.open(newline="", encoding="utf-8") as fh:
-            lines = [(n, r) for n, r in enumerate(csv.reader(fh, delimiter=sep), 1) if any(c.strip() for c in r)]
+        lines = _csv_lines(file, sep)
         if not lines:
             raise DataFormatError(f"{file}: file is empty; it needs a header row and at least two rows per unit")
         first = [h.strip() for h in lines[0][1]]
@@ -154,6 +178,9 @@ def _read_rows(path: Path, sep: str) -> tuple[list[str], list[list[str]], list[t
         if header and first != header:
             raise DataFormatError(f"{file}: header {first} differs from {files[0].name}'s {header}; every file "
                                   "in a data directory needs the same columns")
+        doubled = sorted({h for h in first if first.count(h) > 1})
+        if doubled:
+            raise DataFormatError(f"{file}: column {doubled[0]!r} appears twice in the header; rename or remove one")
         header = header or first
         rows += [r for _, r in lines[1:]]
         where += [(file, n) for n, _ in lines[1:]]
@@ -176,6 +203,18 @@ def _columns(path: Path, header: list[str], unit: str, time: str, settings: list
     if not sensors:
         raise DataFormatError(f"{path}: no sensor columns besides {unit!r} and {time!r}; add sensor columns")
     return sensors, has_rul
+
+
+def _no_repeated_cycles(units: list[str], times: np.ndarray, where: list[tuple[Path, int]], unit: str,
+                        time: str) -> None:
+    """Each (unit, time) once: a repeated row would be trained on twice and break the unit's RUL count."""
+    seen: dict[tuple[str, float], int] = {}
+    for i, key in enumerate(zip(units, times.tolist())):
+        if key in seen:
+            (f0, l0), (f1, l1) = where[seen[key] + 1], where[i + 1]
+            raise DataFormatError(f"{f1}: row {l1} repeats {unit} {key[0]!r} at {time} {key[1]:g} "
+                                  f"({f0.name} row {l0}); remove the duplicate")
+        seen[key] = i
 
 
 def load_csv(
@@ -220,6 +259,10 @@ def load_csv(
             sets[i, j] = _number(r[col[name]], f"{file}: row {line}, column {name!r}")
         if ruls is not None and rul is not None:
             ruls[i] = _number(r[col[rul]], f"{file}: row {line}, column {rul!r}")
+            if ruls[i] < 0:
+                raise DataFormatError(f"{file}: row {line}, column {rul!r}: remaining useful life {r[col[rul]]!r} "
+                                      "is negative; fix that row or leave the column out to derive it")
+    _no_repeated_cycles(units, times, where, unit, time)
     return _assemble(path, units, times, sets, sens, ruls, tuple(sensors), tuple(settings), first_row=2)
 
 

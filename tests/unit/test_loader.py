@@ -76,6 +76,15 @@ def test_cmapss_round_trip_and_test_file_rul(tmp_path, plant):
         ("unit,time,T30\n1,1,1590\n1,2,1591\n", r"column 'cycle' missing.*task.data.csv"),
         ("unit,cycle,T30\n1,1,1590\n1,2,1591\n2,1,1600\n", r"unit '2' \(row 4\) has only one row"),
         ("unit,cycle,T30\n1,1,1590\n1,2\n", r"row 3 has 2 fields"),
+        # hostile values: one of these in one plant's file would turn every plant's statistics NaN
+        ("unit,cycle,T30\n1,1,1590\n1,2,1.7976931348623157e308\n", r"row 3, column 'T30'.*out of range"),
+        ("unit,cycle,T30\n1,1,1590\n1,2,-1e13\n", r"row 3, column 'T30'.*out of range"),
+        ("unit,cycle,T30\n1,1,1590\n1,nan,1591\n", r"row 3, column 'cycle'.*not a finite cycle"),
+        ("unit,cycle,T30\n1,1,1590\n1,inf,1591\n", r"row 3, column 'cycle'.*not a finite cycle"),
+        ("unit,cycle,T30\n1,1,1590\n1,2,1591\n1,2,1592\n", r"row 4 repeats unit '1' at cycle 2 \(bad.csv row 3\)"),
+        ("unit,cycle,T30,T30\n1,1,1590,1\n1,2,1591,2\n", r"column 'T30' appears twice in the header"),
+        ("unit,cycle,T30,rul\n1,1,1590,1\n1,2,1591,-1\n", r"row 3, column 'rul'.*is negative"),
+        ("unit,cycle,T30\n1,1,1590\n1,2,1" + "9" * 200_000 + "\n", r"not a readable CSV file.*field larger"),
     ],
 )
 def test_malformed_csv_gives_one_line_error(tmp_path, content, expected):
@@ -133,3 +142,10 @@ def test_a_growing_data_directory_is_read_as_one_table(tmp_path, plant):
     (tmp_path / "no-files-yet").mkdir()
     with pytest.raises(DataFormatError, match="no \\*.csv files"):
         load_csv(tmp_path / "no-files-yet")
+
+
+def test_a_file_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("unit,cycle,Temp\u00e9rature\n1,1,1590\n1,2,1591\n".encode("latin-1"))
+    with pytest.raises(DataFormatError, match=r"latin1.csv: not UTF-8 text \(it holds byte b'\\xe9'\); save it as UTF-8"):
+        load_csv(path)
