@@ -341,6 +341,9 @@ def quantise_update(update: np.ndarray, ranges: np.ndarray, weight: float,
 
     ``ranges`` is per element (the server sends one per tensor, expanded by the caller);
     ``weight`` is this device's share of the round times the number sampled (≈ 1)."""
+    if not np.isfinite(update).all():  # NaN would become INT64_MIN and decrypt to finite, wrong sums
+        raise HEError(f"the update has {int(np.count_nonzero(~np.isfinite(update)))} non-finite values (NaN or inf): "
+                      "local training diverged; check this plant's data")
     r = np.asarray(ranges, dtype=np.float64)
     clipped = np.clip(update.astype(np.float64), -r, r)
     saturated = float(np.mean(np.abs(update) > r)) if update.size else 0.0
@@ -380,6 +383,8 @@ def to_limbs(values: np.ndarray) -> np.ndarray:
     A sum of up to 2^25 devices' limbs stays far below t/2, so the sum is exact; |value|
     must stay below 2^41 (4.4e12)."""
     v = np.asarray(values, dtype=np.float64).ravel()
+    if not np.isfinite(v).all():
+        raise HEError("statistic is not finite (NaN or inf) and cannot be summed securely; check this plant's data")
     if np.abs(v).max(initial=0) >= 2.0 ** 41:
         raise HEError("statistic too large for the fixed-point secure sum (|value| ≥ 2^41)")
     z = (np.round(v * 2.0 ** FRACTION_BITS).astype(np.int64) + _OFFSET).astype(np.uint64)

@@ -179,3 +179,17 @@ def test_bad_key_files_give_one_line_errors(tmp_path):
     with pytest.raises(he.HEError, match="must be given server.he"):
         he.KeySet.generate().write(tmp_path / "k")
         HEFedAvg(keys=tmp_path / "k" / he.DEVICE_FILE, codec=None)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_the_encoder_refuses_non_finite_values_before_they_become_int64_min(bad):
+    """A NaN cast to int64 is INT64_MIN, whose abs() overflows past the headroom guard and decrypts to a finite,
+    wrong sum: the encoders refuse it, for updates and for the normalisation statistics."""
+    update = np.zeros(10, dtype=np.float32)
+    update[3] = bad
+    with pytest.raises(he.HEError, match=r"1 non-finite values \(NaN or inf\)"):
+        he.quantise_update(update, np.full(10, 0.5), 1.0, np.random.default_rng(0))
+    with pytest.raises(he.HEError, match=r"statistic is not finite"):
+        he.to_limbs(np.array([1.0, bad]))
+    z, _ = he.quantise_update(np.full(10, 0.2, np.float32), np.full(10, 0.5), 1.0, np.random.default_rng(0))
+    assert np.all(np.abs(z) <= he.LEVELS)  # finite updates still encode
