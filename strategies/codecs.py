@@ -132,10 +132,17 @@ class Codec(ABC):
         return self._encode(np.asarray(x, dtype=np.float32).ravel(), rng)
 
     def decode(self, enc: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        """The update a gateway sent; ValueError for a malformed one (the strategy leaves that gateway out of the
+        round and names it): missing arrays, or values that are not finite (one NaN would spread to every
+        plant's model through the average)."""
         try:
-            return self._decode(enc, size)
+            out = self._decode(enc, size)
         except KeyError as err:
             raise ValueError(f"array {err} missing for codec {self.name}") from None
+        bad = int(np.count_nonzero(~np.isfinite(out)))
+        if bad:
+            raise ValueError(f"{bad} of its {out.size} decoded values are not finite (NaN or inf)")
+        return out
 
     def error_bound(self, x: np.ndarray) -> np.ndarray:
         """Per-element bound on |decode(encode(x)) - x| (top-k: the dropped magnitude)."""

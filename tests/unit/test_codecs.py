@@ -230,3 +230,18 @@ def test_validate_names_the_key_where_the_section_sits():
         Int8Codec.validate({"chunk": 4, "downlink": "full"}, path="fleet.codec")
     validate_codec({"codec": {"name": "int8", "chunk": 8, "downlink": "delta"}})
     validate_codec({"codec": {"name": "topk", "k_fraction": 1.0, "downlink": "full"}})
+
+
+@pytest.mark.parametrize("codec", ALL, ids=lambda c: c.name)
+def test_a_non_finite_update_is_malformed_for_every_codec(codec):
+    """A rogue or diverged gateway's NaN or inf (in its values or in a chunk's scale) is refused at decoding, so the
+    strategy leaves that gateway out instead of averaging NaN into every plant's model."""
+    enc = codec.encode(_update(1000), np.random.default_rng(0))
+    assert np.isfinite(codec.decode(enc, 1000)).all()
+    floats = [key for key, arr in enc.items() if np.issubdtype(arr.dtype, np.floating) and arr.size]
+    assert floats, f"{codec.name} sends no float array to poison"
+    for key in floats:
+        bad = {**enc, key: enc[key].copy()}
+        bad[key].ravel()[0] = np.nan
+        with pytest.raises(ValueError, match=r"decoded values are not finite \(NaN or inf\)"):
+            codec.decode(bad, 1000)
