@@ -103,6 +103,18 @@ def _checked_config(cfg: DictConfig) -> tuple[dict, str | None]:
     return plain, None
 
 
+def _previous_run(run_dir: Path) -> str | None:
+    """Why ``run_dir`` cannot take a new run: it holds another run's results or checkpoints, which a resume or
+    an export would take for this run's. Nothing there is touched."""
+    held = [name for name in ("launch.json", "metrics.jsonl", "model.ckpt") if (run_dir / name).exists()]
+    if (run_dir / "checkpoints").is_dir() and any((run_dir / "checkpoints").iterdir()):
+        held.append("checkpoints/")
+    if not held:
+        return None
+    return (f"run directory {run_dir} already holds another run ({', '.join(held)}); give a new hydra.run.dir "
+            "(or leave it out: every run gets runs/<date>/<time>)")
+
+
 def _launch(plain: dict, run_dir: Path, sweep: bool) -> dict | None:
     """What the launcher returns, or None when it crashed in a sweep (recorded; a single run re-raises)."""
     try:
@@ -128,6 +140,13 @@ def run_job(cfg: DictConfig) -> str:
         _sweep_dir[:] = [Path(hc.sweep.dir)]
     if COMPOSE_ERROR in cfg:
         return _failed_point(run_dir, str(cfg[COMPOSE_ERROR]), "config")
+    previous = _previous_run(run_dir)
+    if previous is not None:  # nothing is written there, not even the failure record
+        print(f"error: {previous}" if not sweep else f"failed: {run_dir} — {previous}", file=sys.stderr)
+        if not sweep:
+            sys.exit(2)
+        _failures.append(previous)
+        return "failed"
     plain, refused = _checked_config(cfg)
     if refused is not None:
         if not sweep:

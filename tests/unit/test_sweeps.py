@@ -274,3 +274,29 @@ def test_ctrl_c_stops_the_sweep_and_still_summarises(fake_launch, tmp_path):
 
 
 # --- the real thing ----------------------------------------------------------------------------
+
+
+def test_a_run_never_starts_in_a_directory_that_holds_another_run(fake_launch, tmp_path, capsys):
+    """A reused directory would let its old checkpoints pass for today's (a resume, an export): refused before
+    anything is written there, for one run and for every point of a sweep; what was there stays as it was."""
+    from iiotfl.server.cli import main
+
+    run = tmp_path / "run"
+    assert main(["run", "engine=sim", f"hydra.run.dir={run}"]) == 0
+    before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file() and p.name != "iiotfl.log"}
+    (run / "checkpoints").mkdir()
+    (run / "checkpoints" / "round-3.ckpt").write_bytes(b"yesterday")
+    assert main(["run", "engine=sim", f"hydra.run.dir={run}"]) == 2
+    (line,) = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert f"run directory {run} already holds another run (launch.json, metrics.jsonl, checkpoints/)" in line
+    assert fake_launch == ["run"]  # the second run never reached the launcher
+    assert {n: (run / n).read_bytes() for n in before} == before
+    assert (run / "checkpoints" / "round-3.ckpt").read_bytes() == b"yesterday"
+
+    sweep = tmp_path / "sweep"
+    assert main(["run", "-m", "engine=sim", "codec=none,int8", f"hydra.sweep.dir={sweep}"]) == 0
+    first = {p: p.read_bytes() for p in sweep.glob("*/launch.json")}
+    assert len(first) == 2
+    assert main(["run", "-m", "engine=sim", "codec=none,int8", f"hydra.sweep.dir={sweep}"]) == 1
+    assert {p: p.read_bytes() for p in sweep.glob("*/launch.json")} == first
+    assert fake_launch == ["run", "0", "1"]
