@@ -84,10 +84,12 @@ def record_failure(run_dir: Path, reason: str, **extra: object) -> None:
         print(f"warning: report.md of {run_dir} not written: {_one_line(err)}", file=sys.stderr)
 
 
-def _failed_point(run_dir: Path, reason: str, stage: str) -> str:
-    """A sweep point that failed: recorded, counted, said; the sweep goes on."""
+def _failed_point(run_dir: Path, reason: str, stage: str, record: bool = True) -> str:
+    """A sweep point that failed: recorded (unless ``record`` is false: its directory is another run's), counted,
+    said; the sweep goes on."""
     _failures.append(reason)
-    record_failure(run_dir, reason, stage=stage)
+    if record:
+        record_failure(run_dir, reason, stage=stage)
     print(f"failed: {run_dir} — {reason}", file=sys.stderr)
     return "failed"
 
@@ -142,11 +144,10 @@ def run_job(cfg: DictConfig) -> str:
         return _failed_point(run_dir, str(cfg[COMPOSE_ERROR]), "config")
     previous = _previous_run(run_dir)
     if previous is not None:  # nothing is written there, not even the failure record
-        print(f"error: {previous}" if not sweep else f"failed: {run_dir} — {previous}", file=sys.stderr)
         if not sweep:
+            print(f"error: {previous}", file=sys.stderr)
             sys.exit(2)
-        _failures.append(previous)
-        return "failed"
+        return _failed_point(run_dir, previous, "run directory", record=False)
     plain, refused = _checked_config(cfg)
     if refused is not None:
         if not sweep:
