@@ -16,6 +16,7 @@ after an outage does not train on a stale round; it simply gets the next one.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -36,10 +37,22 @@ class RoundTrace:
     extra: list[int] = field(default_factory=list)            # replied after the first K
     late: list[int] = field(default_factory=list)             # no reply by the deadline
     errors: list[int] = field(default_factory=list)           # replied with an error
+    reasons: dict[int, str] = field(default_factory=dict)    # node -> why its reply was an error
     metrics: dict[int, dict] = field(default_factory=dict)    # node -> the reply's metrics
+    nodes: dict[str, int] = field(default_factory=dict)       # message id -> the node it was sent to
     below_minimum: bool = False
     started: float = 0.0
     ended: float = 0.0
+
+
+def error_reason(reply: Message) -> str:
+    """A failed gateway's one-line reason, from the error its SuperNode (or the SuperLink) returned."""
+    text = (reply.error.reason or "").strip()
+    raised = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>:<'(.*)'>", text, re.S)  # a ClientApp's exception
+    if raised:
+        text = f"{raised[1]}: {raised[2]}"
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1].strip() if lines else f"error code {reply.error.code}"
 
 
 def _trains(msg: Message) -> bool:
@@ -83,6 +96,10 @@ class DeadlineGrid(Grid):
     def on_sampled(self, server_round: int, nodes: list[int], need: int) -> None:  # noqa: ARG002
         self.need = need
 
+    def sender(self, reply: Message) -> int:
+        """The gateway a reply is about: the SuperLink answers for an offline node under its own id."""
+        return self.trace.nodes.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         trace = RoundTrace(started=time.time())
@@ -100,17 +117,19 @@ class DeadlineGrid(Grid):
         pushed_ids = list(self.grid.push_messages(messages))
         pushed = time.time()
         trace.sent = {m.metadata.dst_node_id: pushed for m in messages}
+        trace.nodes = {mid: m.metadata.dst_node_id for mid, m in zip(pushed_ids, messages)}
         ids = set(pushed_ids)
         end = trace.started + limit
         kept: list[Message] = []
         while ids:
             for reply in self.grid.pull_messages(ids):
                 ids.discard(reply.metadata.reply_to_message_id)
-                node = reply.metadata.src_node_id
+                node = self.sender(reply)
                 if not reply.has_error() and "metrics" in reply.content:
                     trace.metrics[node] = dict(reply.content["metrics"])
                 if reply.has_error():
                     trace.errors.append(node)
+                    trace.reasons[node] = error_reason(reply)
                     kept.append(reply)
                 elif len([r for r in kept if not r.has_error()]) < need:
                     trace.replied[node] = time.time()

@@ -29,6 +29,16 @@ def supernode_argv(dep, i: int, superlink: str) -> list[str]:
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _absl_never_closes_the_captured_stderr():
+    """dp-accounting imports absl, whose logging handler holds the sys.stderr of the moment it was
+    imported (pytest's capture) and closes it when Hydra's `iiotfl run` reconfigures logging; later
+    tests then fail on a closed file. Point it at the real stderr, which it never closes."""
+    import absl.logging
+
+    absl.logging.get_absl_handler().python_handler.stream = sys.__stderr__
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _artefact_keys(tmp_path_factory):
     """Artefact keys (server/artefacts.py) of every run the tests start: never the user's own."""
     os.environ["IIOTFL_ARTEFACT_KEYS"] = str(tmp_path_factory.mktemp("artefact-keys"))
