@@ -29,6 +29,7 @@ import torch
 from iiotfl.clients.training import train_local
 from iiotfl.configs import compose
 from iiotfl.tasks import get_task
+from iiotfl.tasks.moments import combine
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,7 +61,7 @@ def centralised(cfg: dict) -> tuple[dict, dict]:
     task = get_task(cfg["task"], cfg["seed"])
     n = int(cfg["fleet"]["gateways"])
     trains = [task.gateway_data(p)[0] for p in range(n)]
-    normaliser = task.normaliser(sum(task.feature_sums(t) for t in trains))
+    normaliser = task.normaliser(combine([task.feature_sums(t) for t in trains]))
     xs, ys = zip(*(task.windows(t, normaliser) for t in trains))
     x, y = np.concatenate(xs), np.concatenate(ys)
     model = task.build_model()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import replace
 from typing import cast
 
 import numpy as np
@@ -44,7 +45,7 @@ from iiotfl.strategies import he, strategy_spec, wire
 from iiotfl.strategies.client_dp import client_level
 from iiotfl.strategies.codec_fedavg import encoded_record, record_arrays
 from iiotfl.strategies.codecs import ErrorFeedback, flatten, get_codec, unflatten
-from iiotfl.strategies.he_fedavg import digest, verified_payload
+from iiotfl.strategies.he_fedavg import Sent, Unbound, bound_sum, checked_slots, digest
 from iiotfl.tasks import get_task
 
 app = ClientApp()
@@ -78,24 +79,63 @@ def _device_keys(settings: RunSettings, context: Context) -> he.KeySet:
     return keys
 
 
-def _encrypted(payload: bytes, keys: he.KeySet, key: str) -> dict:
-    return {key: ArrayRecord({wire.CT: Array(np.frombuffer(payload, dtype=np.uint8))}),
-            wire.HE: ConfigRecord({wire.FINGERPRINT: keys.fingerprint, wire.DIGEST: digest(payload)})}
+def _sent(context: Context) -> Sent | None:
+    """What this gateway last encrypted in this run (``context.state``, which the SuperNode keeps per run)."""
+    return Sent.from_record(wire.config_record(context.state, "he-sent")) if "he-sent" in context.state else None
+
+
+def _own_minimum(settings: RunSettings, context: Context) -> int:
+    """The fewest contributions this gateway decrypts a sum of: its node config ``he-min-aggregate`` or the
+    run's ``strategy.min_aggregate``, whichever is larger, and at least 2; never what the server's request says."""
+    own = int(cast(int, context.node_config.get("he-min-aggregate", 0)) or 0)
+    return max(2, own, int(settings.cfg["strategy"].get("min_aggregate") or 2))
+
+
+def _encrypted(payload: bytes, keys: he.KeySet, key: str, context: Context, kind: str, server_round: int,
+               values: int) -> dict:
+    """The ciphertext record and its meta: key set, digest and the binding to (kind, run, round, this node).
+    What was sent is kept in ``context.state``: the one sum this gateway may decrypt this round."""
+    old = _sent(context)
+    again = old is not None and old.decrypted and (old.kind, old.server_round) == (kind, server_round)
+    sent = Sent(kind, server_round, digest(payload), len(payload) // he.CT_BYTES, values, decrypted=again)
+    context.state["he-sent"] = sent.record()
+    meta = ConfigRecord({wire.FINGERPRINT: keys.fingerprint, wire.DIGEST: sent.digest, wire.KIND: kind,
+                         wire.RUN_ID: str(context.run_id), wire.SERVER_ROUND: server_round,
+                         wire.NODE_ID: str(context.node_id),
+                         wire.TAG: keys.bind(kind, context.run_id, server_round, context.node_id, payload)})
+    return {key: ArrayRecord({wire.CT: Array(np.frombuffer(payload, dtype=np.uint8))}), wire.HE: meta}
+
+
+def _he_stats(settings: RunSettings, context: Context, sums: np.ndarray, kind: str) -> dict:
+    """The statistics' exact fixed-point limbs, encrypted and bound to round 0 of this run and their pass."""
+    keys = _device_keys(settings, context)
+    return _encrypted(keys.encrypt_slots(he.to_limbs(sums)), keys, wire.STATS_HE, context, kind,
+                      wire.STATS_ROUND, int(sums.size))
 
 
 @app.query("feature_stats")
 def feature_stats(msg: Message, context: Context) -> Message:
-    """Per-condition (count, sum, sum of squares). Under strategy=he only their encrypted,
-    exact fixed-point limbs leave the gateway (the server learns the fleet's sum only)."""
+    """Per-condition (count, sum, M2) (tasks/moments.py). Under strategy=he only their encrypted,
+    exact fixed-point limbs leave the gateway (the server learns the fleet's sum only), in two
+    passes: counts and sums, then squared deviations from the fleet's centre the query carries."""
     settings, task, train, _, partition = _plant(context)
     sums = task.feature_sums(train)
     examples = len(task.windows(train, task.normaliser(sums))[1])  # the FedAvg weight, public anyway
     gateway = MetricRecord({"partition": partition, wire.NUM_EXAMPLES: examples, wire.ROWS: int(sums.shape[0]),
                             wire.COLS: int(sums.shape[1])})
     if strategy_spec(settings.cfg).needs_keys:  # strategy=he: the statistics leave encrypted
-        keys = _device_keys(settings, context)
-        encrypted = _encrypted(keys.encrypt_slots(he.to_limbs(sums)), keys, wire.STATS_HE)
-        reply = RecordDict({**encrypted, wire.GATEWAY: gateway})
+        sent = wire.config_record(msg.content, "config").get(wire.NORM_CENTRE)
+        k = (sums.shape[1] - 1) // 2
+        if sent is None:  # first pass: counts and sums only
+            sums[:, 1 + k:] = 0.0
+            kind = wire.HE_KIND_STATS
+        else:
+            centre = np.asarray(sent, dtype=np.float64)
+            if centre.size != sums.shape[0] * k or not np.isfinite(centre).all():
+                raise he.HEError(f"the statistics query's centre has {centre.size} values, this task's statistics "
+                                 f"need {sums.shape[0] * k} finite ones; refused")
+            sums, kind = task.feature_sums(train, centre.reshape(sums.shape[0], k)), wire.HE_KIND_CENTRED
+        reply = RecordDict({**_he_stats(settings, context, sums, kind), wire.GATEWAY: gateway})
     else:
         reply = RecordDict({wire.STATS: ArrayRecord(numpy_ndarrays=[sums]), wire.GATEWAY: gateway})
     return Message(content=reply, reply_to=msg)
@@ -103,14 +143,20 @@ def feature_stats(msg: Message, context: Context) -> Message:
 
 @app.query("he_decrypt")
 def he_decrypt(msg: Message, context: Context) -> Message:
-    """Decrypt a *sum* of encrypted updates or statistics (never fewer than min-aggregate)."""
-    config = wire.config_record(msg.content, "config")
-    keys = _device_keys(from_run_config(context.run_config), context)
-    if wire.as_int(config[wire.CONTRIBUTORS]) < max(2, wire.as_int(config[wire.MIN_AGGREGATE])):
-        raise he.HEError(f"asked to decrypt a sum of {wire.as_str(config['contributors'])} update(s); this gateway "
-                         f"decrypts only sums of at least {max(2, wire.as_int(config['min-aggregate']))}")
-    payload = verified_payload(wire.array_record(msg.content, wire.SUM), config, keys.fingerprint)
-    slots = keys.decrypt_slots(payload)
+    """Decrypt the sum of this round's bound contributions: once a round, only if this gateway's own is in
+    and there are at least its own minimum (checks: ``strategies/he_fedavg.py``). Contributions whose
+    binding fails are named in a ``refused`` reply; any other refusal raises HEError."""
+    settings = from_run_config(context.run_config)
+    keys, sent = _device_keys(settings, context), _sent(context)
+    try:
+        total, devices = bound_sum(msg.content, keys, context.run_id, context.node_id, sent,
+                                   _own_minimum(settings, context))
+    except Unbound as err:
+        refused = ConfigRecord({wire.NODES: [str(n) for n in err.nodes], wire.REASON: str(err)})
+        return Message(content=RecordDict({wire.REFUSED: refused}), reply_to=msg)
+    assert sent is not None, "bound_sum refuses a gateway that sent nothing"
+    slots = checked_slots(keys.decrypt_slots(total), sent, devices)
+    context.state["he-sent"] = replace(sent, decrypted=True).record()
     return Message(content=RecordDict({wire.SLOTS: ArrayRecord({wire.SLOTS: Array(slots)})}), reply_to=msg)
 
 
@@ -124,7 +170,9 @@ def _he_update(settings: RunSettings, context: Context, config: ConfigRecord, up
     update, extra = _noised(update, config, rng)  # distributed DP: clip, add this gateway's noise share
     ranges = he.element_ranges(config[wire.HE_RANGES], view)
     payload, saturated = he.encrypt_update(keys, update, ranges, wire.as_float(config[wire.HE_WEIGHT]), rng)
-    return _encrypted(payload, keys, wire.HE_UPDATE), {wire.HE_SATURATED: saturated, **extra}
+    records = _encrypted(payload, keys, wire.HE_UPDATE, context, wire.HE_KIND_UPDATE,
+                         wire.as_int(config[wire.SERVER_ROUND]), int(update.size))
+    return records, {wire.HE_SATURATED: saturated, **extra}
 
 
 def _start_view(msg: Message, context: Context, codec) -> dict[str, np.ndarray]:
@@ -252,21 +300,32 @@ def _crash_if_asked(msg: Message, context: Context) -> None:
 def _train_dp(settings: RunSettings, context: Context, model, x, y, task, config, partition: int,
               common: dict) -> tuple[dict | None, dict]:
     """privacy=sample: DP-SGD within this device's budget. (training stats or None if the budget is
-    spent, the dp-* metrics)."""
+    spent, the dp-* metrics: with the device's whole DP-SGD history, so the server can recompute its
+    ε even when an earlier reply came late or never)."""
     cfg = settings.cfg
     accountant, sigma, q, steps, budget = _sample_dp(cfg, context, len(y), config, partition)
     dp = {wire.DP_SIGMA: sigma, wire.DP_CLIP: float(cfg["privacy"]["max_grad_norm"]), wire.DP_DELTA: accountant.delta,
           wire.DP_BUDGET: budget}
+
+    def history() -> dict[str, list]:
+        # steps so far per (sigma, q), padded with zero steps to fleet.rounds entries: Flower averages
+        # a list metric element-wise over the replies it aggregates, which must all be the same length
+        totals = accountant.totals()
+        totals += [(0.0, 0.0, 0)] * (int(cfg["fleet"]["rounds"]) - len(totals))
+        return {wire.DP_HISTORY_SIGMA: [a for a, _, _ in totals], wire.DP_HISTORY_Q: [b for _, b, _ in totals],
+                wire.DP_HISTORY_STEPS: [c for _, _, c in totals]}
+
     if accountant.would_exceed(budget, sigma, q, steps):
         spent = accountant.epsilon()
-        return None, {**dp, wire.DP_STOPPED: 1, wire.DP_EPSILON: spent, wire.DP_BUDGET_LEFT: budget - spent}
+        return None, {**dp, **history(), wire.DP_STOPPED: 1, wire.DP_EPSILON: spent,
+                      wire.DP_BUDGET_LEFT: budget - spent}
     stats = train_local_dp(model, x, task.target(y), noise_multiplier=sigma,
                            max_grad_norm=float(cfg["privacy"]["max_grad_norm"]), **common)
     accountant.history.append((sigma, float(stats.pop("sample_rate")), int(stats.pop("steps"))))
     _save_dp(context, accountant)
     eps = accountant.epsilon()
     dp.update({wire.DP_EPSILON: eps, wire.DP_BUDGET_LEFT: budget - eps, wire.DP_Q: accountant.history[-1][1],
-               wire.DP_STEPS: accountant.history[-1][2]})
+               wire.DP_STEPS: accountant.history[-1][2], **history()})
     return stats, dp
 
 

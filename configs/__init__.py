@@ -9,8 +9,8 @@ the key and the fix.
 
 The composed config reaches the ServerApp and the ClientApps as Flower run config:
 ``iiotfl-config`` holds it as JSON, ``output-dir`` says where the ServerApp writes
-its artefacts; ``resume-round`` and ``he-keys`` carry what the launcher decided (a resumed
-run, a provisioned HE key set). Under plain ``flwr run .`` the JSON is empty and the apps
+its artefacts; ``resume-round``, ``he-keys`` and ``run-uid`` carry what the launcher decided (a resumed
+run, a provisioned HE key set, the run id). Under plain ``flwr run .`` the JSON is empty and the apps
 compose the defaults here, with the few flat keys of ``[tool.flwr.app.config]`` applied.
 """
 
@@ -114,16 +114,18 @@ class RunSettings:
     resume_round: int = 0        # a run resumed after a SuperLink restart continues after this round
     he_keys: Path | None = None  # the HE key directory the launcher provisioned (strategy.keys=null)
     defaults: bool = False       # no composed config came (plain `flwr run .`): the apps composed the defaults
+    run_uid: str = ""            # the run's own id (kept across SuperLink restarts); artefacts are bound to it
 
 
 def to_run_config(cfg: Mapping[str, Any], output_dir: str | Path, *, resume_round: int = 0,
-                  he_keys: str | Path | None = None) -> dict[str, Any]:
+                  he_keys: str | Path | None = None, run_uid: str = "") -> dict[str, Any]:
     """The Flower run config that carries ``cfg`` and the launcher's settings to the apps."""
     flat = {key: require(cfg, path) for key, path in FLAT_KEYS.items()}
     flat["iiotfl-config"] = json.dumps(cfg, sort_keys=True)
     flat["output-dir"] = str(Path(output_dir).resolve())
     flat["resume-round"] = int(resume_round)
     flat["he-keys"] = str(Path(he_keys).resolve()) if he_keys else ""
+    flat["run-uid"] = str(run_uid)
     return flat
 
 
@@ -142,5 +144,5 @@ def from_run_config(run_config: Mapping[str, Any]) -> RunSettings:
     keys = run_config.get("he-keys") or ""
     return RunSettings(cfg=cfg, output_dir=Path(out) if out else Path("runs") / "flwr-run",
                        resume_round=int(run_config.get("resume-round") or 0), he_keys=Path(keys) if keys else None,
-                       defaults=not blob)
+                       defaults=not blob, run_uid=str(run_config.get("run-uid") or ""))
 

@@ -29,6 +29,7 @@ import yaml
 
 from iiotfl.security.artefacts import FINAL_CHECKPOINT, load_model_state
 from iiotfl.tasks import get_task
+from iiotfl.tasks.moments import combine
 
 
 def roc_curve(member: np.ndarray, non: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -69,7 +70,7 @@ def _losses(model: torch.nn.Module, task, x: np.ndarray, y: np.ndarray) -> np.nd
 
 def _audit_data(task, gateways: int, per_side: int, seed: int):
     splits = [task.gateway_data(i) for i in range(gateways)]
-    normaliser = task.normaliser(sum(task.feature_sums(t) for t, _ in splits))
+    normaliser = task.normaliser(combine([task.feature_sums(t) for t, _ in splits]))
     members = [task.windows(t, normaliser) for t, _ in splits]
     held_out = [task.windows(v, normaliser) for _, v in splits]
     xm, ym = np.concatenate([m[0] for m in members]), np.concatenate([m[1] for m in members])

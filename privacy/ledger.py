@@ -1,10 +1,14 @@
 """The privacy ledger: one row per device per round of what left it, in what form, at what cost.
 
 ``privacy_ledger.jsonl`` in the run directory. Each row: round, gateway, class, status
-(sent / budget-spent / late), bytes sent (application payload) and on the wire, the form
-of what was sent, clipping norm, noise multiplier, ε spent so far (sample-level: that
-device's; client-level: the fleet's), δ and the budget left. The rows of the DP history
-(sample rate, steps) let :mod:`privacy.accounting` recompute every ε.
+(:data:`STATUS`: sent, sent but not aggregated, late, budget-spent, error), bytes sent
+(application payload) and on the wire, the form of what was sent, clipping norm, noise
+multiplier, ε spent so far (sample-level: that device's, as it reported it; client-level:
+the fleet's), δ and the budget left. Sample-level rows carry the DP-SGD history the device
+reported (``dp_history``: [noise multiplier, sample rate, steps so far]); a late row has
+none, the device's next reply covers that round. Client-level rows say whether the round
+released an aggregate (:func:`released_noise`). :mod:`privacy.accounting` recomputes every ε
+from them.
 """
 
 from __future__ import annotations
@@ -17,6 +21,12 @@ from iiotfl.strategies import strategy_spec, wire
 from iiotfl.strategies.codecs import CODECS
 
 NOISE_SHARE = "clipped and noised on the device (its share of the fleet's Gaussian noise), "
+LATE = "late: unknown until the device reports again"
+# server/roundlog.py's gateway status -> the ledger's: what left the device
+STATUS = {"aggregated": "sent", "extra": "sent, not aggregated (extra)",
+          "skipped": "sent, not aggregated (round skipped)", "rejected": "sent, not aggregated (rejected)",
+          "late": LATE, "budget-spent": "budget-spent"}
+SENT = ("sent", STATUS["extra"], STATUS["skipped"], STATUS["rejected"])  # the update left the device
 
 
 def form_of(cfg: Mapping[str, Any]) -> str:
@@ -87,34 +97,67 @@ class Ledger:
                 }) + "\n")
 
     def record(self, round_row: Mapping[str, Any], fleet_epsilon: float | None, fleet_delta: float | None) -> None:
+        """One row per gateway sampled in the round (``round_row``: a row of ``metrics.jsonl``)."""
         rows = []
-        priv = self.cfg.get("privacy") or {}
         for g in round_row.get("gateways") or []:
-            c = g.get("metrics") or {}
-            status = {"aggregated": "sent", "budget-spent": "budget-spent"}.get(g.get("status"), g.get("status"))
+            status = STATUS.get(g.get("status"), g.get("status"))
+            sent, late = status in SENT, status == LATE
             row: dict[str, Any] = {
                 "round": round_row["round"], "gateway": g.get("partition"), "class": g.get("class"),
-                "status": status, "bytes_sent": g.get("bytes_up", 0) if status == "sent" else 0,
-                "wire_bytes_up": g.get("wire_up"), "form": self.form if status == "sent" else "nothing",
+                "status": status, "bytes_sent": g.get("bytes_up", 0) if sent else None if late else 0,
+                "wire_bytes_up": g.get("wire_up"), "form": self.form if sent else "unknown" if late else "nothing",
             }
             if self.privacy == "sample":
-                row.update(clip_norm=c.get(wire.DP_CLIP), noise_multiplier=c.get(wire.DP_SIGMA),
-                           sample_rate=c.get(wire.DP_Q), steps=c.get(wire.DP_STEPS) if status == "sent" else 0,
-                           epsilon=c.get(wire.DP_EPSILON), delta=c.get(wire.DP_DELTA),
-                           budget_left=c.get(wire.DP_BUDGET_LEFT))
+                row.update(self._sample(g.get("metrics") or {}, status))
             elif self.privacy == "client":
-                row.update(clip_norm=priv.get("clipping_norm"),
-                           noise_multiplier=(round_row.get("privacy") or {}).get("noise_multiplier",
-                                                                                 priv.get("noise_multiplier")),
-                           epsilon=fleet_epsilon, delta=fleet_delta,
-                           budget_left=(priv["budget"] - fleet_epsilon) if priv.get("budget") and fleet_epsilon
-                           is not None else None)
+                row.update(self._client(round_row, fleet_epsilon, fleet_delta))
             else:
                 row.update(clip_norm=None, noise_multiplier=None, epsilon=float("inf"), delta=None, budget_left=None)
             rows.append(row)
         with self.path.open("a") as fh:
             for row in rows:
                 fh.write(json.dumps(row) + "\n")
+
+    @staticmethod
+    def _sample(c: Mapping[str, Any], status: str) -> dict[str, Any]:
+        """A device's DP-SGD figures as its reply reported them (none for a late one)."""
+        c, history = unpadded(c), None
+        if wire.DP_HISTORY_STEPS in c:
+            history = [[float(s), float(q), int(n)] for s, q, n in
+                       zip(c[wire.DP_HISTORY_SIGMA], c[wire.DP_HISTORY_Q], c[wire.DP_HISTORY_STEPS])]
+        return dict(clip_norm=c.get(wire.DP_CLIP), noise_multiplier=c.get(wire.DP_SIGMA), sample_rate=c.get(wire.DP_Q),
+                    steps=c.get(wire.DP_STEPS) if status in SENT else None if status == LATE else 0,
+                    epsilon=c.get(wire.DP_EPSILON), delta=c.get(wire.DP_DELTA), budget_left=c.get(wire.DP_BUDGET_LEFT),
+                    dp_history=history)
+
+    def _client(self, round_row: Mapping[str, Any], epsilon: float | None, delta: float | None) -> dict[str, Any]:
+        """The fleet's figures: the round's release (if any) and ε so far."""
+        priv = self.cfg.get("privacy") or {}
+        noise = released_noise(round_row)
+        return dict(clip_norm=priv.get("clipping_norm"), noise_multiplier=noise, released=noise is not None,
+                    epsilon=epsilon, delta=delta,
+                    budget_left=(priv["budget"] - epsilon) if priv.get("budget") and epsilon is not None else None)
+
+
+def unpadded(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    """A reply's metrics with its DP-SGD history cut to the entries with steps (the gateway pads it)."""
+    keys = (wire.DP_HISTORY_SIGMA, wire.DP_HISTORY_Q, wire.DP_HISTORY_STEPS)
+    if not all(k in metrics for k in keys):
+        return dict(metrics)
+    keep = [i for i, n in enumerate(metrics[wire.DP_HISTORY_STEPS]) if n]
+    return {**metrics, **{k: [metrics[k][i] for i in keep] for k in keys}}
+
+
+def released_noise(round_row: Mapping[str, Any]) -> float | None:
+    """Client-level DP: the noise multiplier of the aggregate a round released, None if it released none.
+
+    A skipped round, or one that aggregated nothing, released nothing; nor did a round for which the
+    strategy accounted no noise (Flower's DP wrappers compose only on a release). The ledger and
+    :func:`privacy.accounting.accounting_check` both count releases by this rule."""
+    noise = (round_row.get("privacy") or {}).get("noise_multiplier")
+    if round_row.get("skipped") or not round_row.get("aggregated") or noise is None:
+        return None
+    return float(noise)
 
 
 def load(path: Path) -> list[dict[str, Any]]:
@@ -123,14 +166,19 @@ def load(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
 
 
-def device_histories(rows: list[dict[str, Any]]) -> dict[int, dict[str, Any]]:
-    """Per device: its DP-SGD history, last reported ε and δ (sample-level rows)."""
-    out: dict[int, dict[str, Any]] = {}
-    for r in rows:
-        if r.get("round") == 0 or r.get("noise_multiplier") is None or r.get("sample_rate") is None:
+def device_reports(rows: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """Per device (sample-level rows): every ε it reported, with the DP-SGD history it reported with it
+    (``reports``: round, epsilon, delta, history; a row with an ε but no history has history []), and
+    the rounds it was late in after its last report (``unreported``: not yet covered by any reply)."""
+    out: dict[Any, dict[str, Any]] = {}
+    for r in sorted(rows, key=lambda r: int(r.get("round") or 0)):
+        if not r.get("round") or "sample_rate" not in r:
             continue
-        d = out.setdefault(r["gateway"], {"history": [], "epsilon": 0.0, "delta": r.get("delta")})
-        if r["status"] == "sent" and r.get("steps"):
-            d["history"].append((r["noise_multiplier"], r["sample_rate"], r["steps"]))
-            d["epsilon"] = r["epsilon"]
+        d = out.setdefault(r["gateway"], {"reports": [], "unreported": []})
+        if r.get("epsilon") is not None:
+            d["reports"].append({"round": r["round"], "epsilon": r["epsilon"], "delta": r["delta"],
+                                 "history": [tuple(h) for h in r.get("dp_history") or []]})
+            d["unreported"] = []
+        elif r.get("status") == LATE:
+            d["unreported"].append(r["round"])
     return out

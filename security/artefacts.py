@@ -4,24 +4,30 @@ Every global model the ServerApp writes (``model.ckpt``, ``checkpoints/round-N.c
 and every on-device export (``iiotfl export``) is an *artefact file*; readers go through
 :func:`read_artefact` (here: :func:`load_checkpoint`, :func:`load_model_state`,
 ``server.export.load_export``), which checks the signature before anything is decrypted
-or unpickled. A changed byte, a file signed with other keys, or a file renamed/swapped
-for another artefact is refused with one :class:`ArtefactError` line naming the file.
+or unpickled. A changed byte, a file signed with other keys, a file renamed/swapped
+for another artefact, another run's artefact or an older one than the reader expects is
+refused with one :class:`ArtefactError` line naming the file.
 
-File format, version 1 (integers unsigned, big-endian)::
+File format, version 2 (integers unsigned, big-endian)::
 
     offset  size  field
     0       6     magic  b"IIOTFL"
     6       1     version  1
     7       1     flags  bit 0: payload encrypted (AES-256-GCM); other bits 0
     8       1     n = length of the purpose
-    9       n     purpose, ASCII: "<kind>:<file name>", e.g. "checkpoint:model.ckpt"
+    9       n     purpose, ASCII: "<kind>:<file name>|run=<run id>;round=<r>;model=<fingerprint>",
+                  e.g. "checkpoint:round-3.ckpt|run=5f0c…;round=3;model=a41b…" (:class:`Binding`)
     9+n     12    nonce (random; only when encrypted)
     ...     ...   payload: AES-GCM ciphertext + 16-byte tag (encrypted), else the plain payload
     end-64  64    Ed25519 signature over every byte before it (header and payload)
 
-The header (magic .. nonce) is the AES-GCM associated data, so kind and file name are
-bound to the ciphertext as well as to the signature: ``round-2.ckpt`` copied over
-``model.ckpt`` is refused. Checkpoints are encrypted (they are derived from the plants'
+The header (magic .. nonce) is the AES-GCM associated data, so kind, file name, run,
+round and model are bound to the ciphertext as well as to the signature: ``round-2.ckpt``
+copied over ``model.ckpt`` is refused, and so is another run's ``model.ckpt`` (run id), an
+older ``round-3.ckpt`` where round 5 is expected (round) or a checkpoint of another model
+architecture (the fingerprint of its parameter names and shapes). The run id is the one
+``iiotfl run`` gives each run (``launch.json``, ``metrics.json``). Version-1 files (no
+binding) are refused. Checkpoints are encrypted (they are derived from the plants'
 data: weights and the fleet's normalisation sums); exports are signed only, so a device
 needs nothing secret — just ``verify.pub`` — to check its model.
 
@@ -40,7 +46,9 @@ moved into place (``os.replace``; keys with ``os.link``, which refuses to replac
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 import struct
 import tempfile
@@ -56,7 +64,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 MAGIC = b"IIOTFL"
-VERSION = 1
+VERSION = 2
 ENCRYPTED = 0x01
 NONCE_BYTES = 12
 SIGNATURE_BYTES = 64
@@ -178,16 +186,60 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
+# -- what an artefact is bound to ---------------------------------------------------
+@dataclass(frozen=True)
+class Binding:
+    """The run, round and model an artefact belongs to; signed and authenticated with it."""
+
+    run: str = ""     # the run id ("" only for artefacts written outside a run, e.g. tests)
+    round: int = 0    # the global model's version within the run: the round that produced it
+    model: str = ""   # :func:`model_fingerprint` of the state it holds
+
+    def text(self) -> str:
+        return f"run={self.run};round={self.round};model={self.model}"
+
+    @classmethod
+    def parse(cls, text: str) -> Binding:
+        fields = dict(part.partition("=")[::2] for part in text.split(";"))
+        return cls(fields.get("run", ""), int(fields.get("round") or 0), fields.get("model", ""))
+
+
+def model_fingerprint(state: Mapping[str, Any]) -> str:
+    """Which model a state belongs to: a digest of its parameter names, shapes and dtypes."""
+    spec = ";".join(f"{k}:{tuple(v.shape)}:{v.dtype}" for k, v in sorted(state.items()) if hasattr(v, "shape"))
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def _check_binding(refuse: str, got: Binding, run: str | None, at_round: int | None, min_round: int | None,
+                   model: str | None) -> None:
+    if run is not None and got.run != run:
+        raise ArtefactError(f"{refuse} it belongs to run {got.run or '(none)'!r}, not to this run {run!r} (another "
+                            "run's artefact was copied here); restore this run's file")
+    if at_round is not None and got.round != at_round:
+        raise ArtefactError(f"{refuse} it holds the model of round {got.round}, not round {at_round} (rolled back "
+                            "or swapped); restore the file of that round")
+    if min_round is not None and got.round < min_round:
+        raise ArtefactError(f"{refuse} it holds the model of round {got.round}, older than round {min_round} "
+                            "already in use (a rollback); keep the newer model")
+    if model is not None and got.model != model:
+        raise ArtefactError(f"{refuse} it holds a model of another architecture (fingerprint {got.model}, "
+                            f"expected {model}); use the task and model it was trained with")
+
+
 # -- the file format ----------------------------------------------------------------
 def _header(purpose: str, encrypted: bool, nonce: bytes = b"") -> bytes:
     tag = purpose.encode("ascii")
     return MAGIC + struct.pack(">BBB", VERSION, ENCRYPTED if encrypted else 0, len(tag)) + tag + nonce
 
 
-def write_artefact(path: Path, payload: bytes, kind: str, keys: Keys, encrypt: bool = True) -> None:
-    """Sign (and, with ``encrypt``, AES-GCM encrypt) ``payload`` into ``path``, atomically."""
+def write_artefact(path: Path, payload: bytes, kind: str, keys: Keys, encrypt: bool = True,
+                   binding: Binding = Binding()) -> None:
+    """Sign (and, with ``encrypt``, AES-GCM encrypt) ``payload``, bound to ``binding``, into ``path``, atomically."""
     path = Path(path)
-    purpose = f"{kind}:{path.name}"
+    purpose = f"{kind}:{path.name}|{binding.text()}"
+    if len(purpose.encode("ascii")) > 255:
+        raise ArtefactError(f"{path}: the artefact's purpose {purpose!r} is longer than 255 bytes; use a shorter "
+                            "file name or run id")
     if encrypt:
         nonce = os.urandom(NONCE_BYTES)
         header = _header(purpose, True, nonce)
@@ -203,8 +255,10 @@ def write_artefact(path: Path, payload: bytes, kind: str, keys: Keys, encrypt: b
     atomic_write(path, body + signature)
 
 
-def read_artefact(path: Path, kind: str, keys: Keys) -> bytes:
-    """The payload of ``path``: signature checked first, then purpose, then decrypted (if encrypted)."""
+def read_artefact(path: Path, kind: str, keys: Keys, *, run: str | None = None, at_round: int | None = None,
+                  min_round: int | None = None, model: str | None = None) -> tuple[bytes, Binding]:
+    """The payload of ``path`` and its binding: signature checked first, then kind, file name and
+    binding (``run``, ``at_round``, ``min_round``, ``model``: each checked when given), then decrypted."""
     path = Path(path)
     refuse = f"refusing {path}:"
     try:
@@ -224,17 +278,23 @@ def read_artefact(path: Path, kind: str, keys: Keys) -> bytes:
     version, flags, n = struct.unpack(">BBB", body[len(MAGIC):len(MAGIC) + 3])
     start = len(MAGIC) + 3
     purpose = body[start:start + n].decode("ascii", "replace")
+    if version < VERSION:
+        raise ArtefactError(f"{refuse} artefact format version {version} is not bound to a run and round; "
+                            "write it again with this iiotfl (run again, or `iiotfl export` the run again)")
     if version != VERSION or flags & ~ENCRYPTED:
         raise ArtefactError(f"{refuse} artefact format version {version} (flags {flags:#x}) is not supported by "
                             f"this iiotfl (version {VERSION}); upgrade iiotfl")
-    if purpose != f"{kind}:{path.name}":
-        raise ArtefactError(f"{refuse} it was written as {purpose!r}, not {kind}:{path.name} (renamed or swapped "
+    written_as, _, bound = purpose.partition("|")
+    if written_as != f"{kind}:{path.name}":
+        raise ArtefactError(f"{refuse} it was written as {written_as!r}, not {kind}:{path.name} (renamed or swapped "
                             "for another artefact); restore the original file name or file")
+    binding = Binding.parse(bound)
+    _check_binding(refuse, binding, run, at_round, min_round, model)
     if not flags & ENCRYPTED:
-        return body[start + n:]
+        return body[start + n:], binding
     header_end = start + n + NONCE_BYTES
     try:
-        return AESGCM(keys.aes()).decrypt(body[start + n:header_end], body[header_end:], body[:header_end])
+        return AESGCM(keys.aes()).decrypt(body[start + n:header_end], body[header_end:], body[:header_end]), binding
     except InvalidTag:
         raise ArtefactError(f"{refuse} decryption failed although the signature is valid — "
                             f"{keys.directory / AES_FILE} is not the AES key it was written with; restore that "
@@ -249,11 +309,14 @@ class Checkpoint:
     model: dict[str, torch.Tensor]
     norm_sums: np.ndarray | None = None
     round: int | None = None
+    binding: Binding = Binding()
 
 
 def save_checkpoint(path: Path, model: Mapping[str, torch.Tensor], norm_sums: np.ndarray | None = None,
-                    server_round: int | None = None, keys: Keys | None = None, run_dir: Path | None = None) -> Path:
-    """Encrypt and sign a model ``state_dict`` (+ normalisation sums) into ``path``.
+                    server_round: int | None = None, keys: Keys | None = None, run_dir: Path | None = None,
+                    run_id: str = "") -> Path:
+    """Encrypt and sign a model ``state_dict`` (+ normalisation sums) into ``path``, bound to run
+    ``run_id``, its round and the model's fingerprint.
 
     Refuses keys inside ``run_dir`` (default: the checkpoint's directory): they must live apart from the run.
     """
@@ -271,18 +334,42 @@ def save_checkpoint(path: Path, model: Mapping[str, torch.Tensor], norm_sums: np
         content["round"] = int(server_round)
     buf = io.BytesIO()
     torch.save(content, buf)
-    write_artefact(path, buf.getvalue(), "checkpoint", keys)
+    binding = Binding(run_id, int(server_round or 0), model_fingerprint(content["model"]))
+    write_artefact(path, buf.getvalue(), "checkpoint", keys, binding=binding)
     return path
 
 
-def load_checkpoint(path: Path, keys: Keys | None = None) -> Checkpoint:
-    """Verify, decrypt and load a checkpoint written by :func:`save_checkpoint`."""
-    payload = read_artefact(Path(path), "checkpoint", keys or Keys(keys_dir()))
+def load_checkpoint(path: Path, keys: Keys | None = None, *, run: str | None = None, at_round: int | None = None,
+                    model: str | None = None) -> Checkpoint:
+    """Verify, decrypt and load a checkpoint written by :func:`save_checkpoint`; with ``run``,
+    ``at_round`` or ``model`` (a :func:`model_fingerprint`) refuse one bound to anything else."""
+    payload, binding = read_artefact(Path(path), "checkpoint", keys or Keys(keys_dir()), run=run, at_round=at_round,
+                                     model=model)
     content = torch.load(io.BytesIO(payload), weights_only=True)
     sums = content.get("norm_sums")
-    return Checkpoint(content["model"], None if sums is None else sums.numpy(), content.get("round"))
+    return Checkpoint(content["model"], None if sums is None else sums.numpy(), content.get("round"), binding)
+
+
+def finished_run(run_dir: str | Path) -> tuple[str, int]:
+    """The run id and final round a finished run's ``metrics.json`` records (what ``model.ckpt`` must be bound to)."""
+    path = Path(run_dir) / "metrics.json"
+    try:
+        summary = json.loads(path.read_text())
+        return str(summary["run_uid"]), int(summary["final_round"])
+    except FileNotFoundError:
+        raise ArtefactError(f"{path} does not exist; pass the directory of a finished `iiotfl run`") from None
+    except (ValueError, KeyError, TypeError):
+        raise ArtefactError(f"{path} names no run_uid and final_round (damaged, or written by an older iiotfl); "
+                            "run again") from None
+
+
+def load_final(run_dir: str | Path, keys: Keys | None = None) -> Checkpoint:
+    """A finished run's final checkpoint (``RUN_DIR/model.ckpt``): verified, bound to this run and
+    its final round (another run's or an older model is refused), then decrypted."""
+    run, final_round = finished_run(run_dir)
+    return load_checkpoint(Path(run_dir) / FINAL_CHECKPOINT, keys, run=run, at_round=final_round)
 
 
 def load_model_state(run_dir: str | Path, keys: Keys | None = None) -> dict[str, torch.Tensor]:
-    """The final global model of a run (``RUN_DIR/model.ckpt``), verified then decrypted."""
-    return load_checkpoint(Path(run_dir) / FINAL_CHECKPOINT, keys).model
+    """The final global model of a finished run, as :func:`load_final` checks it."""
+    return load_final(run_dir, keys).model

@@ -22,7 +22,8 @@ output directory, a resumed run's last round, a provisioned HE key directory.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import uuid
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, cast
 
@@ -36,7 +37,8 @@ from iiotfl.configs import RunSettings, from_run_config
 from iiotfl.privacy.accounting import accounting_check
 from iiotfl.privacy.ledger import Ledger
 from iiotfl.privacy.ledger import load as load_ledger
-from iiotfl.security.artefacts import FINAL_CHECKPOINT, load_checkpoint, save_checkpoint
+from iiotfl.security.artefacts import FINAL_CHECKPOINT, load_checkpoint, model_fingerprint, save_checkpoint
+from iiotfl.server import events
 from iiotfl.server.checks import validate
 from iiotfl.server.roundlog import RoundLog
 from iiotfl.server.rounds import DeadlineGrid
@@ -81,14 +83,15 @@ def _settings(context: Context) -> RunSettings:
     settings = from_run_config(context.run_config)
     if settings.defaults:  # plain `flwr run .`: nothing checked the composed defaults yet
         validate(settings.cfg)
+    if not settings.run_uid:  # plain `flwr run .`: no launcher gave the run an id
+        settings = replace(settings, run_uid=uuid.uuid4().hex)
     settings.output_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(settings.cfg["train"]["torch_threads"]))
     return settings
 
 
-def _prepare(grid: Grid, context: Context) -> Run:
+def _prepare(grid: Grid, context: Context, settings: RunSettings) -> Run:
     """Connected gateways, the strategy, the fleet's statistics, the model to start from, the logs."""
-    settings = _settings(context)
     cfg, out, resume = settings.cfg, settings.output_dir, settings.resume_round
     fleet = cfg["fleet"]
     timeout = float(fleet["round_timeout"])
@@ -97,19 +100,22 @@ def _prepare(grid: Grid, context: Context) -> Run:
     strategy = build_strategy(cfg, on_sampled=rounds.on_sampled, keys=settings.he_keys)
     keys = getattr(strategy, "keys", None)  # server.he: public material only
     sums, partitions, stats_bytes, examples = federated_feature_sums(
-        rounds, nodes, timeout, keys, int(getattr(strategy, "min_aggregate", 2)))
+        rounds, nodes, timeout, keys, int(getattr(strategy, "min_aggregate", 2)),
+        on_failure=lambda node, reason: events.gateway_failed(out, node, None, "feature statistics", reason))
     if hasattr(strategy, "counts"):
         strategy.counts.update(examples)
     task = get_task(cfg["task"], cfg["seed"])
     model = task.build_model()
     if resume:  # a run resumed after a SuperLink restart continues from its last checkpoint
-        ckpt = load_checkpoint(out / "checkpoints" / f"round-{resume}.ckpt")
+        ckpt = load_checkpoint(out / "checkpoints" / f"round-{resume}.ckpt", run=settings.run_uid, at_round=resume,
+                               model=model_fingerprint(model.state_dict()))
         model.load_state_dict(ckpt.model)
         if ckpt.norm_sums is not None:  # the normalisation the model was trained with
             sums = ckpt.norm_sums
     simulated = cfg["engine"]["name"] == "sim"  # the simulated clock times the rounds
     log = RoundLog(out / "metrics.jsonl", cfg, rounds, simulated, keep_upto=resume or None)
     log.node_partition = partitions
+    log.rejected = lambda: getattr(strategy, "rejected", {})
     ledger = Ledger(out / "privacy_ledger.jsonl", cfg, keep_upto=resume or None)
     if not resume:
         ledger.record_statistics(partitions, stats_bytes, encrypted=keys is not None)
@@ -135,10 +141,13 @@ def _evaluator(run: Run) -> Callable[[int, ArrayRecord], MetricRecord]:
         if spent is not None and getattr(spent, "noise_multiplier", None) is not None:
             privacy_row["noise_multiplier"] = spent.noise_multiplier  # this round's, as accounted
         run.log.write(server_round, scores, privacy_row)
+        for g in run.log.rows[-1].get("gateways", []):
+            if g.get("status") in ("error", "rejected"):
+                events.gateway_failed(run.out, g["node"], g["partition"], f"round {server_round}", g.get("reason", "?"))
         if server_round:
             run.ledger.record(run.log.rows[-1], privacy_row.get("epsilon"), privacy_row.get("delta"))
             save_checkpoint(run.out / "checkpoints" / f"round-{server_round}.ckpt", arrays.to_torch_state_dict(),
-                            run.sums, server_round, run_dir=run.out)
+                            run.sums, server_round, run_dir=run.out, run_id=run.settings.run_uid)
         return MetricRecord(dict(scores))  # a copy, typed as the record's values
 
     return evaluate
@@ -189,8 +198,11 @@ def _train(run: Run, grid: Grid, context: Context, num_rounds: int) -> tuple[Arr
 def _finish(run: Run, final: ArrayRecord, client_eval: dict, num_rounds: int, notes: list[str]) -> None:
     """The final model and ``metrics.json``; a run that aggregated nothing or whose ε fails its check fails."""
     # encrypted and signed, keys outside the run directory (security/artefacts.py)
-    save_checkpoint(run.out / FINAL_CHECKPOINT, final.to_torch_state_dict(), run.sums, num_rounds + run.resume)
+    save_checkpoint(run.out / FINAL_CHECKPOINT, final.to_torch_state_dict(), run.sums, num_rounds + run.resume,
+                    run_id=run.settings.run_uid)
     summary: dict[str, Any] = {
+        "run_uid": run.settings.run_uid,  # model.ckpt is bound to it and to final_round
+        "final_round": num_rounds + run.resume,
         "task": run.task.name,
         "primary_metric": run.task.primary_metric,
         "higher_is_better": bool(run.task.higher_is_better),
@@ -213,7 +225,12 @@ def _finish(run: Run, final: ArrayRecord, client_eval: dict, num_rounds: int, no
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run = _prepare(grid, context)
-    num_rounds, notes = _rounds_to_run(run)
-    final, client_eval = _train(run, grid, context, num_rounds)
-    _finish(run, final, client_eval, num_rounds, notes)
+    settings = _settings(context)
+    try:
+        run = _prepare(grid, context, settings)
+        num_rounds, notes = _rounds_to_run(run)
+        final, client_eval = _train(run, grid, context, num_rounds)
+        _finish(run, final, client_eval, num_rounds, notes)
+    except Exception as err:  # `iiotfl run` shows it (server/events.py); Flower logs the traceback
+        events.record(settings.output_dir, "error", f"{type(err).__name__}: {err}")
+        raise

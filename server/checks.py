@@ -51,6 +51,8 @@ def _validate_selection(cfg: Mapping[str, Any], gateways: int) -> None:
         integer(cfg, "fleet.clients_per_round", 1, gateways)
     number(cfg, "fleet.over_selection", 0.0, 10.0)
     integer(cfg, "fleet.min_replies", 1, gateways)
+    if cfg["fleet"].get("max_update_norm") is not None:
+        number(cfg, "fleet.max_update_norm", 0.0, 1e30, low_open=True)
     choice(cfg, "fleet.outage.mode", OUTAGE_MODES)
 
 

@@ -31,11 +31,11 @@ import yaml
 from torch import nn
 
 from iiotfl.security.artefacts import (
-    FINAL_CHECKPOINT,
+    Binding,
     Keys,
     ensure_keys,
     keys_dir,
-    load_checkpoint,
+    load_final,
     read_artefact,
     write_artefact,
 )
@@ -71,16 +71,23 @@ def script_bytes(module: nn.Module | torch.jit.ScriptModule) -> bytes:
     return buf.getvalue()
 
 
-def save_export(path: Path, module: torch.jit.ScriptModule, keys: Keys | None = None) -> int:
-    """Write ``module`` signed to ``path`` (atomically); returns the TorchScript size in bytes."""
+def save_export(path: Path, module: torch.jit.ScriptModule, keys: Keys | None = None,
+                binding: Binding = Binding()) -> int:
+    """Write ``module`` signed and bound to ``binding`` (the run, round and model it was exported
+    from) to ``path`` (atomically); returns the TorchScript size in bytes."""
     data = script_bytes(module)
-    write_artefact(Path(path), data, "export", keys or ensure_keys(), encrypt=False)
+    write_artefact(Path(path), data, "export", keys or ensure_keys(), encrypt=False, binding=binding)
     return len(data)
 
 
-def load_export(path: str | Path, keys: Keys | None = None) -> torch.jit.ScriptModule:
-    """The exported model in ``path``; its signature is checked first (needs only ``verify.pub``)."""
-    data = read_artefact(Path(path), "export", keys or Keys(keys_dir()))
+def load_export(path: str | Path, keys: Keys | None = None, *, run: str | None = None,
+                newer_than: int | None = None) -> torch.jit.ScriptModule:
+    """The exported model in ``path``; its signature is checked first (needs only ``verify.pub``).
+
+    A device passes the run its models come from (``run``) and the round of the model it runs now
+    (``newer_than``): another run's export, or one not newer (a rollback), is refused."""
+    data, _ = read_artefact(Path(path), "export", keys or Keys(keys_dir()), run=run,
+                            min_round=None if newer_than is None else newer_than + 1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return torch.jit.load(io.BytesIO(data))
@@ -123,7 +130,7 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
     if not cfg_path.exists():
         raise FileNotFoundError(f"{run_dir} has no config.yaml; pass a run directory of `iiotfl run`")
     cfg = yaml.safe_load(cfg_path.read_text())
-    checkpoint = load_checkpoint(run_dir / FINAL_CHECKPOINT)
+    checkpoint = load_final(run_dir)  # bound to this run and its final round
     task = get_task(cfg["task"], cfg["seed"])
     torch.set_num_threads(max(1, int(cfg["train"]["torch_threads"])))
     model = task.build_model()
@@ -132,8 +139,8 @@ def export_run(run_dir: str | Path) -> dict[str, Any]:
 
     scripted, layers = quantise(model)
     path = run_dir / EXPORT_DIR / EXPORT_FILE
-    int8_bytes = save_export(path, scripted)
-    exported = load_export(path)  # what a device would load: signature checked
+    int8_bytes = save_export(path, scripted, binding=checkpoint.binding)
+    exported = load_export(path, run=checkpoint.binding.run)  # what a device would load: signature checked
 
     test = task.server_test_data(int(cfg["fleet"]["gateways"]))
     metrics: dict[str, dict[str, float]] = {}

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from iiotfl.links.counters import read_wire
 from iiotfl.links.outages import Outages
 from iiotfl.links.profiles import GatewayProfile, gateway_profiles, link_time, transfer_time
-from iiotfl.privacy.ledger import keep_rounds
+from iiotfl.privacy.ledger import keep_rounds, unpadded
 from iiotfl.server.rounds import DeadlineGrid, RoundTrace
 from iiotfl.strategies import wire
 
@@ -38,6 +38,7 @@ class RoundLog:
         self.rows: list[dict[str, Any]] = kept
         self.profiles = {p.index: p for p in gateway_profiles(cfg)}
         self.node_partition: dict[int, int] = {}
+        self.rejected: Callable[[], Mapping[int, str]] = dict  # the strategy's left-out updates of the round
         self.run_dir = path.parent
         self.counters = self.read_counters()
         # engine=sim: a simulated clock that also knows the outage schedule
@@ -76,19 +77,30 @@ class RoundLog:
 
     def _gateway_row(self, node: int, pushed: float, trace: RoundTrace, counters: dict) -> dict[str, Any]:
         """One sampled gateway's row: what it sent, its round time split, its link's wire bytes."""
-        part = self.node_partition.get(node)
         c = trace.metrics.get(node)
+        part = self.node_partition.get(node)
+        if part is None and c is not None and "partition" in c:  # joined after the statistics query
+            part = self.node_partition[node] = int(c["partition"])
         prof = self.profiles.get(part) if part is not None else None
         row: dict[str, Any] = {"partition": part, "node": node, "class": prof.label if prof else None}
         if c is not None:
-            row["metrics"] = {k: v for k, v in c.items() if k.startswith("dp-")}
-        if c is not None and c.get(wire.DP_STOPPED):
+            row["metrics"] = {k: v for k, v in unpadded(c).items() if k.startswith("dp-")}
+        rejected = self.rejected().get(node)
+        if rejected is not None:  # it replied, the server left its update out (malformed, too large)
+            row.update(status="rejected", reason=rejected, bytes_up=c.get(wire.BYTES_UP) if c else None)
+        elif c is not None and c.get(wire.DP_STOPPED):
             row.update(status="budget-spent", bytes_up=0, epsilon=c.get(wire.DP_EPSILON))
         elif node in trace.replied and c is not None and prof is not None and part is not None:
             row.update(self._timing(part, prof, c, trace.replied[node] - pushed, pushed, trace.replied[node]))
+            if trace.below_minimum:  # it replied, but too few did: the round aggregated nothing
+                row["status"] = "skipped"
+        elif node in trace.extra and c is not None:  # replied beyond the first K: sent, not aggregated
+            row.update(status="extra", bytes_down=c.get(wire.BYTES_DOWN), bytes_up=c.get(wire.BYTES_UP))
         else:
             row["status"] = ("late" if node in trace.late else "extra" if node in trace.extra
                              else "error" if node in trace.errors else "unknown")
+            if node in trace.reasons:
+                row["reason"] = trace.reasons[node]
         if part in counters and part in self.counters:
             row["wire_up"] = counters[part]["up"] - self.counters[part]["up"]
             row["wire_down"] = counters[part]["down"] - self.counters[part]["down"]
@@ -97,27 +109,29 @@ class RoundLog:
     def _gateways(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         trace = self.grid.train_trace
         now_counters = self.read_counters()
-        self.clients = [trace.metrics[n] for n in trace.replied if n in trace.metrics]
+        self.clients = [unpadded(trace.metrics[n]) for n in trace.replied if n in trace.metrics]
         rows = [self._gateway_row(node, pushed, trace, now_counters) for node, pushed in trace.sent.items()]
         self.counters = now_counters
         aggregated = [r for r in rows if r.get("status") == "aggregated"]
+        timed = [r for r in rows if "sim_s" in r]  # replied in time (in a skipped round too)
         if self.simulated:
             # on the simulated clock a gateway past the deadline would have been late
-            for r in aggregated:
+            for r in timed:
                 if r["sim_s"] > self.deadline:  # would have missed the deadline (outage, slow link)
                     r["sim_late"], r["sim_s"] = True, self.deadline
-        sim_round = min(self.deadline, max((r["sim_s"] for r in aggregated), default=0.0))
+        sim_round = min(self.deadline, max((r["sim_s"] for r in timed), default=0.0))
         if self.simulated:
             self.sim_clock += sim_round
         summary = {
             "sampled": len(trace.sent),
             "aggregated": len(aggregated),
             "late": sorted(r["partition"] for r in rows if r["status"] == "late" and r["partition"] is not None),
+            "extra": sorted(r["partition"] for r in rows if r["status"] == "extra" and r["partition"] is not None),
             "skipped": trace.below_minimum,
             "train_s": trace.ended - trace.started,
             "sim_round_s": sim_round,
-            "bound_round_s": max((r["bound_s"] for r in aggregated), default=0.0),
-            "sim_late": sorted(r["partition"] for r in aggregated if r.get("sim_late")),
+            "bound_round_s": max((r["bound_s"] for r in timed), default=0.0),
+            "sim_late": sorted(r["partition"] for r in timed if r.get("sim_late")),
         }
         return sorted(rows, key=lambda r: (r["partition"] is None, r["partition"])), summary
 

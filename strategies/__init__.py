@@ -85,6 +85,7 @@ def build_strategy(cfg: Mapping[str, Any], on_sampled: Callable[[int, list[int],
         min_train_nodes=1,
         min_evaluate_nodes=1,
         min_available_nodes=int(fleet["min_replies"]),
+        max_update_norm=None if fleet.get("max_update_norm") is None else float(fleet["max_update_norm"]),
     )
     dp = distributed_dp(cfg) if private and spec.client_dp == "distributed" else None
     return spec.build(cfg, BuildContext(common=common, keys=keys, dp=dp))

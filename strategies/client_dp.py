@@ -9,12 +9,21 @@ release per round: every gateway takes part every round with equal weight
 (``dp-weight``), no amplification by sampling is claimed. Nothing here re-implements
 clipping, noise or accounting; this file only wires them and tells how many rounds the
 budget allows, so the run can stop cleanly at the budget instead of failing mid-round.
+
+Flower composes a round into the accountant only when it releases a noised aggregate (a round
+skipped for too few replies releases nothing and spends nothing). :class:`ServerSideClipping`
+and :class:`ClientSideClipping` are Flower's wrappers that also say, in ``privacy_spent``,
+the noise multiplier of this round's release (None for a round without one): what the round
+log records and :func:`privacy.accounting.accounting_check` recomputes ε from.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from types import SimpleNamespace
 from typing import Any, Mapping
 
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import (
     DifferentialPrivacyClientSideFixedClipping,
     DifferentialPrivacyServerSideFixedClipping,
@@ -83,6 +92,51 @@ def rounds_within_budget(cfg: Mapping[str, Any]) -> int:
     return done
 
 
+class ServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
+    """Flower's server-side clipping wrapper; ``privacy_spent`` also names this round's release noise."""
+
+    released: float | None = None  # noise multiplier of the last round's release, None if it released none
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        before = _releases(self)
+        out = super().aggregate_train(server_round, replies)
+        self.released = self.noise_multiplier if _releases(self) > before else None
+        return out
+
+    def privacy_spent(self) -> SimpleNamespace | None:  # type: ignore[override]  # PrivacySpent, and the noise
+        return _spent(self)
+
+
+class ClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
+    """Flower's client-side clipping wrapper; ``privacy_spent`` also names this round's release noise."""
+
+    released: float | None = None
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        before = _releases(self)
+        out = super().aggregate_train(server_round, replies)
+        self.released = self.noise_multiplier if _releases(self) > before else None
+        return out
+
+    def privacy_spent(self) -> SimpleNamespace | None:  # type: ignore[override]  # PrivacySpent, and the noise
+        return _spent(self)
+
+
+def _releases(wrapper: ServerSideClipping | ClientSideClipping) -> int:
+    return wrapper.accountant.get_privacy_spent().num_releases if wrapper.accountant is not None else 0
+
+
+def _spent(wrapper: ServerSideClipping | ClientSideClipping) -> SimpleNamespace | None:
+    """ε and δ so far (Flower's accountant), and the noise multiplier of the last round's release."""
+    if wrapper.accountant is None:
+        return None
+    spent = wrapper.accountant.get_privacy_spent()
+    return SimpleNamespace(epsilon=spent.epsilon, delta=spent.delta, num_releases=spent.num_releases,
+                           noise_multiplier=wrapper.released)
+
+
 def build_client_dp(cfg: Mapping[str, Any]) -> Strategy:
     fleet, priv = cfg["fleet"], cfg["privacy"]
     n = int(fleet["gateways"])
@@ -90,7 +144,6 @@ def build_client_dp(cfg: Mapping[str, Any]) -> Strategy:
         fraction_train=1.0, fraction_evaluate=float(fleet["fraction_evaluate"]), min_train_nodes=n,
         min_evaluate_nodes=1, min_available_nodes=n, weighted_by_key=wire.DP_WEIGHT,
     )
-    wrapper = (DifferentialPrivacyClientSideFixedClipping if priv.get("clipping") == "client"
-               else DifferentialPrivacyServerSideFixedClipping)
+    wrapper = ClientSideClipping if priv.get("clipping") == "client" else ServerSideClipping
     return wrapper(base, noise_multiplier=noise_multiplier(cfg), clipping_norm=float(priv["clipping_norm"]),
                    num_sampled_clients=n, accountant=RdpAccountant(privacy_config(cfg)))

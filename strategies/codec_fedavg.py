@@ -24,7 +24,7 @@ import math
 import random
 import time
 from collections.abc import Iterable
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -60,9 +60,12 @@ class CodecFedAvg(FedAvg):
         over_selection: float = 0.0,
         seed: int = 0,
         on_sampled: Callable[[int, list[int], int], None] | None = None,
+        max_update_norm: float | None = None,
         **fedavg: Any,
     ) -> None:
         super().__init__(**fedavg)
+        self.max_update_norm = max_update_norm
+        self.rejected: dict[int, str] = {}  # node -> why its update was left out of the last round
         if downlink not in DOWNLINKS:
             raise ValueError(f"codec.downlink must be full or delta, got {downlink!r}")
         self.codec = codec
@@ -137,6 +140,14 @@ class CodecFedAvg(FedAvg):
             return None, None
         return super().aggregate_train(server_round, decoded)
 
+    def check_norm(self, update: np.ndarray) -> None:
+        """A decoded update must be finite and, with ``max_update_norm``, no longer than it (L2)."""
+        norm = float(np.linalg.norm(update.astype(np.float64)))
+        if not np.isfinite(norm):
+            raise ValueError("the decoded update is not finite")
+        if self.max_update_norm is not None and norm > self.max_update_norm:
+            raise ValueError(f"its L2 norm {norm:.3g} is above fleet.max_update_norm={self.max_update_norm:g}")
+
     def decode_replies(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """The valid replies as Flower strategies expect them: one ``arrays`` record (view +
         decoded update, float32) and one ``metrics`` record (the keys every reply has)."""
@@ -147,6 +158,7 @@ class CodecFedAvg(FedAvg):
         for msg in errors:
             log(INFO, "gateway %d replied with an error: %s", msg.metadata.src_node_id, msg.error.reason)
         self.current = set()
+        self.rejected = {}
         decoded = []
         base = flatten(self.view) if self.view is not None else None
         for msg in valid:
@@ -158,9 +170,11 @@ class CodecFedAvg(FedAvg):
             assert base is not None and self.view is not None, "a train reply before configure_train sent a model"
             try:
                 update = self.codec.decode(record_arrays(wire.array_record(msg.content, wire.UPDATE)), base.size)
+                self.check_norm(update)
                 weights = unflatten(base + update, self.view)
             except (KeyError, ValueError, wire.RecordKindError) as err:
-                log(INFO, "gateway %d sent a malformed update, left out of round %d: %s", node, server_round, err)
+                log(WARNING, "gateway %d sent a malformed update, left out of round %d: %s", node, server_round, err)
+                self.rejected[node] = f"malformed update, left out: {err}"
                 continue
             decoded.append((msg, weights))
             self.current.add(node)

@@ -31,11 +31,17 @@ rounded (unbiased). The decrypted aggregate differs from plaintext weighted FedA
 clipped updates by at most ``step · D / (2 · Σ w)`` per element for deterministic
 rounding; stochastic rounding has the same bound of one step per device in the worst
 case and zero mean (:func:`error_bound`).
+
+Binding: a gateway tags each ciphertext with HMAC-SHA256 over (key set, kind, run, round,
+node, SHA-256 of the bytes), keyed by HKDF-SHA256 of the secret key (:meth:`KeySet.bind`):
+every gateway can make and check a tag, the server (public key only) can do neither. What
+a decrypted sum must look like to be returned: :func:`check_update_sum`, :func:`check_limb_sum`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import os
 import struct
 import tempfile
@@ -46,6 +52,8 @@ from pathlib import Path
 import numpy as np
 import tenseal.sealapi as seal
 import zstandard
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 POLY_DEGREE = 4096
 COEFF_BITS = (40, 40)
@@ -58,6 +66,9 @@ COEFF_BYTES = 5  # every coefficient < 2^40
 CT_COEFFS = 2 * len(COEFF_BITS) * POLY_DEGREE
 CT_BYTES = CT_COEFFS * COEFF_BYTES
 VALUES_PER_CT = POLY_DEGREE * DIGITS
+
+BINDING_KINDS = ("update", "stats", "centred")  # what a bound ciphertext may hold (wire.HE_KIND_*)
+BINDING_INFO = b"iiotfl he binding v1"  # HKDF label: the binding key is used for nothing else
 
 DEVICE_FILE = "device.he"   # parameters, public key, secret key (0600; devices only)
 SERVER_FILE = "server.he"   # parameters, public key (the server's material)
@@ -103,6 +114,7 @@ class KeySet:
     secret: seal.SecretKey | None
     fingerprint: str  # parameters + public key; every ciphertext says which one it is under
     _prefix: bytes | None = None
+    _binding: bytes | None = None
 
     # -- provisioning --------------------------------------------------------------------
     @classmethod
@@ -285,6 +297,30 @@ class KeySet:
         total %= self.moduli[None, None, :, None]
         return self.to_payload(total)
 
+    # -- binding a ciphertext to its run, round and gateway --------------------------------
+    def _binding_key(self) -> bytes:
+        """HKDF-SHA256 of the secret key's coefficients: material every gateway holds and the server does not."""
+        if self.secret is None:
+            raise HEError("this key set holds no secret key: only a gateway can bind a ciphertext or check a binding")
+        if self._binding is None:
+            data = self.secret.data()
+            coeffs = np.fromiter((data.data(i) for i in range(data.coeff_count())), dtype="<u8")
+            hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=BINDING_INFO)
+            self._binding = hkdf.derive(coeffs.tobytes())
+        return self._binding
+
+    def bind(self, kind: str, run_id: int, server_round: int, node_id: int, payload: bytes) -> str:
+        """HMAC-SHA256 tag over (key set, kind, run, round, node, SHA-256 of the ciphertext bytes)."""
+        if kind not in BINDING_KINDS:
+            raise HEError(f"cannot bind a ciphertext of kind {kind!r}; kinds are {', '.join(BINDING_KINDS)}")
+        fields = ("iiotfl-he-binding", self.fingerprint, kind, str(int(run_id)), str(int(server_round)),
+                  str(int(node_id)), hashlib.sha256(payload).hexdigest())
+        return hmac.new(self._binding_key(), "\x1f".join(fields).encode(), hashlib.sha256).hexdigest()
+
+    def is_bound(self, tag: str, kind: str, run_id: int, server_round: int, node_id: int, payload: bytes) -> bool:
+        """Whether ``tag`` binds ``payload`` to this kind, run, round and node (constant-time compare)."""
+        return hmac.compare_digest(self.bind(kind, run_id, server_round, node_id, payload).encode(), str(tag).encode())
+
     def decrypt_slots(self, payload: bytes) -> np.ndarray:
         if self.secret is None:
             raise HEError("this key set holds no secret key: the server cannot decrypt")
@@ -361,6 +397,20 @@ def encrypt_update(keys: KeySet, update: np.ndarray, ranges: np.ndarray, weight:
     return keys.encrypt_slots(pack(z)), saturated
 
 
+def check_update_sum(slots: np.ndarray, size: int) -> None:
+    """A decrypted sum of packed updates of ``size`` values, or HEError: the slot count of that many
+    ciphertexts, every slot a packable integer (balanced digits, nothing above the top one), zeros past ``size``."""
+    slots = np.asarray(slots, dtype=np.int64)
+    expected = ciphertext_count(size) * POLY_DEGREE
+    if slots.size != expected:
+        raise HEError(f"decrypted {slots.size} slots where an update of {size} values has {expected}; "
+                      "refused (not this task's update)")
+    digits = unpack(slots, slots.size * DIGITS)
+    if not np.array_equal(pack(digits), slots) or digits[size:].any():
+        raise HEError(f"decrypted update sum is out of the quantisation range (balanced {DIGIT_BITS}-bit digits, "
+                      f"{size} values); refused (tampered, another key set or not an update)")
+
+
 def decode_sum(slots: np.ndarray, size: int, ranges: np.ndarray, total_weight: float) -> np.ndarray:
     """The weighted mean update from the decrypted slot sums."""
     return (unpack(slots, size) * steps(ranges) / total_weight).astype(np.float32)
@@ -390,6 +440,26 @@ def to_limbs(values: np.ndarray) -> np.ndarray:
     z = (np.round(v * 2.0 ** FRACTION_BITS).astype(np.int64) + _OFFSET).astype(np.uint64)
     mask = np.uint64((1 << 31) - 1)
     return np.stack([(z & mask), (z >> np.uint64(31)) & mask, z >> np.uint64(62)], axis=1).astype(np.int64).ravel()
+
+
+def limb_ciphertext_count(values: int) -> int:
+    """Ciphertexts of ``values`` statistics: three limbs each, ``POLY_DEGREE`` limbs per ciphertext."""
+    return -(-3 * values // POLY_DEGREE)
+
+
+def check_limb_sum(slots: np.ndarray, size: int, devices: int) -> None:
+    """A decrypted sum of ``devices`` devices' limbs of ``size`` statistics, or HEError: the slot count,
+    every limb sum within ``devices`` times a limb's range, zeros past the limbs."""
+    slots = np.asarray(slots, dtype=np.int64)
+    expected = limb_ciphertext_count(size) * POLY_DEGREE
+    if slots.size != expected:
+        raise HEError(f"decrypted {slots.size} slots where {size} statistics have {expected}; "
+                      "refused (not this task's statistics)")
+    limbs = slots[: 3 * size].reshape(size, 3)
+    top = devices * np.array([(1 << 31) - 1, (1 << 31) - 1, 1], dtype=np.int64)
+    if (limbs < 0).any() or (limbs > top).any() or slots[3 * size:].any():
+        raise HEError(f"decrypted statistics are out of range for a sum of {devices} devices' limbs; "
+                      "refused (tampered, another key set or not statistics)")
 
 
 def from_limbs(limb_sums: np.ndarray, size: int, devices: int) -> np.ndarray:

@@ -8,14 +8,38 @@ Contract with the ClientApp (``clients/app.py``), on top of :class:`CodecFedAvg`
   the example counts it reported; 1 under DP) and ``he-fingerprint`` (the key set).
 * **Up**: ``he-update`` — one uint8 array, the packed ciphertexts of the quantised update
   (:func:`strategies.he.encrypt_update`) — and ``he`` (ConfigRecord: ``fingerprint``,
-  ``digest`` = SHA-256 of the bytes), ``metrics`` as usual.
-* **Aggregate**: every reply is checked (key-set fingerprint, digest, number of
-  ciphertexts, coefficient ranges); one that fails is left out *with the gateway named*
-  and the round goes on. The rest are added homomorphically (:meth:`KeySet.add`).
-* **Decrypt** (``query.he_decrypt``): the sum goes to one of the gateways that took part;
-  it refuses sums of fewer than ``min_aggregate`` updates, decrypts, and returns the slot
-  values. If it does not answer, the next one is asked. The server divides by the total
-  weight: new global = view + mean update.
+  ``digest`` = SHA-256 of the bytes, and the *binding*: ``kind``, ``run-id``,
+  ``server-round``, ``node-id`` and ``tag`` = HMAC-SHA256 over all of them and the digest,
+  keyed by HKDF of the fleet's secret key (:meth:`KeySet.bind`): only a gateway can make
+  or check it), ``metrics`` as usual. Round 0's statistics travel the same way
+  (``stats-he``, kind ``stats``, round 0).
+* **Aggregate**: every reply is checked (:func:`contribution`: key-set fingerprint,
+  digest, the binding's run, round, node and kind against what the server knows, number
+  of ciphertexts, SEAL loads each one); one that fails is left out *with the gateway
+  named* and the round goes on. The rest are added homomorphically (:meth:`KeySet.add`).
+* **Decrypt** (``query.he_decrypt``): the server sends one contributor the round's
+  contributions themselves with their tags (``parts``, ``nodes``, ``tags``) and the digest
+  of the sum it made. The gateway (:func:`bound_sum`) decrypts only the round and kind it
+  last contributed to (kept in its ``context.state``), once; only if its own
+  contribution is in, the gateways are distinct and at least *its own* minimum
+  (``he-min-aggregate`` node config, run config ``strategy.min_aggregate``, never the
+  server's message), every tag verifies for this run, round and node, and its own sum's
+  digest is the server's. A contribution whose tag fails is named in a ``refused``
+  reply: the server leaves it out (named) and asks again. The decrypted slots must have
+  this task's length and be in range (:func:`checked_slots`). If the gateway does not
+  answer, the next one is asked. The server divides by the total weight.
+
+What a malicious server can still learn. Holding no device key: the sum of each round,
+as intended, and — because each gateway decrypts once a round but does not know what
+the others decrypted — *different subsets* of one round's contributions from different
+gateways (each subset ≥ that gateway's minimum and containing it): the differences
+reveal single contributions whenever more gateways contribute than the minimum. Setting
+``he-min-aggregate`` to the cohort size closes this, at the price of rounds that fail
+when one gateway drops out; closing it otherwise needs threshold decryption. The
+decrypting gateway receives every contribution of the round (to add them itself): it
+holds the fleet's key and could read them, as the shared key allows any gateway that
+sees a ciphertext. With **one** device key (a colluding gateway, a stolen device.he),
+nothing is protected: it decrypts every ciphertext and forges every binding.
 
 The server holds only ``server.he`` (parameters and public key). What each party learns
 is set out in the README (threat model).
@@ -25,10 +49,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Mapping
+from typing import Any, Mapping, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
@@ -56,6 +81,190 @@ def verified_payload(record: ArrayRecord, meta: Mapping[str, object], fingerprin
     if digest(payload) != meta.get(wire.DIGEST):
         raise he.HEError("ciphertext bytes do not match their digest (tampered or corrupted in transit)")
     return payload
+
+
+# -- the server's side of a contribution ----------------------------------------------------
+@dataclass(frozen=True)
+class Contribution:
+    """One gateway's ciphertexts after the server's checks, and the tag only a gateway can verify."""
+
+    node: int
+    payload: bytes
+    tag: str
+
+
+def contribution(msg: Message, record: str, kind: str, server_round: int, keys: he.KeySet,
+                 expected: int) -> Contribution:
+    """A reply's encrypted contribution after every check the server can make, else HEError.
+
+    Fingerprint and digest; the binding's kind, run, round and node against this reply's;
+    the ciphertext count; SEAL loading every ciphertext. The tag is keyed with gateway-only
+    material: the decrypting gateway verifies it (:func:`bound_sum`)."""
+    content = msg.content
+    if record not in content or wire.HE not in content:
+        raise he.HEError(f"no encrypted {kind} in the reply (is the gateway running strategy=he?)")
+    meta = wire.config_record(content, wire.HE)
+    payload = verified_payload(wire.array_record(content, record), meta, keys.fingerprint)
+    claimed = tuple(str(meta.get(k)) for k in (wire.KIND, wire.RUN_ID, wire.SERVER_ROUND, wire.NODE_ID))
+    actual = (kind, str(msg.metadata.run_id), str(server_round), str(msg.metadata.src_node_id))
+    if claimed != actual:
+        raise he.HEError(f"ciphertext bound to (kind, run, round, node) {claimed}, this reply is {actual}: "
+                         "replayed or misdirected")
+    tag = meta.get(wire.TAG)
+    if not isinstance(tag, str) or len(tag) != 64:
+        raise he.HEError("ciphertext carries no binding tag; update the gateway to this iiotfl version")
+    keys.ciphertexts(payload, expected)  # whole ciphertexts, the expected count, and SEAL loads each
+    return Contribution(msg.metadata.src_node_id, payload, tag)
+
+
+def decrypt_request(parts: list[Contribution], server_round: int, kind: str, keys: he.KeySet) -> RecordDict:
+    """``query.he_decrypt``: the contributions and their tags, and the digest of the server's sum."""
+    total = keys.add([p.payload for p in parts])
+    return RecordDict({
+        wire.PARTS: ArrayRecord({str(p.node): Array(np.frombuffer(p.payload, dtype=np.uint8)) for p in parts}),
+        "config": ConfigRecord({wire.FINGERPRINT: keys.fingerprint, wire.SERVER_ROUND: server_round, wire.KIND: kind,
+                                wire.NODES: [str(p.node) for p in parts], wire.TAGS: [p.tag for p in parts],
+                                wire.DIGEST: digest(total)}),
+    })
+
+
+@dataclass
+class Decrypted:
+    """What :func:`decrypt_sum` got: the slots (None: no gateway decrypted), whose sum, who was refused."""
+
+    slots: np.ndarray | None
+    nodes: list[int]
+    refused: dict[int, str]  # node -> why the decrypting gateway refused its contribution
+
+
+def _refused(reply: Message, parts: list[Contribution]) -> dict[int, str]:
+    """The contributions a gateway's ``refused`` reply names (only those in the request)."""
+    try:
+        record = wire.config_record(reply.content, wire.REFUSED)
+        named = set(wire.as_ints(record[wire.NODES]))
+        reason = wire.as_str(record[wire.REASON])
+    except (KeyError, TypeError, ValueError, wire.RecordKindError):
+        return {}
+    return {p.node: reason for p in parts if p.node in named}
+
+
+def decrypt_sum(grid: Grid, parts: list[Contribution], server_round: int, kind: str, keys: he.KeySet,
+                min_aggregate: int) -> Decrypted:
+    """Ask the contributors, one after the other, to decrypt the sum of ``parts``.
+
+    Contributions a gateway refuses (binding not verified) are left out and the rest asked
+    again, while at least ``min_aggregate`` (and 2) remain."""
+    parts, failed = list(parts), set()
+    refused: dict[int, str] = {}
+    while len(parts) >= max(2, min_aggregate):
+        node = next((p.node for p in parts if p.node not in failed), None)
+        if node is None:
+            break
+        msg = Message(content=decrypt_request(parts, server_round, kind, keys), dst_node_id=node,
+                      message_type=wire.QUERY_HE_DECRYPT)
+        reply = next(iter(grid.send_and_receive([msg])), None)
+        if reply is not None and reply.has_content() and wire.SLOTS in reply.content:
+            slots = wire.array_record(reply.content, wire.SLOTS)[wire.SLOTS].numpy().astype(np.int64)
+            return Decrypted(slots, [p.node for p in parts], refused)
+        dropped = _refused(reply, parts) if reply is not None and reply.has_content() else {}
+        if not dropped:
+            failed.add(node)
+            why = reply.error.reason if reply is not None and reply.has_error() else "no answer"
+            log(WARNING, "gateway %d could not decrypt the round-%d sum: %s", node, server_round, why)
+        refused.update(dropped)
+        parts = [p for p in parts if p.node not in dropped]
+    log(WARNING, "round %d: no gateway decrypted the aggregate; nothing aggregated", server_round)
+    return Decrypted(None, [p.node for p in parts], refused)
+
+
+# -- the decrypting gateway's side --------------------------------------------------------
+@dataclass(frozen=True)
+class Sent:
+    """What a gateway last encrypted in this run (kept in its ``context.state``): the one sum it may decrypt."""
+
+    kind: str
+    server_round: int
+    digest: str
+    ciphertexts: int
+    values: int  # an update's length, or the number of statistics
+    decrypted: bool = False
+
+    def record(self) -> ConfigRecord:
+        return ConfigRecord({"kind": self.kind, "round": self.server_round, "digest": self.digest,
+                             "ciphertexts": self.ciphertexts, "values": self.values, "decrypted": self.decrypted})
+
+    @classmethod
+    def from_record(cls, rec: ConfigRecord) -> "Sent":
+        return cls(wire.as_str(rec["kind"]), wire.as_int(rec["round"]), wire.as_str(rec["digest"]),
+                   wire.as_int(rec["ciphertexts"]), wire.as_int(rec["values"]), bool(rec["decrypted"]))
+
+
+class Unbound(he.HEError):
+    """A decrypt request holds contributions whose binding fails: ``nodes``, for the server to leave out."""
+
+    def __init__(self, nodes: list[int], server_round: int) -> None:
+        super().__init__(f"contribution(s) of gateway(s) {', '.join(map(str, nodes))} not bound to this run and "
+                         f"round {server_round} (another key set, tampered or replayed); refused")
+        self.nodes = nodes
+
+
+def _request(content: RecordDict) -> tuple[ConfigRecord, int, str, list[int], list[str], ArrayRecord]:
+    """A decrypt request's fields: (config, round, kind, nodes, tags, parts), else HEError."""
+    try:
+        config = wire.config_record(content, "config")
+        nodes, tags = wire.as_ints(config[wire.NODES]), [wire.as_str(t) for t in cast(list, config[wire.TAGS])]
+        request = (config, wire.as_int(config[wire.SERVER_ROUND]), wire.as_str(config[wire.KIND]), nodes, tags,
+                   wire.array_record(content, wire.PARTS))
+    except (KeyError, TypeError, ValueError, wire.RecordKindError) as err:
+        raise he.HEError(f"malformed decrypt request ({type(err).__name__}: {err}); refused") from None
+    if len(set(nodes)) != len(nodes) or len(tags) != len(nodes) or set(request[5].keys()) != set(map(str, nodes)):
+        raise he.HEError("decrypt request lists a gateway twice, or its nodes, tags and ciphertexts disagree; refused")
+    return request
+
+
+def _check_turn(config: ConfigRecord, keys: he.KeySet, sent: Sent | None, server_round: int, kind: str) -> Sent:
+    """This gateway's own record allows this request: its key set, its current round and kind, not yet decrypted."""
+    if config.get(wire.FINGERPRINT) != keys.fingerprint:
+        raise he.HEError(f"decrypt request for key set {config.get(wire.FINGERPRINT)!r}, this gateway's is "
+                         f"{keys.fingerprint!r}; refused")
+    if sent is None:
+        raise he.HEError("this gateway has encrypted nothing in this run; it decrypts only a sum it is part of")
+    if (kind, server_round) != (sent.kind, sent.server_round):
+        raise he.HEError(f"asked to decrypt a round-{server_round} {kind} sum, this gateway's current contribution is "
+                         f"round {sent.server_round}'s {sent.kind}: replayed or out of turn; refused")
+    if sent.decrypted:
+        raise he.HEError(f"this gateway already decrypted the round-{server_round} {kind} sum; one a round, refused")
+    return sent
+
+
+def bound_sum(content: RecordDict, keys: he.KeySet, run_id: int, node_id: int, sent: Sent | None,
+              minimum: int) -> tuple[bytes, int]:
+    """The decrypting gateway's checks: (the sum of the request's contributions, how many), else HEError;
+    :class:`Unbound` names the contributions whose tag does not bind them to this run, round and node."""
+    config, server_round, kind, nodes, tags, parts = _request(content)
+    sent = _check_turn(config, keys, sent, server_round, kind)
+    if len(nodes) < minimum:
+        raise he.HEError(f"asked to decrypt a sum of {len(nodes)} contribution(s); this gateway decrypts only sums of "
+                         f"at least {minimum} (its own he-min-aggregate / strategy.min_aggregate)")
+    payloads = {n: parts[str(n)].numpy().tobytes() for n in nodes}
+    if node_id not in payloads or digest(payloads[node_id]) != sent.digest:
+        raise he.HEError(f"this gateway's own round-{server_round} contribution is not in the sum; refused")
+    unbound = [n for n, t in zip(nodes, tags) if not keys.is_bound(t, kind, run_id, server_round, n, payloads[n])]
+    if unbound:
+        raise Unbound(unbound, server_round)
+    total = keys.add(list(payloads.values()), sent.ciphertexts)
+    if digest(total) != config.get(wire.DIGEST):
+        raise he.HEError("the sum of the contributions sent differs from the server's sum; refused")
+    return total, len(nodes)
+
+
+def checked_slots(slots: np.ndarray, sent: Sent, devices: int) -> np.ndarray:
+    """Decrypted slots of this task's length and range (an update, or ``devices`` devices' statistics), else HEError."""
+    if sent.kind == wire.HE_KIND_UPDATE:
+        he.check_update_sum(slots, sent.values)
+    else:
+        he.check_limb_sum(slots, sent.values, devices)
+    return slots
 
 
 class HEFedAvg(CodecFedAvg):
@@ -109,89 +318,79 @@ class HEFedAvg(CodecFedAvg):
         return messages
 
     # -- up ----------------------------------------------------------------------------
-    def check(self, msg: Message, expected: int) -> bytes:
-        """The reply's ciphertext bytes, or HEError saying what is wrong with them."""
-        content = msg.content
-        if wire.HE_UPDATE not in content or wire.HE not in content:
-            raise he.HEError("no encrypted update in the reply (is the gateway running strategy=he?)")
-        payload = verified_payload(wire.array_record(content, wire.HE_UPDATE), content[wire.HE], self.keys.fingerprint)
-        self.keys.coefficients(payload, expected)
-        return payload
+    def check(self, msg: Message, server_round: int, expected: int) -> Contribution:
+        """The reply's checked, bound contribution, or HEError saying what is wrong with it."""
+        return contribution(msg, wire.HE_UPDATE, wire.HE_KIND_UPDATE, server_round, self.keys, expected)
+
+    def _reject(self, server_round: int, node: int, metrics: MetricRecord | None, why: object) -> None:
+        self.rejected[node] = str(why)
+        partition = metrics.get("partition", "?") if metrics is not None else "?"
+        log(WARNING, "round %d: update of gateway %d (partition %s) left out, the others go on: %s", server_round,
+            node, partition, why)
+
+    def _contributions(self, server_round: int, replies: Iterable[Message], expected: int
+                       ) -> tuple[list[Contribution], dict[int, MetricRecord]]:
+        """The replies' checked contributions (the first per gateway) and their metrics."""
+        parts, metrics, seen = [], {}, set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                log(INFO, "gateway %d replied with an error: %s", node, msg.error.reason)
+                continue
+            record = msg.content.metric_records.get("metrics")
+            if record is not None and wire.NUM_EXAMPLES in record:
+                self.counts[node] = wire.as_int(record[wire.NUM_EXAMPLES])
+            if node in seen:  # the first is kept: a second would make the decrypting gateway refuse the sum
+                log(WARNING, "round %d: a second reply of gateway %d left out", server_round, node)
+                continue
+            seen.add(node)
+            try:
+                parts.append(self.check(msg, server_round, expected))
+            except (he.HEError, KeyError, TypeError, ValueError, wire.RecordKindError) as err:
+                self._reject(server_round, node, record, err)
+                continue
+            metrics[node] = record if record is not None else MetricRecord()
+        return parts, metrics
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         view = self.view
         assert view is not None, "a train reply before configure_train sent a model"
         base = flatten(view)
-        expected = he.ciphertext_count(base.size)
-        payloads, nodes, contents = [], [], []
         self.current, self.rejected = set(), {}
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                log(INFO, "gateway %d replied with an error: %s", node, msg.error.reason)
-                continue
-            metrics = msg.content["metrics"]
-            if wire.NUM_EXAMPLES in metrics:
-                self.counts[node] = wire.as_int(metrics[wire.NUM_EXAMPLES])
-            try:
-                payloads.append(self.check(msg, expected))
-            except (he.HEError, KeyError, ValueError, wire.RecordKindError) as err:
-                self.rejected[node] = str(err)
-                log(WARNING, "round %d: update of gateway %d rejected, the others go on: %s", server_round, node, err)
-                continue
-            nodes.append(node)
-            contents.append(RecordDict({"metrics": metrics}))
-        if len(nodes) < max(1, self.min_aggregate):
+        parts, metrics = self._contributions(server_round, replies, he.ciphertext_count(base.size))
+        if len(parts) < max(1, self.min_aggregate):
             log(WARNING, "round %d: %d valid encrypted updates, fewer than he.min_aggregate=%d; nothing aggregated",
-                server_round, len(nodes), self.min_aggregate)
+                server_round, len(parts), self.min_aggregate)
             return None, None
-        total = self.keys.add(payloads, expected)
-        slots = self.decrypt(total, nodes, server_round)
-        if slots is None:
+        decrypted = self.decrypt(parts, server_round)
+        for node, why in decrypted.refused.items():
+            self._reject(server_round, node, metrics.get(node), why)
+        if decrypted.slots is None:
             return None, None
+        nodes = decrypted.nodes
         ranges = he.element_ranges(self.sent_ranges, view)
         total_weight = sum(self.weights[n] for n in nodes)
         if self.dp is not None:
             self.dp.record(len(nodes))
-        mean = he.decode_sum(slots, base.size, ranges, total_weight)
+        mean = he.decode_sum(decrypted.slots, base.size, ranges, total_weight)
         if self.dp is None:  # next round's shared ranges from this aggregate (public to the server)
-            parts = unflatten(mean, view)
-            self.ranges = [max(self.range_factor * float(np.abs(v).max(initial=0.0)), 1e-6) for v in parts.values()]
+            tensors = unflatten(mean, view)
+            self.ranges = [max(self.range_factor * float(np.abs(v).max(initial=0.0)), 1e-6) for v in tensors.values()]
         self.current = set(nodes)
         weights = unflatten(base + mean, view)
         arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
+        contents = [RecordDict({"metrics": metrics[n]}) for n in nodes]
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
 
     def privacy_spent(self):
         """ε so far under client-level DP (None without): what the ServerApp logs each round."""
         return self.dp.spent() if self.dp is not None else None
 
-    def decrypt(self, total: bytes, contributors: list[int], server_round: int) -> np.ndarray | None:
+    def decrypt(self, parts: list[Contribution], server_round: int) -> Decrypted:
         """Ask the contributors, one after the other, to decrypt the sum."""
         assert self.grid is not None, "decrypt before configure_train gave the strategy its grid"
-        return decrypt_sum(self.grid, total, contributors, server_round, self.keys, self.min_aggregate)
-
-
-def decrypt_sum(grid: Grid, total: bytes, contributors: list[int], server_round: int, keys: he.KeySet,
-                min_aggregate: int) -> np.ndarray | None:
-    for node in contributors:
-        content = RecordDict({
-            wire.SUM: ArrayRecord({wire.CT: Array(np.frombuffer(total, dtype=np.uint8))}),
-            "config": ConfigRecord({wire.CONTRIBUTORS: len(contributors), wire.MIN_AGGREGATE: min_aggregate,
-                                    wire.FINGERPRINT: keys.fingerprint, wire.DIGEST: digest(total),
-                                    wire.SERVER_ROUND: server_round}),
-        })
-        replies = list(grid.send_and_receive([Message(content=content, dst_node_id=node,
-                                                      message_type=wire.QUERY_HE_DECRYPT)]))
-        for reply in replies:
-            if reply.has_error():
-                log(WARNING, "gateway %d could not decrypt the round-%d sum: %s", node, server_round,
-                    reply.error.reason)
-            elif wire.SLOTS in reply.content:
-                return wire.array_record(reply.content, wire.SLOTS)[wire.SLOTS].numpy().astype(np.int64)
-    log(WARNING, "round %d: no gateway decrypted the aggregate; nothing aggregated", server_round)
-    return None
+        return decrypt_sum(self.grid, parts, server_round, wire.HE_KIND_UPDATE, self.keys, self.min_aggregate)
 
 
 class HEDP:
@@ -218,10 +417,12 @@ class HEDP:
         self.population = population
         self.delta = float(delta)
         self.history: list[float] = []  # effective noise multiplier per round
+        self.released = False  # whether an aggregate was released since the last :meth:`spent`
 
     def record(self, replies: int) -> None:
         z_eff = self.share_sigma * np.sqrt(max(replies - 1, 1)) / self.clipping_norm
         self.history.append(float(z_eff))
+        self.released = True
         self.accountant.compose(GaussianPrivacyEvent(noise_multiplier=float(z_eff), sample_size=self.population,
                                                      population_size=self.population))
 
@@ -229,9 +430,11 @@ class HEDP:
         return float(self.accountant.get_epsilon(delta)) if self.history else 0.0
 
     def spent(self):
-        """ε and δ so far, and the last round's effective noise multiplier (what the ServerApp logs)."""
+        """ε and δ so far, and this round's effective noise multiplier (what the ServerApp logs once a
+        round); None for a round that released no aggregate (too few updates, no decryption)."""
+        released, self.released = self.released, False
         return SimpleNamespace(epsilon=self.epsilon(self.delta), delta=self.delta,
-                               noise_multiplier=self.history[-1] if self.history else None)
+                               noise_multiplier=self.history[-1] if released else None)
 
 
 def validate(cfg: Mapping[str, Any]) -> None:

@@ -31,6 +31,20 @@ DIGEST = "digest"          # SHA-256 of the ciphertext bytes
 FINGERPRINT = "fingerprint"    # the key set's fingerprint
 ROWS = "rows"              # the feature sums' shape
 COLS = "cols"
+PARTS = "parts"            # a decrypt request: the bound contributions, one ciphertext array per node id
+REFUSED = "refused"        # a decrypt reply: contributions whose binding the gateway refused
+NODES = "nodes"            # a decrypt request / refusal: node ids (as strings: they are uint64)
+TAGS = "tags"              # a decrypt request: each contribution's binding tag, in the order of ``nodes``
+REASON = "reason"          # a refusal: why, in one line
+KIND = "kind"              # what a ciphertext holds: HE_KIND_UPDATE or HE_KIND_STATS
+RUN_ID = "run-id"          # a ciphertext's binding: the run (as a string: uint64)
+NODE_ID = "node-id"        # a ciphertext's binding: the gateway that made it (as a string: uint64)
+TAG = "tag"                # a ciphertext's binding: HMAC-SHA256 under gateway-only key material
+HE_KIND_UPDATE = "update"  # a model update (strategy=he)
+HE_KIND_STATS = "stats"    # the round-0 feature statistics, first pass: counts and sums (strategy=he)
+HE_KIND_CENTRED = "centred"  # ... second pass: squared deviations from the fleet's centre (tasks/moments.py)
+NORM_CENTRE = "norm-centre"  # a statistics query, second pass (strategy=he): the fleet's centre, flattened
+STATS_ROUND = 0            # the server-round the feature statistics are bound to
 
 # -- server -> gateway: the train config ------------------------------------------------------
 SERVER_ROUND = "server-round"
@@ -68,6 +82,9 @@ DP_STOPPED = "dp-stopped"
 DP_Q = "dp-q"
 DP_STEPS = "dp-steps"
 DP_WEIGHT = "dp-weight"
+DP_HISTORY_SIGMA = "dp-history-sigma"  # the device's DP-SGD history so far, steps summed per (sigma, q),
+DP_HISTORY_Q = "dp-history-q"          # in every sample-level reply (a reply the server never got is covered
+DP_HISTORY_STEPS = "dp-history-steps"  # by the next); padded with zero steps to fleet.rounds entries
 SECAGG_SATURATED = "secagg-saturated"
 HE_SATURATED = "he-saturated"
 

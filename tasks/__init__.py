@@ -44,12 +44,13 @@ class Task(Protocol):
     def server_test_data(self, num_plants: int) -> Any | None:
         """Held-out data for the server-side evaluation of the global model (None: none)."""
 
-    def feature_sums(self, data: Any) -> np.ndarray:
-        """A 2-D array of per-group (count, sums, sums of squares) a gateway contributes to the
-        fleet-wide normalisation; summed over gateways (securely when HE is on)."""
+    def feature_sums(self, data: Any, centre: np.ndarray | None = None) -> np.ndarray:
+        """A 2-D array of per-group (count, sums, M2) a gateway contributes to the fleet-wide
+        normalisation (:mod:`iiotfl.tasks.moments`); merged over gateways with ``moments.combine``,
+        or with ``centre`` (the fleet's mean) summed as they are (securely when HE is on)."""
 
     def normaliser(self, sums: np.ndarray) -> Any:
-        """The normaliser built from the fleet's summed ``feature_sums``."""
+        """The normaliser built from the fleet's merged ``feature_sums``."""
 
     def windows(self, data: Any, normaliser: Any, last_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Model inputs (float32) and labels of ``data``."""

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from iiotfl.compat.hydra import tolerate_sweep_composition_errors
 from iiotfl.configs import ConfigError
 from iiotfl.server.cli.base import description, summary
-from iiotfl.server.launch import launch, validate
+from iiotfl.server.launch import check_data_files, launch, validate
 from iiotfl.server.report import write_report, write_summary
 
 EPILOG = """Hydra's own flags work too, e.g. --cfg job (print the composed config), --info, --hydra-help."""
@@ -100,6 +100,7 @@ def _checked_config(cfg: DictConfig) -> tuple[dict, str | None]:
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)  # type: ignore[assignment]
         validate(plain)
+        check_data_files(plain)
     except Exception as err:  # noqa: BLE001 - ConfigError, or a check that tripped over a bad value
         return plain, str(err) if isinstance(err, ConfigError) else f"config: {_one_line(err)}"
     return plain, None

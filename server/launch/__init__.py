@@ -10,7 +10,7 @@ runs left. Processes are started, tagged and stopped by ``clients/processes.py``
 """
 
 from iiotfl.server.launch.deployment import BIN, Deployment, cleanup
-from iiotfl.server.launch.engines import ENGINES, engine_class, validate, validate_engine
+from iiotfl.server.launch.engines import ENGINES, check_data_files, engine_class, validate, validate_engine
 from iiotfl.server.launch.progress import Progress
 from iiotfl.server.launch.remote import RemoteDeployment
 from iiotfl.server.launch.resume import last_checkpoint, resume_refusal
@@ -20,6 +20,6 @@ from iiotfl.server.launch.superlink import APP_DIR, CONNECTION, LaunchError, fre
 
 __all__ = [
     "APP_DIR", "BIN", "CONNECTION", "Deployment", "ENGINES", "LaunchError", "Progress", "RemoteDeployment",
-    "SimDeployment", "cleanup", "engine_class", "free_port", "last_checkpoint", "launch", "provision_keys",
-    "resume_refusal", "validate", "validate_engine", "wait_port",
+    "SimDeployment", "check_data_files", "cleanup", "engine_class", "free_port", "last_checkpoint", "launch",
+    "provision_keys", "resume_refusal", "validate", "validate_engine", "wait_port",
 ]

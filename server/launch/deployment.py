@@ -60,6 +60,7 @@ class Deployment:
 
     name: ClassVar[str] = "fleet"
     resume_refusal: ClassVar[str | None] = None  # why this engine's runs cannot resume after a SuperLink restart
+    local_gateways: ClassVar[bool] = True  # the gateways read their data files on this machine
 
     @classmethod
     def validate(cls, cfg: Mapping[str, Any]) -> None:
@@ -239,13 +240,13 @@ class Deployment:
                                                           self.certs / certs.CA_CRT if self.certs else None))
 
     # -- the run -------------------------------------------------------------------
-    def submit(self, *, resume_round: int = 0, he_keys: Path | None = None) -> subprocess.Popen:
-        """``flwr run`` of the app with the composed config (and the launcher's resume round and HE keys)."""
+    def submit(self, *, resume_round: int = 0, he_keys: Path | None = None, run_uid: str = "") -> subprocess.Popen:
+        """``flwr run`` of the app with the composed config (and the launcher's resume round, HE keys, run id)."""
         log = self.logs / "serverapp.log"
         self.submitted_at = log.stat().st_size if log.exists() else 0
         run_config = self.run_dir / "run_config.toml"
         run_config.write_text(tomli_w.dumps(to_run_config(self.cfg, self.run_dir, resume_round=resume_round,
-                                                          he_keys=he_keys)))
+                                                          he_keys=he_keys, run_uid=run_uid)))
         return self.spawn("serverapp", submit_argv(run_config))
 
     def run_id(self) -> int | None:

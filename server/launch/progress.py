@@ -34,6 +34,11 @@ class Progress:
             label = "initial model" if row["round"] == 0 else f"round {row['round']}/{self.total}"
             self.console.print(f"{label}: {metric} ({row['time']:.1f}s)", highlight=False)
 
+    def note(self, message: str) -> None:
+        """One line the user must see now (a gateway that failed), above the bar if there is one."""
+        (self.bar.console if self.bar is not None else self.console).print(f"! {message}", highlight=False,
+                                                                           markup=False)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.stop()

@@ -31,6 +31,7 @@ class RemoteDeployment(Deployment):
     """A Deployment whose SuperLink and SuperNodes run elsewhere."""
 
     name: ClassVar[str] = "remote"
+    local_gateways: ClassVar[bool] = False  # each gateway reads its own files (`iiotfl gateway --data`)
 
     @classmethod
     def validate(cls, cfg: Mapping[str, Any]) -> None:

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import signal
 import time
+import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 from iiotfl.links.counters import write_wire
 from iiotfl.links.outages import Outages
+from iiotfl.server import events
 from iiotfl.server.launch.deployment import Deployment
 from iiotfl.server.launch.engines import engine_class
 from iiotfl.server.launch.progress import Progress
@@ -66,10 +68,10 @@ class Job:
         fleet, engine = self.cfg["fleet"], self.cfg["engine"]
         self.deadline = started + float(engine["startup_timeout"]) + float(fleet["round_timeout"]) * (
             int(fleet["rounds"]) + 1)
-        self.seen, self.server_seen, self.server_gone = 0, False, 0.0
+        self.seen, self.server_seen, self.server_gone, self.events_seen = 0, False, 0.0, 0
         self.outages = Outages(self.cfg, dep.gateway_links, self.run_dir / "outages.jsonl")
         self.write_wire()  # the ServerApp takes its first reading when it starts
-        self.client = dep.submit(he_keys=he_keys)
+        self.client = dep.submit(he_keys=he_keys, run_uid=info["run_uid"])
         info["status"] = "running"
 
     def follow(self) -> None:
@@ -106,7 +108,7 @@ class Job:
         engine, fleet = self.cfg["engine"], self.cfg["fleet"]
         self.deadline += float(engine["startup_timeout"]) + float(fleet["round_timeout"]) * 2
         self.server_seen, self.server_gone = False, 0.0
-        self.client = self.dep.submit(resume_round=done, he_keys=self.he_keys)
+        self.client = self.dep.submit(resume_round=done, he_keys=self.he_keys, run_uid=self.info["run_uid"])
 
     def watch_serverapp(self) -> None:
         if self.dep.serverapp_alive():
@@ -127,6 +129,10 @@ class Job:
             raise LaunchError("the run took longer than startup_timeout + (rounds + 1) x round_timeout")
 
     def show_rounds(self) -> list[dict[str, Any]]:
+        news = events.read(self.run_dir)
+        for event in news[self.events_seen:]:  # a gateway's failure, the ServerApp's error: one line each
+            self.progress.note(event["message"])
+        self.events_seen = len(news)
         rows = load_rounds(self.run_dir)
         for row in rows[self.seen:]:
             self.progress.update(row)
@@ -149,7 +155,7 @@ class Job:
         dead = self.dep.dead_supernodes()
         self.info["status"] = "failed"
         self.info["error"] = (
-            f"Flower run ended with status {run.get('status', 'unknown')}"
+            (events.last_error(self.run_dir) or f"Flower run ended with status {run.get('status', 'unknown')}")
             + (f"; SuperNodes that died: {dead}" if dead else "")
             + "; see logs/serverapp.log"
         )
@@ -169,7 +175,8 @@ def launch(cfg: dict[str, Any], run_dir: str | Path) -> dict[str, Any]:
     run_dir = Path(run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     fleet = cfg["fleet"]
-    info: dict[str, Any] = {"engine": cfg["engine"]["name"], "gateways": int(fleet["gateways"]), "status": "starting"}
+    info: dict[str, Any] = {"engine": cfg["engine"]["name"], "gateways": int(fleet["gateways"]), "status": "starting",
+                            "run_uid": uuid.uuid4().hex}  # the run's own id: its checkpoints are bound to it
     started = time.time()
     he_keys = provision_keys(cfg, run_dir)
     progress = Progress(int(fleet["rounds"]), task_class(cfg["task"]["name"]).primary_metric)

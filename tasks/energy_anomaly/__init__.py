@@ -139,8 +139,8 @@ class EnergyAnomaly:
             sites = np.unique(np.round(np.linspace(0, int(num_plants) - 1, count)).astype(int)).tolist()
         return concat([self._series(s) for s in sites])
 
-    def feature_sums(self, data: EnergySeries) -> np.ndarray:
-        return feature_sums(data)
+    def feature_sums(self, data: EnergySeries, centre: np.ndarray | None = None) -> np.ndarray:
+        return feature_sums(data, centre)
 
     def normaliser(self, sums: np.ndarray) -> Normaliser:
         return Normaliser.from_sums(sums)

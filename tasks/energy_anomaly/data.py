@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from iiotfl.tasks.moments import centre_of, moment_rows, pooled, variance
+
 # Label codes: KINDS[k - 1] is the name of label k. The first two are the wind farm's own
 # flags (plant_data.csv of La Haute Borne), the others injected faults.
 KINDS = ("availability", "curtailment", "underperformance", "stuck", "drift", "derating",
@@ -72,12 +74,11 @@ def concat(parts: list[EnergySeries]) -> EnergySeries:
     return replace(first, **arrays, source="+".join(dict.fromkeys(p.source for p in parts)))
 
 
-def feature_sums(data: EnergySeries) -> np.ndarray:
-    """One group: (count, sums, sums of squares) of every input feature and the target,
-    over rows where all are present. Shape (1, 1 + 2 (F + 1)); additive over gateways."""
+def feature_sums(data: EnergySeries, centre: np.ndarray | None = None) -> np.ndarray:
+    """One group: (count, sums, M2) of every input feature and the target, over rows where all
+    are present. Shape (1, 1 + 2 (F + 1)); merged over gateways (:mod:`iiotfl.tasks.moments`)."""
     cols = np.column_stack([data.inputs, data.target])
-    cols = cols[np.isfinite(cols).all(axis=1)]
-    return np.concatenate([[len(cols)], cols.sum(axis=0), (cols**2).sum(axis=0)])[None, :]
+    return moment_rows([cols[np.isfinite(cols).all(axis=1)]], centre)
 
 
 @dataclass(frozen=True)
@@ -89,12 +90,11 @@ class Normaliser:
 
     @classmethod
     def from_sums(cls, sums: np.ndarray) -> "Normaliser":
-        sums = np.atleast_2d(np.asarray(sums, dtype=float)).sum(axis=0)
-        count, k = sums[0], (len(sums) - 1) // 2
-        if count <= 0:
+        sums = pooled(sums)
+        if sums[0, 0] <= 0:
             raise ValueError("normalisation statistics are empty: no gateway reported any data")
-        mean = sums[1 : 1 + k] / count
-        std = np.sqrt(np.maximum(sums[1 + k :] / count - mean**2, 0.0))
+        mean = centre_of(sums)[0]
+        std = np.sqrt(variance(sums)[0])
         std[std < 1e-6] = 1.0
         return cls(mean=mean, std=std)
 

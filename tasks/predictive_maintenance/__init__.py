@@ -112,8 +112,8 @@ class PredictiveMaintenance:
             return None
         return self._read(str(data_cfg["test_path"]), data_cfg.get("test_rul_path")).select_sensors(self.features)
 
-    def feature_sums(self, data: RunToFailure) -> np.ndarray:
-        return condition_sums(data, self.conditions)
+    def feature_sums(self, data: RunToFailure, centre: np.ndarray | None = None) -> np.ndarray:
+        return condition_sums(data, self.conditions, centre)
 
     def normaliser(self, sums: np.ndarray) -> Normaliser:
         return Normaliser.from_sums(sums, self.conditions)

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from iiotfl.tasks.moments import centre_of, moment_rows, pooled, variance
+
 
 @dataclass
 class RunToFailure:
@@ -84,22 +86,15 @@ def assign_conditions(settings: np.ndarray, conditions: np.ndarray) -> np.ndarra
     return d.sum(axis=2).argmin(axis=1)
 
 
-def condition_sums(data: RunToFailure, conditions: np.ndarray) -> np.ndarray:
-    """Per-condition (count, sum, sum of squares) of each sensor: shape (C, 1 + 2S).
+def condition_sums(data: RunToFailure, conditions: np.ndarray, centre: np.ndarray | None = None) -> np.ndarray:
+    """Per-condition (count, sum, M2) of each sensor: shape (C, 1 + 2S) (:mod:`iiotfl.tasks.moments`).
 
-    These additive statistics are what a gateway contributes to the fleet's
-    normalisation; the fleet adds them up, so no gateway reveals its own mean.
+    These statistics are what a gateway contributes to the fleet's normalisation; the fleet
+    merges them, so no gateway reveals its own mean (with HE: ``centre``, the second pass).
     """
     cond = assign_conditions(data.settings, conditions)
     n_cond = max(len(conditions), 1)
-    s = data.sensors.shape[1]
-    out = np.zeros((n_cond, 1 + 2 * s))
-    for c in range(n_cond):
-        x = data.sensors[cond == c]
-        out[c, 0] = len(x)
-        out[c, 1 : 1 + s] = x.sum(axis=0)
-        out[c, 1 + s :] = (x**2).sum(axis=0)
-    return out
+    return moment_rows([data.sensors[cond == c] for c in range(n_cond)], centre)
 
 
 @dataclass(frozen=True)
@@ -112,16 +107,13 @@ class Normaliser:
 
     @classmethod
     def from_sums(cls, sums: np.ndarray, conditions: np.ndarray) -> "Normaliser":
-        s = (sums.shape[1] - 1) // 2
+        sums = np.atleast_2d(np.asarray(sums, dtype=np.float64))
         count = sums[:, :1]
-        total = count.sum()
-        if total <= 0:
+        if count.sum() <= 0:
             raise ValueError("normalisation statistics are empty: no gateway reported any data")
-        pooled_mean = sums[:, 1 : 1 + s].sum(axis=0) / total
-        pooled_var = sums[:, 1 + s :].sum(axis=0) / total - pooled_mean**2
-        safe = np.maximum(count, 1.0)
-        mean = np.where(count > 1, sums[:, 1 : 1 + s] / safe, pooled_mean)
-        var = np.where(count > 1, sums[:, 1 + s :] / safe - mean**2, pooled_var)
+        every = pooled(sums)  # a condition seen once or never takes the fleet's pooled statistics
+        mean = np.where(count > 1, centre_of(sums), centre_of(every))
+        var = np.where(count > 1, variance(sums), variance(every))
         std = np.sqrt(np.maximum(var, 1e-12))
         std[std < 1e-6] = 1.0
         return cls(mean=mean, std=std, conditions=conditions)

@@ -176,8 +176,8 @@ class QualityControl:
             test.calibration = self._read(str(data_cfg["calibration_path"]))
         return self._select(test)
 
-    def feature_sums(self, data: ProcessRecords) -> np.ndarray:
-        return feature_sums(data)
+    def feature_sums(self, data: ProcessRecords, centre: np.ndarray | None = None) -> np.ndarray:
+        return feature_sums(data, centre)
 
     def normaliser(self, sums: np.ndarray) -> Normaliser:
         return Normaliser.from_sums(sums, self.features)

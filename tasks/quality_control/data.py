@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from iiotfl.tasks.moments import centre_of, moment_rows, pooled, variance
 from iiotfl.tasks.quality_control.generator import ProcessRecords
 
 # Nominal centre and spread of each feature (the AI4I operating point). Sums are taken of
@@ -37,12 +38,11 @@ def reference(names: tuple[str, ...] | list[str]) -> tuple[np.ndarray, np.ndarra
     return centre, spread
 
 
-def feature_sums(data: ProcessRecords) -> np.ndarray:
-    """(count, sum, sum of squares) of every feature column, in reference units
-    (:data:`REFERENCE`): shape (1, 1 + 2F)."""
-    centre, spread = reference(data.feature_names)
-    x = (data.features - centre) / spread
-    return np.concatenate([[len(x)], x.sum(axis=0), (x**2).sum(axis=0)])[None, :].astype(np.float64)
+def feature_sums(data: ProcessRecords, centre: np.ndarray | None = None) -> np.ndarray:
+    """(count, sum, M2) of every feature column, in reference units (:data:`REFERENCE`):
+    shape (1, 1 + 2F) (:mod:`iiotfl.tasks.moments`)."""
+    ref, spread = reference(data.feature_names)
+    return moment_rows([(data.features - ref) / spread], centre)
 
 
 @dataclass(frozen=True)
@@ -59,11 +59,10 @@ class Normaliser:
         if f != len(names):
             raise ValueError(f"the fleet's statistics have {f} feature columns, this task uses {len(names)}; every "
                              "gateway must use the same task.features / task.derived_features")
-        total = sums[:, 0].sum()
-        if total <= 0:
+        sums = pooled(sums)
+        if sums[0, 0] <= 0:
             raise ValueError("normalisation statistics are empty: no gateway reported any data")
-        mean = sums[:, 1 : 1 + f].sum(axis=0) / total
-        var = sums[:, 1 + f :].sum(axis=0) / total - mean**2
+        mean, var = centre_of(sums)[0], variance(sums)[0]
         centre, spread = reference(names)
         std = np.sqrt(np.maximum(var, 0.0)) * spread
         std[std < 1e-6 * spread] = 1.0  # a constant column (e.g. a product type no plant makes)

@@ -24,6 +24,7 @@ from iiotfl.security.artefacts import (
     save_checkpoint,
 )
 from iiotfl.server.export import load_export, quantise, save_export, script_bytes
+from iiotfl.tasks.moments import combine
 from iiotfl.tasks.predictive_maintenance.model import RulCNN
 
 
@@ -60,9 +61,10 @@ def test_checkpoint_roundtrip_is_encrypted_and_keys_are_made_0600(model, run_dir
     ck = load_checkpoint(path)
     assert ck.round == 3 and np.array_equal(ck.norm_sums, sums)
     assert all(torch.equal(ck.model[k], v) for k, v in model.state_dict().items())
+    (run_dir / "metrics.json").write_text('{"run_uid": "", "final_round": 3}')
     assert load_model_state(run_dir).keys() == model.state_dict().keys()
     blob = path.read_bytes()
-    assert blob.startswith(b"IIOTFL\x01\x01") and b"checkpoint:model.ckpt" in blob
+    assert blob.startswith(b"IIOTFL\x02\x01") and b"checkpoint:model.ckpt|run=;round=3;model=" in blob
     weights = model.state_dict()["head.1.weight"].numpy().tobytes()
     assert weights[:64] not in blob  # no plaintext weights at rest
     for name in (AES_FILE, SIGNING_FILE, VERIFY_FILE):
@@ -76,20 +78,20 @@ def test_a_changed_byte_is_refused(model, run_dir, where):
     size = path.stat().st_size
     _flip(path, {"header": 10, "ciphertext": size // 2, "signature": size - 3}[where])
     with pytest.raises(ArtefactError, match="signature check failed") as err:
-        load_model_state(run_dir)
+        load_checkpoint(run_dir / "model.ckpt")
     assert str(path) in str(err.value) and "\n" not in str(err.value)
 
 
 def test_a_truncated_or_foreign_file_is_refused(run_dir):
     (run_dir / "model.ckpt").write_bytes(b"PK\x03\x04 a plain torch zip")
     with pytest.raises(ArtefactError, match="not an iiotfl artefact"):
-        load_model_state(run_dir)
+        load_checkpoint(run_dir / "model.ckpt")
 
 
 def test_other_keys_are_refused(model, run_dir, tmp_path):
     save_checkpoint(run_dir / "model.ckpt", model.state_dict())
     with pytest.raises(ArtefactError, match="signature check failed"):
-        load_model_state(run_dir, ensure_keys(tmp_path / "other-keys"))
+        load_checkpoint(run_dir / "model.ckpt", ensure_keys(tmp_path / "other-keys"))
     # same signing pair, other AES key: the signature passes, decryption must not
     mixed = tmp_path / "mixed"
     mixed.mkdir()
@@ -97,14 +99,14 @@ def test_other_keys_are_refused(model, run_dir, tmp_path):
         (mixed / name).write_bytes((tmp_path / "keys" / name).read_bytes())
     (mixed / AES_FILE).write_bytes(os.urandom(32))
     with pytest.raises(ArtefactError, match="decryption failed"):
-        load_model_state(run_dir, Keys(mixed))
+        load_checkpoint(run_dir / "model.ckpt", Keys(mixed))
 
 
 def test_a_swapped_checkpoint_is_refused(model, run_dir):
     save_checkpoint(run_dir / "checkpoints" / "round-1.ckpt", model.state_dict(), run_dir=run_dir)
     (run_dir / "checkpoints" / "round-1.ckpt").rename(run_dir / "model.ckpt")
     with pytest.raises(ArtefactError, match="written as 'checkpoint:round-1.ckpt'"):
-        load_model_state(run_dir)
+        load_checkpoint(run_dir / "model.ckpt")
 
 
 def test_keys_are_never_overwritten(key_dir):
@@ -145,7 +147,7 @@ def test_reading_without_keys_names_the_missing_file_and_makes_none(model, run_d
     save_checkpoint(run_dir / "model.ckpt", model.state_dict())
     monkeypatch.setenv(artefacts.KEYS_ENV, str(tmp_path / "nowhere"))
     with pytest.raises(ArtefactError, match=f"{tmp_path / 'nowhere' / VERIFY_FILE} is missing"):
-        load_model_state(run_dir)
+        load_checkpoint(run_dir / "model.ckpt")
     assert not (tmp_path / "nowhere").exists()
 
 
@@ -212,8 +214,9 @@ def test_export_run_writes_signed_model_figures_and_report(model, run_dir, capsy
     cfg = compose(["fleet.gateways=2"])
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
     task = get_task(cfg["task"], cfg["seed"])
-    sums = sum(task.feature_sums(task.gateway_data(i)[0]) for i in range(2))
-    save_checkpoint(run_dir / "model.ckpt", task.build_model().state_dict(), sums, 1)
+    sums = combine([task.feature_sums(task.gateway_data(i)[0]) for i in range(2)])
+    save_checkpoint(run_dir / "model.ckpt", task.build_model().state_dict(), sums, 1, run_id="run-a")
+    (run_dir / "metrics.json").write_text('{"run_uid": "run-a", "final_round": 1}')
 
     assert main(["export", str(run_dir)]) == 0
     assert "int8 TorchScript" in capsys.readouterr().out
@@ -222,7 +225,7 @@ def test_export_run_writes_signed_model_figures_and_report(model, run_dir, capsy
     f32, i8 = ex["metrics"]["float32"], ex["metrics"]["int8"]
     assert f32["num-examples"] == i8["num-examples"] > 0
     assert abs(i8["rmse"] - f32["rmse"]) < 0.01 * f32["rmse"]
-    assert isinstance(load_export(run_dir / ex["file"]), torch.jit.ScriptModule)
+    assert isinstance(load_export(run_dir / ex["file"], run="run-a", newer_than=0), torch.jit.ScriptModule)
     report = (run_dir / "report.md").read_text()
     assert "## On-device model" in report and f"| int8 | {ex['int8_bytes']} |" in report
 

@@ -14,11 +14,11 @@ def test_default_config_is_valid_and_survives_the_trip_through_flower(tmp_path):
 
 
 def test_the_launchers_settings_travel_as_run_config_not_inside_the_config(tmp_path):
-    """A resumed round and a provisioned key directory reach the apps beside the composed config."""
+    """A resumed round, a provisioned key directory and the run id reach the apps beside the composed config."""
     cfg = compose()
-    run_config = to_run_config(cfg, tmp_path, resume_round=3, he_keys=tmp_path / "he-keys")
+    run_config = to_run_config(cfg, tmp_path, resume_round=3, he_keys=tmp_path / "he-keys", run_uid="5f0c")
     back = from_run_config(run_config)
-    assert back.resume_round == 3 and back.he_keys == (tmp_path / "he-keys").resolve()
+    assert back.resume_round == 3 and back.he_keys == (tmp_path / "he-keys").resolve() and back.run_uid == "5f0c"
     assert back.cfg == cfg  # nothing hidden was added to the config
 
 

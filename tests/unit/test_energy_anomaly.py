@@ -21,6 +21,7 @@ from iiotfl.tasks.energy_anomaly.faults import Event, apply
 from iiotfl.tasks.energy_anomaly.metrics import detection_delay, f1_at, pr_auc
 from iiotfl.tasks.energy_anomaly.scada import PIP_COMMAND, ScadaUnavailable, zip_path
 from iiotfl.tasks.energy_anomaly.smart_meter import generate_site
+from iiotfl.tasks.moments import combine
 
 SCADA_KINDS = ("underperformance", "stuck", "drift", "derating")
 METER_KINDS = ("spike", "level_shift", "stale", "drift")
@@ -46,7 +47,7 @@ def _fedavg(task: EnergyAnomaly, gateways: int, rounds: int, stride: int = 1, lr
     """FedAvg in-process: fleet normalisation from summed feature_sums, local training, weighted mean."""
     torch.set_num_threads(1)
     train = [task.gateway_data(i)[0] for i in range(gateways)]
-    norm = task.normaliser(sum(task.feature_sums(d) for d in train))
+    norm = task.normaliser(combine([task.feature_sums(d) for d in train]))
     windows = [task.windows(d, norm) for d in train]
     windows = [(x[::stride], y[::stride]) for x, y in windows]
     model = task.build_model()
@@ -121,7 +122,7 @@ def test_windows_never_span_gaps_or_sites():
 
 def test_fleet_normaliser_equals_the_pooled_statistics():
     parts = [generate_site(0, i, 14, 14, 0) for i in range(3)]
-    norm = Normaliser.from_sums(sum(feature_sums(p) for p in parts))
+    norm = Normaliser.from_sums(combine([feature_sums(p) for p in parts]))
     pooled = np.column_stack([np.concatenate([p.inputs for p in parts]), np.concatenate([p.target for p in parts])])
     np.testing.assert_allclose(norm.mean, pooled.mean(axis=0), atol=1e-9)
     np.testing.assert_allclose(norm.std[norm.std != 1.0], pooled.std(axis=0)[norm.std != 1.0], rtol=1e-6)

@@ -7,8 +7,18 @@ import pytest
 import torch
 
 from iiotfl.configs import ConfigError, compose
-from iiotfl.privacy.accounting import DeviceAccountant, check, noise_for_target, recompute, steps_per_round
+from iiotfl.privacy.accounting import (
+    DeviceAccountant,
+    accounting_check,
+    check,
+    merged,
+    noise_for_target,
+    recompute,
+    steps_per_round,
+)
+from iiotfl.privacy.ledger import LATE, STATUS, Ledger, load, released_noise
 from iiotfl.server.launch import validate
+from iiotfl.strategies import wire
 
 
 def test_device_epsilon_grows_with_rounds_and_matches_dp_accounting():
@@ -31,6 +41,59 @@ def test_check_fails_when_the_reported_epsilon_is_wrong():
     right = recompute(history, 1e-5)["rdp"]
     assert check(right, history, 1e-5)["ok"]
     assert not check(right * 0.9, history, 1e-5)["ok"]
+
+
+def test_history_summed_per_noise_and_rate_has_the_same_epsilon():
+    rounds = [(1.1, 0.05, 20), (1.1, 0.05, 20), (0.9, 0.1, 10), (1.1, 0.05, 20)]
+    assert merged(rounds) == [(1.1, 0.05, 60), (0.9, 0.1, 10)]
+    per_round = recompute(rounds, 1e-5)
+    assert recompute(merged(rounds), 1e-5)["rdp"] == pytest.approx(per_round["rdp"], rel=1e-9)
+    assert DeviceAccountant(1e-5, rounds).epsilon() == pytest.approx(per_round["rdp"], rel=0.02)
+
+
+def _dp_metrics(eps: float, steps: int, history: list[tuple[float, float, int]], rounds: int = 4) -> dict:
+    """A gateway's dp-* reply metrics; its history padded to ``rounds`` entries as clients/app.py sends it."""
+    padded = history + [(0.0, 0.0, 0)] * (rounds - len(history))
+    return {wire.DP_SIGMA: 1.1, wire.DP_CLIP: 1.0, wire.DP_Q: 0.05, wire.DP_STEPS: steps, wire.DP_EPSILON: eps,
+            wire.DP_DELTA: 1e-5, wire.DP_BUDGET_LEFT: 9.0, wire.DP_HISTORY_SIGMA: [h[0] for h in padded],
+            wire.DP_HISTORY_Q: [h[1] for h in padded], wire.DP_HISTORY_STEPS: [h[2] for h in padded]}
+
+
+def test_ledger_records_what_left_each_device_whatever_became_of_its_reply(tmp_path):
+    cfg = compose(["privacy=sample"])
+    ledger = Ledger(tmp_path / "ledger.jsonl", cfg)
+    eps = recompute([(1.1, 0.05, 40)], 1e-5)["rdp"]
+    gateways = [{"partition": 0, "status": "aggregated", "bytes_up": 100, "metrics": _dp_metrics(eps, 20, [(1.1, 0.05, 40)])},
+                {"partition": 1, "status": "extra", "bytes_up": 90, "metrics": _dp_metrics(eps, 20, [(1.1, 0.05, 40)])},
+                {"partition": 2, "status": "late"},
+                {"partition": 3, "status": "budget-spent", "bytes_up": 0,
+                 "metrics": {**_dp_metrics(eps, 0, [(1.1, 0.05, 40)]), wire.DP_STOPPED: 1}}]
+    ledger.record({"round": 2, "gateways": gateways}, None, None)
+    rows = {r["gateway"]: r for r in load(ledger.path)}
+    assert [rows[g]["status"] for g in range(4)] == ["sent", STATUS["extra"], LATE, "budget-spent"]
+    assert [rows[g]["bytes_sent"] for g in range(4)] == [100, 90, None, 0]
+    assert [rows[g]["steps"] for g in range(4)] == [20, 20, None, 0]
+    assert rows[1]["form"] == rows[0]["form"] != "nothing" and rows[2]["form"] == "unknown"
+    assert rows[1]["dp_history"] == [[1.1, 0.05, 40]] and rows[2]["dp_history"] is None  # padding dropped
+    result = accounting_check(cfg, load(ledger.path), [])
+    assert [c["ok"] for c in result["checks"]] == [True, True, True]  # the late gateway reported nothing yet
+
+
+def test_an_epsilon_without_the_history_behind_it_fails_the_check(tmp_path):
+    cfg = compose(["privacy=sample"])
+    ledger = Ledger(tmp_path / "ledger.jsonl", cfg)
+    metrics = {k: v for k, v in _dp_metrics(1.5, 20, [(1.1, 0.05, 20)]).items() if "history" not in k}
+    ledger.record({"round": 1, "gateways": [{"partition": 0, "status": "aggregated", "metrics": metrics}]}, None, None)
+    (result,) = accounting_check(cfg, load(ledger.path), [])["checks"]
+    assert not result["ok"] and result["mismatched_rounds"] == [1] and result["rdp"] == 0.0
+
+
+def test_a_round_released_an_aggregate_only_if_it_aggregated_and_accounted_noise():
+    released = {"round": 3, "aggregated": 4, "skipped": False, "privacy": {"epsilon": 1.0, "noise_multiplier": 1.2}}
+    assert released_noise(released) == 1.2
+    assert released_noise({**released, "skipped": True}) is None
+    assert released_noise({**released, "aggregated": 0}) is None
+    assert released_noise({**released, "privacy": {"epsilon": 1.0}}) is None  # Flower composed nothing
 
 
 def test_recompute_at_tiny_noise_stays_small_and_consistent():

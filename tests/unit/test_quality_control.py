@@ -13,6 +13,7 @@ from iiotfl.clients.training import train_local
 from iiotfl.configs import ConfigError, compose
 from iiotfl.server.launch import validate
 from iiotfl.tasks import get_task
+from iiotfl.tasks.moments import combine
 from iiotfl.tasks.quality_control import QualityControl
 from iiotfl.tasks.quality_control.generator import (
     AI4I,
@@ -80,7 +81,7 @@ def test_fleet_normaliser_is_the_pooled_z_score(task):
     parts = [task.local_data(p) for p in range(3)]
     sums = [task.feature_sums(d) for d in parts]
     assert all(s.shape == (1, 1 + 2 * len(task.features)) for s in sums)
-    normaliser = task.normaliser(sum(sums))
+    normaliser = task.normaliser(combine(sums))
     pooled = np.concatenate([d.features for d in parts])
     assert np.allclose(normaliser.mean, pooled.mean(axis=0)) and np.allclose(normaliser.std, pooled.std(axis=0))
     x = np.concatenate([task.windows(d, normaliser)[0] for d in parts])
@@ -153,7 +154,7 @@ def test_metrics_against_hand_computed_values():
 @pytest.fixture(scope="module")
 def fleet_data(task):
     splits = [task.gateway_data(p) for p in range(4)]
-    normaliser = task.normaliser(sum(task.feature_sums(t) for t, _ in splits))
+    normaliser = task.normaliser(combine([task.feature_sums(t) for t, _ in splits]))
     return splits, normaliser
 
 

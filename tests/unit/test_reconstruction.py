@@ -9,6 +9,7 @@ import torch
 from iiotfl.configs import compose
 from iiotfl.privacy.reconstruction import closeness, invert, sgd_update
 from iiotfl.tasks import get_task
+from iiotfl.tasks.moments import combine
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +17,7 @@ def fleet():
     torch.set_num_threads(1)
     task = get_task(compose()["task"], 0)
     data = [task.gateway_data(i)[0] for i in range(4)]
-    norm = task.normaliser(sum(task.feature_sums(d) for d in data))
+    norm = task.normaliser(combine([task.feature_sums(d) for d in data]))
     return task, [task.windows(d, norm) for d in data]
 
 
