@@ -12,7 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from iiotfl.privacy.ledger import read_jsonl
+from iiotfl.privacy.ledger import LATE, SENT, read_jsonl
 from iiotfl.privacy.modes import PRIVACY_MODES
 from iiotfl.server.report.runs import read_json
 from iiotfl.server.report.text import fmt
@@ -59,17 +59,22 @@ def privacy_section(run_dir: Path, final: dict[str, Any]) -> list[str]:
 
 def _ledger_table(rows: list[dict[str, Any]]) -> list[str]:
     """One line per gateway: rounds and bytes sent, in what form, its last DP figures."""
-    lines = ["", "| gateway | rounds sent | bytes sent | form | clip norm | noise multiplier | epsilon spent | delta "
-             "| budget left | stopped |", "|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
+    lines = ["", "| gateway | rounds sent | not aggregated | late | bytes sent | form | clip norm | noise multiplier "
+             "| epsilon spent | delta | budget left | stopped |",
+             "|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
     by_gw: dict[Any, list[dict[str, Any]]] = {}
     for r in rows:
         by_gw.setdefault(r["gateway"], []).append(r)
     for gw, rs in sorted(by_gw.items(), key=lambda kv: (kv[0] is None, kv[0])):
-        sent = [r for r in rs if r["status"] == "sent" and r["round"] > 0]
-        last = (sent or rs)[-1]
+        # what left the device: aggregated, or sent but left out (extra, skipped round, rejected)
+        sent = [r for r in rs if r["status"] in SENT and r["round"] > 0]
+        unused = [r for r in sent if r["status"] != "sent"]
+        late = [r for r in rs if r["status"] == LATE]
+        last = next((r for r in reversed(rs) if r.get("epsilon") is not None), (sent or rs)[-1])
         stopped = next((f"round {r['round']}: budget spent" for r in rs if r["status"] == "budget-spent"), "")
-        forms = sorted({r["form"] for r in rs if r["status"] == "sent"}) or ["nothing"]
-        lines.append(f"| {gw} | {len(sent)} | {fmt(sum(r['bytes_sent'] or 0 for r in rs))} | {'; '.join(forms)} "
+        forms = sorted({r["form"] for r in rs if r["status"] in SENT}) or ["nothing"]
+        lines.append(f"| {gw} | {len(sent)} | {len(unused)} | {len(late)} "
+                     f"| {fmt(sum(r['bytes_sent'] or 0 for r in rs))} | {'; '.join(forms)} "
                      f"| {fmt(last.get('clip_norm'))} | {fmt(last.get('noise_multiplier'))} "
                      f"| {fmt(last.get('epsilon'))} | {fmt(last.get('delta'))} | {fmt(last.get('budget_left'))} "
                      f"| {stopped} |")
@@ -85,8 +90,14 @@ def _checks_table(checks: list[dict[str, Any]]) -> list[str]:
              "| scope | delta | reported | dp-accounting RDP | dp-accounting PLD | agrees |",
              "|---|---:|---:|---:|---:|---|"]
     for c in checks:
+        verdict = "yes" if c["ok"] else "**NO — CHECK FAILED**" + (
+            f" (rounds {c['mismatched_rounds']})" if c.get("mismatched_rounds") else "")
         lines.append(f"| {c['scope']} | {fmt(c['delta'])} | {fmt(c['reported'])} | {fmt(c['rdp'])} "
-                     f"| {fmt(c['pld'])} | {'yes' if c['ok'] else '**NO — CHECK FAILED**'} |")
+                     f"| {fmt(c['pld'])} | {verdict} |")
+    unreported = [f"{c['scope']}: rounds {c['unreported_rounds']}" for c in checks if c.get("unreported_rounds")]
+    if unreported:
+        lines += ["", "Late replies no later reply has covered (what the device spent then is not in its "
+                  f"reported epsilon yet): {'; '.join(unreported)}."]
     return lines
 
 

@@ -659,3 +659,19 @@ def test_configuration_page_names_every_group_option_and_key():
             if key != "name" and key not in named:
                 missing.append(f"{group}/{option}.yaml: {key}")
     assert not missing, f"docs/configuration.md does not name: {missing}"
+
+
+def test_every_attack_in_the_security_model_names_tests_that_exist():
+    """docs/security.md: one row per attack; each names the tests that try it (bench/security.py runs them)."""
+    rows = re.findall(r"(?m)^\| (\d+) \| .+ \| (.+) \|$", (ROOT / "docs" / "security.md").read_text())
+    assert len(rows) >= 15, "the security model lists the attacks it defends against"
+    missing = []
+    for number, cell in rows:
+        ids = re.findall(r"`(tests/[^`]+)`", cell)
+        if not ids:
+            missing.append(f"row {number}: no test")
+        for node in ids:
+            path, _, name = node.partition("::")
+            if not (ROOT / path).is_file() or (name and f"def {name}(" not in (ROOT / path).read_text()):
+                missing.append(f"row {number}: {node}")
+    assert not missing, f"docs/security.md names tests that do not exist: {missing}"
