@@ -8,6 +8,11 @@ STAMP := $(VENV)/.installed-stamp
 .PHONY: run test lint bench clean
 
 $(STAMP): pyproject.toml
+	# nginx: the local fleet's gateway-facing front (engine.front=auto uses it when installed); as root on Debian
+	-@command -v nginx >/dev/null 2>&1 || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 \
+		|| apt-get install -y -q --no-install-recommends nginx-light >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends nginx-light >/dev/null 2>&1) \
+		|| echo "note: nginx could not be installed; the local fleet runs without its front (the report says so)"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	# torch first, pinned: the CPU build; any other spec pulls a multi-GB CUDA build.
@@ -33,7 +38,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/he.py
 	$(VENV)/bin/python bench/use_cases.py
 	$(VENV)/bin/python bench/scale.py
-	$(VENV)/bin/python bench/security.py
+	$(VENV)/bin/python bench/security.py --front
 	$(VENV)/bin/python bench/compose.py  # root, Docker engine (docker/engine), debootstrap
 
 clean:

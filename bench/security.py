@@ -5,16 +5,22 @@ those tests in one pytest process and prints one JSON line: attacks tried, attac
 (every test of the row passed), the rows that were not, and the time it took. A row whose
 tests do not exist counts as not refused.
 
-The cost of a front with mutual TLS on round time and bytes is measured once the front
-exists (docs/security.md, "What is still open"); until then ``front`` is null.
+``--front``: also the cost of the local fleet's front (nginx, Fleet API only, mutual TLS) on
+round time and bytes: the same shaped 3-gateway run with ``engine.front=nginx`` and with
+``engine.front=none``, alternated ``--pairs`` times (wall time between two runs of one config
+varies by a few percent; the median of each side is compared). Bytes are what crossed the
+gateways' links (``wire.json``: TLS, HTTP and the client certificate included) and the model
+payload per gateway and round. Targets: ≤ 3 % round time, ≤ 2 % bytes.
 
-Usage: python bench/security.py
+Usage: python bench/security.py [--front] [--pairs N]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,7 +63,44 @@ def _outcomes(ids: list[str]) -> dict[str, bool]:
     return verdict
 
 
+def _fleet_run(front: str, run_dir: Path) -> dict:
+    """One shaped 3-gateway run; its mean round time and bytes."""
+    proc = subprocess.run([str(Path(sys.executable).parent / "iiotfl"), "run", "fleet.gateways=3", "fleet.rounds=4",
+                           f"engine.front={front}", f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True,
+                          text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"engine.front={front} run failed: {proc.stdout[-1500:]} {proc.stderr[-1500:]}")
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()][1:]
+    wire = json.loads((run_dir / "wire.json").read_text())["gateways"]
+    gateways = [g for r in rows for g in r["gateways"]]
+    return {"round_s": statistics.mean(r["round_time"] for r in rows),
+            "wire_bytes": sum(g["up"] + g["down"] for g in wire.values()),
+            "payload_bytes": sum(g["bytes_up"] + g["bytes_down"] for g in gateways) / len(gateways)}
+
+
+def front_cost(pairs: int) -> dict:
+    """The front against no front, alternated ``pairs`` times; medians of each side."""
+    runs: dict[str, list[dict]] = {"nginx": [], "none": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for i in range(pairs):
+            for front in ("none", "nginx") if i % 2 == 0 else ("nginx", "none"):
+                runs[front].append(_fleet_run(front, Path(tmp) / f"{front}-{i}"))
+    med = {f: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for f, rs in runs.items()}
+    return {
+        "runs_per_side": pairs,
+        "mean_round_s": {f: round(m["round_s"], 2) for f, m in med.items()},
+        "round_time_change": round(med["nginx"]["round_s"] / med["none"]["round_s"] - 1, 4),
+        "wire_bytes": {f: int(m["wire_bytes"]) for f, m in med.items()},
+        "wire_bytes_change": round(med["nginx"]["wire_bytes"] / med["none"]["wire_bytes"] - 1, 4),
+        "payload_bytes_per_gateway_round": {f: int(m["payload_bytes"]) for f, m in med.items()},
+    }
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--front", action="store_true", help="also measure the front's cost on a shaped fleet")
+    parser.add_argument("--pairs", type=int, default=2, help="runs per side for --front")
+    args = parser.parse_args()
     rows = attacks()
     started = time.time()
     verdict = _outcomes(sorted({t for r in rows for t in r["tests"]}))
@@ -69,9 +112,7 @@ def main() -> None:
         "not_refused": [f"{r['row']}: {r['attack']}" for r in rows if r not in refused],
         "tests": len(verdict),
         "seconds": round(time.time() - started, 1),
-        "front": None,
-        "front_note": "the Fleet-API-only front with mutual TLS is not built yet; its cost on round time and bytes "
-                      "is measured when it is (docs/security.md)",
+        "front": front_cost(args.pairs) if args.front else None,
     }))
 
 

@@ -44,8 +44,11 @@ import threading
 import time
 from pathlib import Path
 
+from cryptography.exceptions import InvalidSignature
+
 from iiotfl.clients.processes import BIN, bin_env, leader_exited, spawn, stop_group
 from iiotfl.compat.flower import LOG, ExitCode
+from iiotfl.compat.supernode import CERT_ENV, KEY_ENV
 from iiotfl.links.profiles import LinkProfile, ProfileError
 from iiotfl.links.profiles import link_profile as load_link_profile
 from iiotfl.links.shaping import apply_link
@@ -87,6 +90,31 @@ def check_node_key(path: str | Path) -> None:
         load_node_key(path)
     except CertsError as err:
         raise GatewayError(str(err)) from None
+
+
+def check_client_cert(cert: str | Path, key: str | Path, ca: str | Path | None) -> None:
+    """The TLS client certificate for the front: readable, a pair with its key, issued by ``ca``, valid now."""
+    cert, key = Path(cert), Path(key)
+    for path, what in ((cert, "client certificate"), (key, "client key")):
+        if not path.is_file():
+            raise GatewayError(f"{what} {path} not found; copy gateways/gateway-<i>.crt and gateway-<i>.tls.key "
+                               "from the server's `iiotfl certs` directory")
+    try:
+        ssl.create_default_context(cafile=str(ca) if ca else None).load_cert_chain(str(cert), str(key))
+        crt = load_cert(cert)
+    except (ssl.SSLError, CertsError) as err:
+        raise GatewayError(f"client certificate {cert} and key {key} cannot be used together ({err}); copy the "
+                           "pair of one gateway from `iiotfl certs`") from None
+    now = dt.datetime.now(dt.timezone.utc)
+    if not crt.not_valid_before_utc <= now <= crt.not_valid_after_utc:
+        raise GatewayError(f"client certificate {cert} is not valid now (valid {crt.not_valid_before_utc:%Y-%m-%d} "
+                           f"to {crt.not_valid_after_utc:%Y-%m-%d}); re-issue it with `iiotfl certs`")
+    if ca:
+        try:
+            crt.verify_directly_issued_by(load_cert(ca))
+        except (ValueError, TypeError, InvalidSignature, CertsError):
+            raise GatewayError(f"client certificate {cert} is not issued by {ca}; copy the gateway's certificate "
+                               "from the same `iiotfl certs` directory as ca.crt") from None
 
 
 def check_data(path: str | Path) -> None:
@@ -184,7 +212,10 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
     if args.data:
         node_config.append(f'data-path="{Path(args.data).resolve()}"')
     node_config += args.node_config or []
-    argv = [str(BIN / "flower-supernode"), "--superlink", args.superlink, "--node-config", " ".join(node_config),
+    # with a client certificate (mutual TLS at the fleet's front): Flower's SuperNode, which then presents it
+    supernode = ([sys.executable, "-m", "iiotfl.compat.supernode"] if getattr(args, "client_cert", None)
+                 else [str(BIN / "flower-supernode")])
+    argv = [*supernode, "--superlink", args.superlink, "--node-config", " ".join(node_config),
             "--host", "127.0.0.1", "--port", str(args.clientappio_port)]
     if args.insecure:
         argv.append("--insecure")
@@ -193,6 +224,13 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
     if args.key:
         argv += ["--auth-supernode-private-key", str(args.key)]
     return argv
+
+
+def supernode_env(args: argparse.Namespace) -> dict[str, str]:
+    """The SuperNode's client certificate and key (``--client-cert``, ``--client-key``) for mutual TLS."""
+    if not getattr(args, "client_cert", None):
+        return {}
+    return {CERT_ENV: str(Path(args.client_cert).resolve()), KEY_ENV: str(Path(args.client_key).resolve())}
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -228,13 +266,13 @@ def _watch(proc: subprocess.Popen, lines: queue.Queue, tail: list[str], on_join)
     return None, False
 
 
-def _run_supernode(argv: list[str], on_join) -> tuple[int, str | None]:
+def _run_supernode(argv: list[str], on_join, env: dict[str, str] | None = None) -> tuple[int, str | None]:
     """Run flower-supernode (and the SuperExec it starts) to its end; pass its output through.
 
     Returns (exit code, the one-line TLS / node-key failure or None); ``on_join()`` is called when it
     joins. flwr reports such a failure as a block ending in "For more information, visit ..." while
     its SuperExec keeps the output open and retries; the whole process group is ended there."""
-    proc = spawn(argv, bin_env())  # it starts flower-superexec by name
+    proc = spawn(argv, {**bin_env(), **(env or {})})  # it starts flower-superexec by name
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines), daemon=True).start()
     tail: list[str] = []
@@ -283,7 +321,7 @@ def supervise(args: argparse.Namespace, say=print) -> int:
     while True:
         wait_for_superlink(args.superlink, None if args.insecure else str(args.ca), args.max_wait, say)
         started = time.monotonic()
-        code, why = _run_supernode(supernode_argv(args), joined)
+        code, why = _run_supernode(supernode_argv(args), joined, supernode_env(args))
         if why and LOG["not_registered"] in why and joined_before:
             # this key joined before: the SuperLink still holds the session of the SuperNode
             # that died until its heartbeat expires (about a minute), then it takes the key again
@@ -306,6 +344,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ca", help="CA certificate (ca.crt from `iiotfl certs`)")
     p.add_argument("--key", help="this gateway's node key (gateways/gateway-<i>.key from `iiotfl certs`)")
     p.add_argument("--insecure", action="store_true", help="no TLS (only for a SuperLink run with --insecure)")
+    p.add_argument("--client-cert", help="this gateway's TLS client certificate (gateways/gateway-<i>.crt from "
+                   "`iiotfl certs`), for a front that asks for one (mutual TLS)")
+    p.add_argument("--client-key", help="its key (gateways/gateway-<i>.tls.key)")
     p.add_argument("--data", help="the plant's CSV file or a directory of CSV files (re-read every round)")
     p.add_argument("--partition-id", type=int, default=0, help="this plant's index in the fleet")
     p.add_argument("--num-partitions", type=int, default=1)
@@ -334,6 +375,13 @@ def _check_inputs(args: argparse.Namespace) -> None:
         check_ca(args.ca)
     if args.key:
         check_node_key(args.key)
+    if bool(args.client_cert) != bool(args.client_key):
+        raise GatewayError("--client-cert and --client-key go together; pass both (gateways/gateway-<i>.crt and "
+                           "gateway-<i>.tls.key from `iiotfl certs`)")
+    if args.client_cert:
+        if args.insecure:
+            raise GatewayError("--client-cert needs TLS; drop --insecure")
+        check_client_cert(args.client_cert, args.client_key, args.ca)
     if args.data:
         check_data(args.data)
 

@@ -15,6 +15,9 @@ this layout, which stays stable (``docker-compose.yml`` mounts these exact files
                                --auth-supernode-private-key``).
 ``DIR/gateways/gateway-<i>.pub``  its public key, one OpenSSH line ``ecdsa-sha2-nistp384 AAAA... gateway-<i>``
                                (``flwr supernode register gateway-<i>.pub <connection>``).
+``DIR/gateways/gateway-<i>.crt``  gateway i's TLS client certificate (PEM; 2 years; clientAuth only; CN
+                               gateway-<i>) signed by the CA: the front checks it (mutual TLS).
+``DIR/gateways/gateway-<i>.tls.key``  its key (PEM PKCS#8, ECDSA P-384, 0600), apart from the node key.
 =============================  ===========================================================
 
 Existing files are never overwritten without ``force``: a re-run with the same (or no) SANs
@@ -66,6 +69,14 @@ class CertsError(RuntimeError):
 
 def gateway_key(certs_dir: str | Path, i: int) -> Path:
     return Path(certs_dir) / GATEWAYS / f"gateway-{i}.key"
+
+
+def gateway_crt(certs_dir: str | Path, i: int) -> Path:
+    return Path(certs_dir) / GATEWAYS / f"gateway-{i}.crt"
+
+
+def gateway_tls_key(certs_dir: str | Path, i: int) -> Path:
+    return Path(certs_dir) / GATEWAYS / f"gateway-{i}.tls.key"
 
 
 def gateway_pub(certs_dir: str | Path, i: int) -> Path:
@@ -120,6 +131,12 @@ def _issue(ca_key: ec.EllipticCurvePrivateKey, issuer: x509.Name, subject: x509.
         b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
                                           content_commitment=False, key_encipherment=False, data_encipherment=False,
                                           key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+    elif not sans:  # a gateway's TLS client certificate (mutual TLS at the front)
+        b = (b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+             .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
+                                          content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                          key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False))
     else:
         b = (b.add_extension(x509.SubjectAlternativeName(sans), critical=False)
              .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
@@ -185,9 +202,29 @@ def create(certs_dir: str | Path, sans: Iterable[str] = (), gateways: int = 4, f
             raise CertsError(f"{crt} exists and does not cover {', '.join(lacking)} (it has "
                              f"{', '.join(sorted(have))}); re-run with --force to replace the CA, the certificate "
                              "and the keys (gateways then need the new ca.crt)")
+    issuer = serialization.load_pem_private_key(ca_key.read_bytes(), None)
+    if not isinstance(issuer, ec.EllipticCurvePrivateKey):
+        raise CertsError(f"{ca_key} is not an ECDSA key; re-create the set with `iiotfl certs {d} --force`")
+    ca_cert = load_cert(ca_crt)
     for i in range(gateways):
         written += _write_gateway(d, i, force)
+        written += _write_client_cert(d, i, issuer, ca_cert, force)
     return written
+
+
+def _write_client_cert(certs_dir: Path, i: int, ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate,
+                       force: bool) -> list[Path]:
+    """Gateway i's TLS client certificate and key (mutual TLS at the front), unless both exist."""
+    crt, key_path = gateway_crt(certs_dir, i), gateway_tls_key(certs_dir, i)
+    if crt.exists() and key_path.exists() and not force:
+        return []
+    key = ec.generate_private_key(CURVE())
+    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "iiotfl"),
+                         x509.NameAttribute(NameOID.COMMON_NAME, f"gateway-{i}")])
+    cert = _issue(ca_key, ca.subject, subject, key, 730, False, [])
+    _write(key_path, _pem_key(key), secret=True)
+    _write(crt, cert.public_bytes(serialization.Encoding.PEM), secret=False)
+    return [crt, key_path]
 
 
 # -- reading and checking ------------------------------------------------------------------------
@@ -258,6 +295,15 @@ def check_dir(certs_dir: str | Path, gateways: int, dialled: Iterable[str] = ("1
         load_node_key(key)
         if not gateway_pub(d, i).is_file():
             raise CertsError(f"{gateway_pub(d, i)} not found; `iiotfl certs {d} --gateways {gateways}` re-derives it")
+        if not gateway_crt(d, i).is_file() or not gateway_tls_key(d, i).is_file():
+            raise CertsError(f"{gateway_crt(d, i)} (the gateway's TLS client certificate) not found; add it with "
+                             f"`iiotfl certs {d} --gateways {gateways}`")
+        check_secret(gateway_tls_key(d, i))
+        try:
+            load_cert(gateway_crt(d, i)).verify_directly_issued_by(ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise CertsError(f"{gateway_crt(d, i)} is not signed by {d / CA_CRT}; re-issue it with "
+                             f"`iiotfl certs {d} --gateways {gateways}` after removing it") from None
 
 
 # -- registration ---------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from iiotfl.compat.flower import RECORD_KEY_CONFIGS
@@ -43,6 +44,11 @@ class RoundTrace:
     below_minimum: bool = False
     started: float = 0.0
     ended: float = 0.0
+
+
+# What the SuperLink answers for a gateway that did not reply: its message expired with the deadline,
+# or the node went offline. Such a gateway is late, not in error.
+UNDELIVERED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
 
 
 def error_reason(reply: Message) -> str:
@@ -128,8 +134,9 @@ class DeadlineGrid(Grid):
                 if not reply.has_error() and "metrics" in reply.content:
                     trace.metrics[node] = dict(reply.content["metrics"])
                 if reply.has_error():
-                    trace.errors.append(node)
-                    trace.reasons[node] = error_reason(reply)
+                    if reply.error.code not in UNDELIVERED:  # the gateway's own error; undelivered: late
+                        trace.errors.append(node)
+                        trace.reasons[node] = error_reason(reply)
                     kept.append(reply)
                 elif len([r for r in kept if not r.has_error()]) < need:
                     trace.replied[node] = time.time()

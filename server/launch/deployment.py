@@ -30,10 +30,11 @@ from typing import Any, Callable, ClassVar, Mapping
 import tomli_w
 
 from iiotfl.clients import gateway, processes
-from iiotfl.configs import ConfigError, flag, require, to_run_config
+from iiotfl.configs import ConfigError, choice, flag, require, to_run_config
 from iiotfl.links import namespaces, shaping
 from iiotfl.links.profiles import GatewayProfile, gateway_profiles
 from iiotfl.security import certs
+from iiotfl.server.launch import front
 from iiotfl.server.launch.superlink import (
     LaunchError,
     free_port,
@@ -67,6 +68,12 @@ class Deployment:
         """TLS and node authentication unless engine.insecure; a given certs directory must hold what the
         fleet reads (the SuperLink certificate's addresses are checked at start, once links are known)."""
         insecure, given = flag(cfg, "engine.insecure"), require(cfg, "engine.certs")
+        wanted = choice(cfg, "engine.front", front.FRONTS) if "front" in cfg["engine"] else "none"
+        if wanted == "nginx" and insecure:
+            raise ConfigError("config: engine.front=nginx needs TLS (its mutual TLS uses the run's certificates); "
+                              "drop engine.insecure=true or set engine.front=none")
+        if wanted == "nginx" and front.nginx() is None:
+            raise ConfigError(f"config: engine.front=nginx but nginx is not installed; {front.NGINX_HINT}")
         if given is None:
             return
         if insecure:
@@ -84,6 +91,7 @@ class Deployment:
         self.tag = f"{uuid.uuid4().hex}"
         self.procs: dict[str, subprocess.Popen] = {}
         self.port = 0
+        self.front_port = 0  # the gateway-facing front (0: none; the gateways dial the SuperLink's port)
         self.links: namespaces.LinkFleet | None = None
         self.gateway_links: list[namespaces.GatewayLink] = []
         self.emulation = "loopback"  # what the links are, said in the report's first lines
@@ -157,10 +165,30 @@ class Deployment:
             if self.certs else "INSECURE: no TLS and no SuperNode authentication (engine.insecure=true)")
         self.start_superlink()
         self.register_gateways()
+        self.start_front()
         if self.links is not None:
-            self.links.start_relays(self.port)
+            self.links.start_relays(self.front_port or self.port)
         self.start_gateways()
         self.write_connection()
+
+    def start_front(self) -> None:
+        """The gateway-facing front (nginx, Fleet API only, mutual TLS) when engine.front asks for one."""
+        wanted = self.cfg["engine"].get("front", "none")
+        if self.certs is None or wanted == "none" or (wanted == "auto" and front.nginx() is None):
+            why = ("engine.front=none" if wanted == "none" else "no TLS" if self.certs is None
+                   else "nginx is not installed")
+            self.transport += f"; no front ({why}): the gateways reach the SuperLink's whole port"
+            return
+        self.front_port = free_port()
+        try:
+            argv = front.prepare(self.run_dir, f"127.0.0.1:{self.front_port}", self.port, self.certs)
+        except FileNotFoundError as err:
+            raise LaunchError(str(err)) from None
+        proc = self.spawn("front", argv)
+        wait_port(self.front_port, proc, float(self.cfg["engine"]["startup_timeout"]), "the front (nginx)",
+                  self.logs / "front.log")
+        self.transport += ("; the gateways reach only the Fleet API, through a front (nginx) that asks each for "
+                           "its client certificate (mutual TLS)")
 
     def start_superlink(self) -> None:
         """``flower-superlink`` on this run's port, started and listening (LaunchError if not)."""
@@ -182,7 +210,7 @@ class Deployment:
     def start_gateways(self) -> None:
         """One ``iiotfl gateway`` per gateway: in its namespace through its relay, or on loopback."""
         for i in range(int(self.cfg["fleet"]["gateways"])):
-            superlink = f"127.0.0.1:{self.port}"
+            superlink = f"127.0.0.1:{self.front_port or self.port}"
             if self.gateway_links:
                 superlink = f"{namespaces.SERVER_ADDRESS}:{self.gateway_links[i].relay_port}"
             argv = self.gateway_argv(i, superlink)
@@ -222,7 +250,11 @@ class Deployment:
                 "--node-config", f"torch-threads={self.profiles[i].device.torch_threads}", *self._scenario(i)]
         if self.certs is None:
             return argv + ["--insecure"]
-        return argv + ["--ca", str(self.certs / certs.CA_CRT), "--key", str(certs.gateway_key(self.certs, i))]
+        argv += ["--ca", str(self.certs / certs.CA_CRT), "--key", str(certs.gateway_key(self.certs, i))]
+        if self.front_port:  # mutual TLS at the front
+            argv += ["--client-cert", str(certs.gateway_crt(self.certs, i)),
+                     "--client-key", str(certs.gateway_tls_key(self.certs, i))]
+        return argv
 
     def _scenario(self, i: int) -> list[str]:
         """Gateway i's part in a crash (fleet.crash) or poisoning (fleet.poison) scenario, as node config."""

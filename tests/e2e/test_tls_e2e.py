@@ -45,11 +45,12 @@ def test_certs_writes_the_layout_with_sans_modes_and_flwr_node_keys(tmp_path):
     d = tmp_path / "certs"
     proc = run_cli("certs", str(d), "--san", "superlink.plant.example", "--san", "10.1.2.3", "--gateways", "2")
     assert proc.returncode == 0, proc.stderr
-    assert set(_files(d)) == {"ca.crt", "ca.key", "superlink.crt", "superlink.key", "gateways/gateway-0.key",
-                              "gateways/gateway-0.pub", "gateways/gateway-1.key", "gateways/gateway-1.pub"}
-    for secret in ("ca.key", "superlink.key", "gateways/gateway-0.key", "gateways/gateway-1.key"):
+    assert set(_files(d)) == {"ca.crt", "ca.key", "superlink.crt", "superlink.key"} | {
+        f"gateways/gateway-{i}.{ext}" for i in (0, 1) for ext in ("key", "pub", "crt", "tls.key")}
+    for secret in ("ca.key", "superlink.key", "gateways/gateway-0.key", "gateways/gateway-1.key",
+                   "gateways/gateway-0.tls.key"):
         assert (d / secret).stat().st_mode & 0o777 == 0o600, secret
-    for public in ("ca.crt", "superlink.crt", "gateways/gateway-0.pub"):
+    for public in ("ca.crt", "superlink.crt", "gateways/gateway-0.pub", "gateways/gateway-0.crt"):
         assert (d / public).stat().st_mode & 0o077 == 0o044, public  # readable for a container's user
 
     ca = x509.load_pem_x509_certificate((d / "ca.crt").read_bytes())

@@ -10,13 +10,13 @@ from pathlib import Path
 import flwr
 import pytest
 
-COMPAT = Path(__file__).resolve().parents[2] / "compat" / "flower.py"
+COMPAT = Path(__file__).resolve().parents[2] / "compat"
 
 
 def _reaches() -> list[tuple[str, str]]:
-    """(module, name) of every ``from flwr... import name`` in compat/flower.py, nested ones included."""
-    tree = ast.parse(COMPAT.read_text())
-    return [(node.module, alias.name) for node in ast.walk(tree)
+    """(module, name) of every ``from flwr... import name`` in compat/, nested ones included."""
+    return [(node.module, alias.name) for path in sorted(COMPAT.glob("*.py"))
+            for node in ast.walk(ast.parse(path.read_text()))
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("flwr")
             for alias in node.names]
 
@@ -79,3 +79,76 @@ def test_the_error_codes_the_gateway_names_are_flowers():
     codes = {int(LOG[key].strip("[]").split(":")[1]) for key in ("not_registered", "auth_required")}
     source = Path(errors.__file__).read_text()
     assert all(f"= {code}" in source for code in codes), f"flwr's error codes no longer include {codes}"
+
+
+def _mutual_tls_server(certs_dir: Path):
+    """A one-shot TLS server on loopback that asks for a client certificate from the fleet's CA and says
+    whose it got; returns (port, thread, answers)."""
+    import socket
+    import ssl
+    import threading
+
+    from iiotfl.security import certs
+
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(certs_dir / certs.CA_CRT))
+    ctx.load_cert_chain(str(certs_dir / certs.SERVER_CRT), str(certs_dir / certs.SERVER_KEY))
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    listener = socket.create_server(("127.0.0.1", 0))
+    answers: list[str] = []
+
+    def serve():
+        conn, _ = listener.accept()
+        try:
+            with ctx.wrap_socket(conn, server_side=True) as tls:
+                answers.append(dict(x[0] for x in tls.getpeercert()["subject"])["commonName"])
+                tls.sendall(b"ok")
+        except (ssl.SSLError, OSError) as err:
+            answers.append(f"refused: {err}")
+        finally:
+            listener.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    return listener.getsockname()[1], thread, answers
+
+
+def _handshake(context, port: int) -> bytes:
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        with context.wrap_socket(sock, server_hostname="localhost") as tls:
+            return tls.recv(2)
+
+
+def test_the_supernode_presents_its_client_certificate_to_the_fleet_api(tmp_path):
+    """compat/supernode.py: Flower's Fleet API client, built as the SuperNode builds it, completes a mutual-TLS
+    handshake with the gateway's certificate; without the patch a server that asks for one refuses it."""
+    import ssl
+
+    from flwr.supernode.fleet_http_client import FleetHttpClient
+
+    from iiotfl.compat import supernode
+    from iiotfl.security import certs
+
+    certs.create(tmp_path, gateways=1)
+    ca = (tmp_path / certs.CA_CRT).read_bytes()
+
+    def context():
+        client = FleetHttpClient.from_server_address("127.0.0.1:1", insecure=False, root_certificates=ca,
+                                                     interceptors=())
+        return client._client._transport._pool._ssl_context  # httpx: the context its connections use
+
+    port, thread, answers = _mutual_tls_server(tmp_path)
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        _handshake(context(), port)  # Flower's own client: no certificate to show
+    thread.join(5)
+    original = FleetHttpClient.__init__
+    try:
+        supernode.use_client_certificate(str(certs.gateway_crt(tmp_path, 0)), str(certs.gateway_tls_key(tmp_path, 0)))
+        patched = context()
+    finally:
+        FleetHttpClient.__init__ = original
+    port, thread, answers = _mutual_tls_server(tmp_path)
+    assert _handshake(patched, port) == b"ok"
+    thread.join(5)
+    assert answers == ["gateway-0"]

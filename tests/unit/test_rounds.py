@@ -78,3 +78,31 @@ def test_messages_expire_with_the_deadline():
     msgs = _messages([1])
     grid.send_and_receive(msgs, timeout=600)
     assert msgs[0].metadata.ttl == pytest.approx(7.0)
+
+
+class ErrorGrid(ScriptedGrid):
+    """Gateway 2's message expires (the SuperLink answers for it, under its own id 0); gateway 3's ClientApp raises."""
+
+    def pull_messages(self, ids):
+        from flwr.app import Error
+        from flwr.common.constant import ErrorCode
+
+        out = []
+        for mid in list(ids):
+            node, _ = self.pushed[mid]
+            src, err = {2: (0, Error(ErrorCode.MESSAGE_UNAVAILABLE, "Error: Message Unavailable - expired")),
+                        3: (3, Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                     "<class 'ValueError'>:<'no column \"T30\"'>"))}.get(node, (node, None))
+            md = Metadata(run_id=1, message_id=f"r{mid}", src_node_id=src, dst_node_id=0, reply_to_message_id=mid,
+                          group_id="", created_at=time.time(), ttl=60, message_type=MessageType.TRAIN)
+            out.append(Message(err, metadata=md) if err else
+                       Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), metadata=md))
+        return out
+
+
+def test_an_expired_message_is_late_and_a_clientapp_error_is_named():
+    grid = DeadlineGrid(ErrorGrid({1: 0.0, 2: 0.0, 3: 0.0}), deadline_s=1, poll_s=0.01)
+    grid.send_and_receive(_messages([1, 2, 3]), timeout=600)
+    trace = grid.train_trace
+    assert trace.late == [2] and trace.errors == [3] and list(trace.replied) == [1]
+    assert trace.reasons == {3: 'ValueError: no column "T30"'}

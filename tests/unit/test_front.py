@@ -1,0 +1,63 @@
+"""The gateway-facing front's nginx config and the gateways' client certificates."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from iiotfl.clients.gateway import GatewayError, check_client_cert
+from iiotfl.configs import ConfigError, compose
+from iiotfl.security import certs
+from iiotfl.server.launch import front, validate
+
+
+def test_every_gateway_gets_a_client_certificate_of_the_fleets_ca_and_reruns_keep_them(tmp_path):
+    certs.create(tmp_path, gateways=2)
+    first = {i: certs.gateway_crt(tmp_path, i).read_bytes() for i in range(2)}
+    for i in range(2):
+        crt = certs.load_cert(certs.gateway_crt(tmp_path, i))
+        crt.verify_directly_issued_by(certs.load_cert(tmp_path / certs.CA_CRT))
+        assert crt.subject.rfc4514_string().startswith(f"CN=gateway-{i}")
+        assert (certs.gateway_tls_key(tmp_path, i).stat().st_mode & 0o777) == 0o600
+        check_client_cert(certs.gateway_crt(tmp_path, i), certs.gateway_tls_key(tmp_path, i), tmp_path / certs.CA_CRT)
+    certs.create(tmp_path, gateways=3)
+    assert {i: certs.gateway_crt(tmp_path, i).read_bytes() for i in range(2)} == first
+    certs.check_dir(tmp_path, 3)
+    certs.gateway_crt(tmp_path, 2).unlink()
+    with pytest.raises(certs.CertsError, match="gateway-2.crt .* not found; add it with"):
+        certs.check_dir(tmp_path, 3)
+
+
+def test_a_gateway_refuses_a_client_certificate_that_cannot_work(tmp_path):
+    certs.create(tmp_path / "a", gateways=2)
+    certs.create(tmp_path / "b", gateways=1)
+    a, b = tmp_path / "a", tmp_path / "b"
+    with pytest.raises(GatewayError, match="cannot be used together"):  # gateway 0's cert with gateway 1's key
+        check_client_cert(certs.gateway_crt(a, 0), certs.gateway_tls_key(a, 1), a / certs.CA_CRT)
+    with pytest.raises(GatewayError, match="not issued by"):  # another fleet's certificate
+        check_client_cert(certs.gateway_crt(b, 0), certs.gateway_tls_key(b, 0), a / certs.CA_CRT)
+    with pytest.raises(GatewayError, match="not found"):
+        check_client_cert(a / "nope.crt", certs.gateway_tls_key(a, 0), a / certs.CA_CRT)
+
+
+def test_the_front_forwards_the_fleet_api_only_and_asks_for_client_certificates(tmp_path):
+    certs.create(tmp_path / "certs", gateways=1)
+    text = front.config(tmp_path / "front", "127.0.0.1:9092", 9093, tmp_path / "certs")
+    assert "ssl_verify_client on;" in text and "location / { return 403; }" in text
+    assert [line.strip() for line in text.splitlines() if line.strip().startswith("location")] == [
+        "location /v1/fleet/ {", "location / { return 403; }"]
+    assert "proxy_pass https://127.0.0.1:9093;" in text and "proxy_ssl_verify on;" in text
+    if front.nginx() is None:
+        pytest.skip("nginx is not installed: the config is not checked by nginx itself")
+    argv = front.prepare(tmp_path, "127.0.0.1:9092", 9093, tmp_path / "certs")
+    checked = subprocess.run([*argv[:5], "-t"], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stderr
+
+
+def test_the_front_needs_tls_and_nginx_when_asked_for():
+    with pytest.raises(ConfigError, match="engine.front=nginx needs TLS"):
+        validate(compose(["engine.front=nginx", "engine.insecure=true"]))
+    with pytest.raises(ConfigError, match="engine.front='apache' is unknown"):
+        validate(compose(["engine.front=apache"]))
+    validate(compose(["engine.front=none", "engine.insecure=true"]))
