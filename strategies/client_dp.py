@@ -92,43 +92,36 @@ def rounds_within_budget(cfg: Mapping[str, Any]) -> int:
     return done
 
 
-class ServerSideClipping(DifferentialPrivacyServerSideFixedClipping):
-    """Flower's server-side clipping wrapper; ``privacy_spent`` also names this round's release noise."""
+class _ReleaseNoise:
+    """Mixed into Flower's DP wrappers: ``privacy_spent`` also names this round's release noise."""
 
     released: float | None = None  # noise multiplier of the last round's release, None if it released none
+    noise_multiplier: float
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         before = _releases(self)
-        out = super().aggregate_train(server_round, replies)
+        out = super().aggregate_train(server_round, replies)  # type: ignore[misc]  # the Flower wrapper's
         self.released = self.noise_multiplier if _releases(self) > before else None
         return out
 
-    def privacy_spent(self) -> SimpleNamespace | None:  # type: ignore[override]  # PrivacySpent, and the noise
+    def privacy_spent(self) -> SimpleNamespace | None:  # PrivacySpent, and the noise
         return _spent(self)
 
 
-class ClientSideClipping(DifferentialPrivacyClientSideFixedClipping):
+class ServerSideClipping(_ReleaseNoise, DifferentialPrivacyServerSideFixedClipping):  # type: ignore[misc]
+    """Flower's server-side clipping wrapper; ``privacy_spent`` also names this round's release noise."""
+
+
+class ClientSideClipping(_ReleaseNoise, DifferentialPrivacyClientSideFixedClipping):  # type: ignore[misc]
     """Flower's client-side clipping wrapper; ``privacy_spent`` also names this round's release noise."""
 
-    released: float | None = None
 
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        before = _releases(self)
-        out = super().aggregate_train(server_round, replies)
-        self.released = self.noise_multiplier if _releases(self) > before else None
-        return out
-
-    def privacy_spent(self) -> SimpleNamespace | None:  # type: ignore[override]  # PrivacySpent, and the noise
-        return _spent(self)
-
-
-def _releases(wrapper: ServerSideClipping | ClientSideClipping) -> int:
+def _releases(wrapper: Any) -> int:  # a ServerSideClipping or ClientSideClipping
     return wrapper.accountant.get_privacy_spent().num_releases if wrapper.accountant is not None else 0
 
 
-def _spent(wrapper: ServerSideClipping | ClientSideClipping) -> SimpleNamespace | None:
+def _spent(wrapper: Any) -> SimpleNamespace | None:  # a ServerSideClipping or ClientSideClipping
     """ε and δ so far (Flower's accountant), and the noise multiplier of the last round's release."""
     if wrapper.accountant is None:
         return None
