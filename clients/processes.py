@@ -46,8 +46,14 @@ def _stat(pid: int | str) -> list[str]:
 
 
 def _environ(pid: int) -> bytes:
-    """``\\0KEY=value\\0KEY=value...`` of ``pid`` (OSError if gone or not ours)."""
-    return b"\0" + (PROC / str(pid) / "environ").read_bytes()
+    """``\\0KEY=value\\0KEY=value...`` of ``pid`` (OSError if gone or not ours).
+
+    Its command line's words are added: a program that writes its process title over its
+    environment (nginx) carries the run's tag as words of its command line instead
+    (``server/launch/front.py``)."""
+    environ = (PROC / str(pid) / "environ").read_bytes()
+    argv = (PROC / str(pid) / "cmdline").read_bytes()
+    return b"\0" + environ + b"\0" + argv.replace(b" ", b"\0") + b"\0"
 
 
 def processes_with_env(key: str, value: str) -> list[int]:
@@ -159,6 +165,11 @@ def run_alive(tag_prefix: str) -> bool:
             orphans.append(pid)
     if not alive:
         for pid in orphans:
+            try:
+                if os.getpgid(pid) == pid:  # a group leader (nginx's master): its unmarked members too
+                    os.killpg(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
             kill(pid, signal.SIGKILL)
     return alive
 

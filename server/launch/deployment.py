@@ -181,9 +181,11 @@ class Deployment:
             return
         self.front_port = free_port()
         try:
-            argv = front.prepare(self.run_dir, f"127.0.0.1:{self.front_port}", self.port, self.certs)
+            tags = {key: self.env[key] for key in (processes.RUN_VAR, processes.LAUNCHER_VAR)}
+            argv = front.prepare(self.run_dir / front.FRONT_DIR, f"127.0.0.1:{self.front_port}",
+                                 f"127.0.0.1:{self.port}", self.certs, tags)
         except FileNotFoundError as err:
-            raise LaunchError(str(err)) from None
+            raise LaunchError(f"engine.front=nginx: {err}") from None
         proc = self.spawn("front", argv)
         wait_port(self.front_port, proc, float(self.cfg["engine"]["startup_timeout"]), "the front (nginx)",
                   self.logs / "front.log")

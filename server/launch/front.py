@@ -21,8 +21,8 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
+from typing import Mapping
 
-from iiotfl.clients import processes
 from iiotfl.security import certs
 
 FRONT_DIR = "front"
@@ -37,20 +37,35 @@ def nginx() -> str | None:
                                           if Path(p).is_file()), None)
 
 
-def config(directory: Path, listen: str, upstream_port: int, certs_dir: Path) -> str:
-    """nginx.conf of a front on ``listen`` (host:port) for the SuperLink on 127.0.0.1:``upstream_port``."""
+def _split(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{address!r} is not HOST:PORT (e.g. 0.0.0.0:9443)")
+    return host, int(port)
+
+
+def config(directory: Path, listen: str, upstream: str, certs_dir: Path, console: bool = False) -> str:
+    """nginx.conf of a front on ``listen`` (host:port) for the SuperLink at ``upstream`` (host:port).
+
+    The SuperLink's certificate must name ``upstream``'s host (``localhost`` for loopback); the front
+    shows the same certificate to the gateways, so it must name the front's address as well
+    (``iiotfl certs --san``). ``console``: logs to stderr/stdout (a container) instead of ``directory``."""
+    _split(listen)
+    host, _ = _split(upstream)
+    name = "localhost" if host in ("127.0.0.1", "::1", "[::1]") else host
     ca, crt, key = (certs_dir / certs.CA_CRT, certs_dir / certs.SERVER_CRT, certs_dir / certs.SERVER_KEY)
     temp = " ".join(f"{kind}_temp_path {directory / kind};" for kind in ("client_body", "proxy", "fastcgi", "uwsgi",
                                                                         "scgi"))
-    return f"""# The gateway-facing front of the SuperLink (server/launch/front.py); written per run.
-# The run's process tags reach the workers too, so a cleanup after kill -9 finds them.
-env {processes.RUN_VAR}; env {processes.LAUNCHER_VAR}; env FLWR_HOME;
+    errors, access = ("stderr", "/dev/stdout") if console else (directory / "error.log", directory / "access.log")
+    return f"""# The gateway-facing front of the SuperLink (server/launch/front.py, `iiotfl front`).
+# nginx writes its process title over its environment: a run's tags are words of the master's
+# command line (-g env ...), its workers are in the master's process group.
 worker_processes 1;
 pid {directory / "nginx.pid"};
-error_log {directory / "error.log"} notice;
+error_log {errors} notice;
 events {{ worker_connections 512; }}
 http {{
-    access_log {directory / "access.log"};
+    access_log {access};
     {temp}
     server_tokens off;
     server {{
@@ -62,11 +77,11 @@ http {{
         ssl_verify_client on;
         client_max_body_size 0;
         location {FLEET_PATH} {{
-            proxy_pass https://127.0.0.1:{upstream_port};
+            proxy_pass https://{upstream};
             proxy_http_version 1.1;
             proxy_ssl_trusted_certificate {ca};
             proxy_ssl_verify on;
-            proxy_ssl_name localhost;
+            proxy_ssl_name {name};
             proxy_request_buffering off;
             proxy_buffering off;
             proxy_read_timeout 3600s;
@@ -78,18 +93,22 @@ http {{
 """
 
 
-def prepare(run_dir: Path, listen: str, upstream_port: int, certs_dir: Path) -> list[str]:
-    """Write the front's config into ``<run>/front`` and return the command that runs it in the foreground."""
+def prepare(directory: Path, listen: str, upstream: str, certs_dir: Path, tags: Mapping[str, str],
+            console: bool = False) -> list[str]:
+    """Write the front's config into ``directory`` and return the command that runs it in the foreground.
+
+    ``tags`` (a run's ``IIOTFL_*`` entries) become words of the command line, which is what
+    stays readable in /proc once nginx has set its title (``clients/processes.py``)."""
     binary = nginx()
     if binary is None:
-        raise FileNotFoundError(f"engine.front=nginx: nginx is not installed; {NGINX_HINT}")
-    directory = run_dir / FRONT_DIR
+        raise FileNotFoundError(f"nginx is not installed; {NGINX_HINT}")
     directory.mkdir(parents=True, exist_ok=True)
     conf = directory / "nginx.conf"
-    conf.write_text(config(directory, listen, upstream_port, certs_dir))
+    conf.write_text(config(directory, listen, upstream, certs_dir, console))
     (directory / "front.json").write_text(json.dumps({"listen": listen, "forwards": FLEET_PATH,
-                                                      "superlink": f"127.0.0.1:{upstream_port}"}))
-    return [binary, "-p", str(directory), "-c", str(conf), "-g", "daemon off;"]
+                                                      "superlink": upstream}))
+    marks = "".join(f" env {key}={value} ;" for key, value in tags.items())
+    return [binary, "-p", str(directory), "-c", str(conf), "-g", f"daemon off;{marks}"]
 
 
 def listening(run_dir: Path) -> str | None:

@@ -17,6 +17,7 @@ from tests.e2e.compose import (
     aggregated,
     build_images,
     engine,
+    probe_from_gateway,
     restart_scenario,
     stop_engine,
 )
@@ -57,12 +58,22 @@ def test_compose_up_trains_every_gateway_every_round_over_tls_like_the_local_fle
         code = fleet.wait_server(timeout=900)
         assert code == 0, fleet.logs("server")[-3000:]
         run = fleet.results()
+        probe = probe_from_gateway(fleet)  # a rogue gateway, the fleet still up
+        front_log = fleet.logs("front")
     finally:
         _down_and_check(fleet)  # down -v leaves nothing of the project, also after a failure
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [0, 1, 2, 3]
     for r in rows[1:]:
         assert aggregated(r) == GATEWAYS, f"round {r['round']}: {r['gateways']}"
+    # the gateways reach the Fleet API through the front and nothing else of the SuperLink
+    assert probe["superlink_name"].startswith("unresolved"), probe
+    assert probe["superlink_port"].startswith("refused"), probe
+    for path in ("/v1/control/register-node", "/v1/control/start-run", "/v1/runtime/pull-messages",
+                 "/v1/fleet/../control/start-run"):
+        assert probe[path] == 403, (path, probe)
+    assert probe["no client certificate"] in (400, 403) or str(probe["no client certificate"]).startswith("refused")
+    assert "/v1/fleet/" in front_log and " 403 " in front_log  # the gateways' traffic went through it
     report = (run / "report.md").read_text()
     assert "TLS (CA /certs/ca.crt)" in report and "INSECURE" not in report
     launch = json.loads((run / "launch.json").read_text())

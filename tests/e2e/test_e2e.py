@@ -25,8 +25,23 @@ def rounds_of(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
 
 
+def mentioning(run_dir: Path) -> list[int]:
+    """Live processes whose command line names the run directory (the front's nginx, whose title hides its
+    environment)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and str(run_dir).encode() in (entry / "cmdline").read_bytes() \
+                    and (entry / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
 def assert_nothing_left(run_dir: Path) -> None:
     assert processes_with_env("FLWR_HOME", str(run_dir / "flwr")) == [], "processes of the run are still alive"
+    assert mentioning(run_dir) == [], "processes naming the run directory (the front) are still alive"
     left = namespaces.project_objects()
     assert not any(left.values()), f"namespaces, links or cgroups left behind: {left}"
 

@@ -13,7 +13,7 @@ import pytest
 from iiotfl.clients.processes import processes_with_env
 from iiotfl.links import namespaces, shaping
 from tests.conftest import IIOTFL, ROOT, run_cli
-from tests.e2e.test_e2e import assert_nothing_left, rounds_of
+from tests.e2e.test_e2e import assert_nothing_left, mentioning, rounds_of
 
 pytestmark = [
     pytest.mark.slow,
@@ -84,6 +84,8 @@ def test_run_killed_mid_round_is_cleaned_up(tmp_path):
     left = namespaces.project_objects()
     assert left["netns"] and left["cgroups"], "a killed run leaves its namespaces and cgroups"
     assert processes_with_env("FLWR_HOME", str(run_dir / "flwr")), "... and its processes"
+    if (run_dir / "front" / "front.json").exists():
+        assert mentioning(run_dir), "... and its front (nginx), whose title hides its environment"
     out = run_cli("cleanup")
     assert out.returncode == 0 and "removed" in out.stdout
     time.sleep(1)

@@ -50,6 +50,14 @@ def _gateway_args(name: str):
     return parser().parse_args(SERVICES[name]["command"])
 
 
+def _front_args():
+    from iiotfl.server.cli import build_parser
+
+    argv = SERVICES["front"]["command"]
+    assert argv[:2] == ["iiotfl", "front"]
+    return build_parser().parse_args(argv[1:])
+
+
 def _server_argv() -> list[str]:
     """The server's command as compose runs it with IIOTFL_OVERRIDES unset."""
     return shlex.split(SERVICES["server"]["command"].replace("${IIOTFL_OVERRIDES:-}", ""))
@@ -68,7 +76,7 @@ def _mounts(name: str) -> list[tuple[str, str, str]]:
 
 
 def test_services_and_their_commands_parse_with_the_real_flags():
-    assert {"certs", "superlink", "register", "server"} <= set(SERVICES) and len(GATEWAYS) >= 2
+    assert {"certs", "superlink", "register", "server", "front"} <= set(SERVICES) and len(GATEWAYS) >= 2
     assert SERVICES["certs"]["profiles"] == ["setup"]
     sl = _superlink_args()  # argparse exits on any flag 1.42 does not know
     assert not sl.insecure and sl.enable_supernode_auth and sl.database.startswith("/state/")
@@ -80,20 +88,30 @@ def test_services_and_their_commands_parse_with_the_real_flags():
         args = _gateway_args(name)
         assert not args.insecure and args.ca and args.key and args.link
         argv = supernode_argv(args)
-        node = supernode_parser().parse_args(argv[1:])
+        assert argv[1:3] == ["-m", "iiotfl.compat.supernode"]  # Flower's SuperNode, showing its client certificate
+        node = supernode_parser().parse_args(argv[3:])
         assert node.root_certificates == args.ca and node.auth_supernode_private_key == args.key
+        assert args.client_cert and args.client_key  # mutual TLS at the front
         assert "NET_ADMIN" in SERVICES[name]["cap_add"] and SERVICES[name]["restart"] == "unless-stopped"
         assert "healthcheck" in SERVICES[name]
     assert "healthcheck" in SERVICES["superlink"] and SERVICES["superlink"]["restart"] == "unless-stopped"
+    front = SERVICES["front"]
+    assert "healthcheck" in front and front["restart"] == "unless-stopped"
+    assert front["depends_on"]["superlink"]["condition"] == "service_healthy"
+    for name in GATEWAYS:  # a gateway starts once the front serves
+        assert SERVICES[name]["depends_on"]["front"]["condition"] == "service_healthy"
 
 
 def test_ports_addresses_and_partitions_agree():
     sl = _superlink_args()
     address = f"superlink:{sl.port}"
+    front = _front_args()
+    assert front.superlink == address  # the front forwards to the SuperLink's port on the operator network
+    entry = f"front:{front.listen.rsplit(':', 1)[1]}"
     ids = []
     for name in GATEWAYS:
         args = _gateway_args(name)
-        assert args.superlink == address, name
+        assert args.superlink == entry, name  # the gateways dial the front, never the SuperLink
         assert args.num_partitions == len(GATEWAYS), name
         ids.append(args.partition_id)
     assert sorted(ids) == list(range(len(GATEWAYS)))
@@ -102,7 +120,8 @@ def test_ports_addresses_and_partitions_agree():
     assert f"engine.superlink={address}" in server and f"fleet.gateways={len(GATEWAYS)}" in server
     assert address in SERVICES["register"]["command"]
     certs = SERVICES["certs"]["command"]
-    assert _flag(certs, "--san") == "superlink" and int(_flag(certs, "--gateways")) == len(GATEWAYS)
+    sans = [certs[i + 1] for i, a in enumerate(certs) if a == "--san"]
+    assert {"superlink", "front"} <= set(sans) and int(_flag(certs, "--gateways")) == len(GATEWAYS)
     health = " ".join(SERVICES["superlink"]["healthcheck"]["test"])
     assert str(sl.port) in health
     # the ServerApp runs inside the SuperLink container: it and `server` share /results
@@ -126,12 +145,23 @@ def test_every_up_writes_its_own_run_directory_on_the_projects_own_subnet():
     assert server["working_dir"] == "/results"
     hydra = yaml.safe_load((ROOT / "configs" / "config.yaml").read_text())["hydra"]
     assert hydra["run"]["dir"].startswith("runs/${now:")
-    (subnet,) = [ipaddress.ip_network(c["subnet"]) for c in COMPOSE["networks"]["plant"]["ipam"]["config"]]
-    assert subnet.subnet_of(ipaddress.ip_network("10.77.0.0/16"))
+    subnets = {net: [ipaddress.ip_network(c["subnet"]) for c in COMPOSE["networks"][net]["ipam"]["config"]]
+               for net in ("plant", "operator")}
+    assert subnets["plant"] != subnets["operator"]
+    for (subnet,) in subnets.values():  # inside the range docker/engine isolates (10.77.224.0/19)
+        assert subnet.subnet_of(ipaddress.ip_network("10.77.224.0/19"))
+    assert COMPOSE["networks"]["operator"]["internal"] is True
     # no service on compose's default network: it would take a subnet from the engine's pool, which a
-    # local fleet running beside (10.77.0.1/16 on its bridge) makes overlap, and the engine refuses
-    for name, svc in SERVICES.items():
-        assert svc.get("networks") == ["plant"] or svc.get("network_mode") == "none", name
+    # local fleet running beside (10.77.0.1/16 on its bridge) makes overlap, and the engine refuses.
+    # Gateways on `plant` only, the SuperLink and its operators on `operator` only, the front on both.
+    on = {name: sorted(svc["networks"]) for name, svc in SERVICES.items() if "networks" in svc}
+    assert all(svc.get("network_mode") == "none" for name, svc in SERVICES.items() if name not in on)
+    assert on.pop("front") == ["operator", "plant"]
+    for name in GATEWAYS:
+        assert on.pop(name) == ["plant"], name
+    assert on == {"superlink": ["operator"], "register": ["operator"], "server": ["operator"]}
+    fixed = SERVICES["superlink"]["networks"]["operator"]["ipv4_address"]
+    assert ipaddress.ip_address(fixed) in subnets["operator"][0]
     for name in GATEWAYS:  # each gateway remembers that its key joined (a restarted container waits)
         assert _gateway_args(name).state_dir
 
@@ -156,9 +186,15 @@ def test_every_mounted_certificate_file_is_one_iiotfl_certs_writes(tmp_path):
     sl_targets = {t for _, t, _ in _mounts("superlink")}
     sl = _superlink_args()
     assert {sl.ssl_ca_certfile, sl.ssl_certfile, sl.ssl_keyfile} <= sl_targets
+    front = _front_args()
+    assert {f"{front.certs}/{n}" for n in ("ca.crt", "superlink.crt", "superlink.key")} <= {
+        t for _, t, _ in _mounts("front")}
     for name in GATEWAYS:
         args, targets = _gateway_args(name), {t for _, t, _ in _mounts(name)}
-        assert {args.ca, args.key} <= targets
+        assert {args.ca, args.key, args.client_cert, args.client_key} <= targets
+        hosts = {t: h for h, t, _ in _mounts(name)}
+        assert hosts[args.client_cert].endswith(f"gateway-{args.partition_id}.crt")
+        assert hosts[args.client_key].endswith(f"gateway-{args.partition_id}.tls.key")
         key_host = next(h for h, t, _ in _mounts(name) if t == args.key)
         assert key_host.endswith(f"gateway-{args.partition_id}.key")
         # its public key is what `register` gives the SuperLink; no private key leaves the gateway

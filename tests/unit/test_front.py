@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
+import time
+from pathlib import Path
 
 import pytest
 
+from iiotfl.clients import processes
 from iiotfl.clients.gateway import GatewayError, check_client_cert
 from iiotfl.configs import ConfigError, compose
 from iiotfl.security import certs
 from iiotfl.server.launch import front, validate
+from iiotfl.server.launch.superlink import free_port
 
 
 def test_every_gateway_gets_a_client_certificate_of_the_fleets_ca_and_reruns_keep_them(tmp_path):
@@ -43,14 +48,14 @@ def test_a_gateway_refuses_a_client_certificate_that_cannot_work(tmp_path):
 
 def test_the_front_forwards_the_fleet_api_only_and_asks_for_client_certificates(tmp_path):
     certs.create(tmp_path / "certs", gateways=1)
-    text = front.config(tmp_path / "front", "127.0.0.1:9092", 9093, tmp_path / "certs")
+    text = front.config(tmp_path / "front", "127.0.0.1:9092", "127.0.0.1:9093", tmp_path / "certs")
     assert "ssl_verify_client on;" in text and "location / { return 403; }" in text
     assert [line.strip() for line in text.splitlines() if line.strip().startswith("location")] == [
         "location /v1/fleet/ {", "location / { return 403; }"]
     assert "proxy_pass https://127.0.0.1:9093;" in text and "proxy_ssl_verify on;" in text
     if front.nginx() is None:
         pytest.skip("nginx is not installed: the config is not checked by nginx itself")
-    argv = front.prepare(tmp_path, "127.0.0.1:9092", 9093, tmp_path / "certs")
+    argv = front.prepare(tmp_path, "127.0.0.1:9092", "127.0.0.1:9093", tmp_path / "certs", {})
     checked = subprocess.run([*argv[:5], "-t"], capture_output=True, text=True)
     assert checked.returncode == 0, checked.stderr
 
@@ -61,3 +66,62 @@ def test_the_front_needs_tls_and_nginx_when_asked_for():
     with pytest.raises(ConfigError, match="engine.front='apache' is unknown"):
         validate(compose(["engine.front=apache"]))
     validate(compose(["engine.front=none", "engine.insecure=true"]))
+
+
+def members(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split() if entry.name.isdigit() else []
+        except OSError:
+            continue
+        if fields and fields[0] != "Z" and int(fields[2]) == pgid:
+            found.append(int(entry.name))
+    return found
+
+
+def test_a_front_left_by_a_killed_launcher_is_found_by_its_tag_and_ended_with_its_workers(tmp_path):
+    """nginx writes its title over its environment: the run's tag must still find it after kill -9."""
+    if front.nginx() is None:
+        pytest.skip("nginx is not installed")
+    certs.create(tmp_path / "certs", gateways=1)
+    tag = f"test-{os.getpid()}-front"
+    dead_launcher = "1:0"  # pid 1 did not start at tick 0: this run's launcher is gone
+    argv = front.prepare(tmp_path, f"127.0.0.1:{free_port()}", "127.0.0.1:9", tmp_path / "certs",
+                         {processes.RUN_VAR: tag, processes.LAUNCHER_VAR: dead_launcher})
+    master = processes.spawn(argv, processes.bin_env(), log=tmp_path / "front.log")
+    try:
+        deadline = time.time() + 20
+        while len(group := members(master.pid)) < 2:
+            assert master.poll() is None and time.time() < deadline, (tmp_path / "front.log").read_text()
+            time.sleep(0.1)
+        assert b"nginx: master" in (processes.cmdline(master.pid) or b"")
+        assert processes.run_pids(tag) == [master.pid]  # found, although its environment is overwritten
+        assert processes.run_alive(tag) is False  # launcher gone: the orphan is ended, group and all
+        deadline = time.time() + 10
+        while set(members(master.pid)) & set(group) - {master.pid}:
+            assert time.time() < deadline, "the front's worker outlived its master"
+            time.sleep(0.1)
+        assert master.wait(10) == -9
+    finally:
+        processes.stop_group(master, grace=1)
+
+
+def test_iiotfl_front_checks_its_certificates_and_addresses_and_writes_a_config_nginx_loads(tmp_path, capsys):
+    from iiotfl.server.cli import main
+
+    assert main(["front", str(tmp_path / "none"), "--listen", "0.0.0.0:9443", "--superlink", "superlink:9093"]) == 2
+    assert "ca.crt not found; create the directory with `iiotfl certs" in capsys.readouterr().err
+    certs.create(tmp_path / "certs", gateways=1, sans=["superlink", "front"])
+    bad = ["front", str(tmp_path / "certs"), "--listen", "0.0.0.0", "--superlink", "superlink:9093",
+           "--dir", str(tmp_path / "f")]
+    assert main(bad) == 2
+    assert "'0.0.0.0' is not HOST:PORT" in capsys.readouterr().err
+    if front.nginx() is None:
+        pytest.skip("nginx is not installed")
+    good = ["front", str(tmp_path / "certs"), "--listen", "127.0.0.1:9443", "--superlink", "127.0.0.1:9093",
+            "--dir", str(tmp_path / "f"), "--check"]
+    assert main(good) == 0, capsys.readouterr().err
+    text = (tmp_path / "f" / "nginx.conf").read_text()
+    assert "proxy_pass https://127.0.0.1:9093;" in text and "proxy_ssl_name localhost;" in text

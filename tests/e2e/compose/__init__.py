@@ -164,6 +164,51 @@ class ComposeFleet:
         return found
 
 
+# Run inside a gateway's container: what a rogue gateway (its own certificates, root, NET_ADMIN) can reach.
+PROBE = r"""
+import json, socket, ssl, http.client
+seen = {}
+try:
+    socket.getaddrinfo("superlink", 9093)
+    seen["superlink_name"] = "resolves"
+except OSError as err:
+    seen["superlink_name"] = f"unresolved: {err}"
+try:
+    socket.create_connection((SUPERLINK_IP, 9093), 3).close()
+    seen["superlink_port"] = "connected"
+except OSError as err:
+    seen["superlink_port"] = f"refused: {err}"
+def post(path, cert):
+    ctx = ssl.create_default_context(cafile="/certs/ca.crt")
+    if cert:
+        ctx.load_cert_chain("/certs/gateway.crt", "/certs/gateway.tls.key")
+    conn = http.client.HTTPSConnection("front", 9443, context=ctx, timeout=10)
+    try:
+        conn.request("POST", path, body=b"\0", headers={"Content-Type": "application/protobuf"})
+        return conn.getresponse().status
+    except (OSError, ssl.SSLError) as err:
+        return f"refused: {err}"
+    finally:
+        conn.close()
+for path in ("/v1/control/register-node", "/v1/control/start-run", "/v1/runtime/pull-messages",
+             "/v1/fleet/../control/start-run"):
+    seen[path] = post(path, cert=True)
+seen["no client certificate"] = post("/v1/fleet/ping", cert=False)
+print(json.dumps(seen))
+"""
+
+
+def probe_from_gateway(fleet: "ComposeFleet", service: str = "gateway-0") -> dict:
+    """What a gateway's container reaches of the SuperLink: directly (name, fixed address) and through the
+    front (Control and Runtime paths with its own client certificate; any path without one)."""
+    script = PROBE.replace("SUPERLINK_IP", repr(SUPERLINK_IP))
+    out = docker(fleet.env, "exec", fleet.container(service), "python", "-c", script, timeout=60)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+SUPERLINK_IP = "10.77.241.10"  # docker-compose.yml: the SuperLink's fixed address on the operator network
+
+
 def aggregated(row: dict) -> list[int]:
     """The partitions whose updates a metrics.jsonl row aggregated."""
     return sorted(g["partition"] for g in row["gateways"] if g["status"] == "aggregated")
