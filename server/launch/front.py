@@ -68,6 +68,11 @@ http {{
     access_log {access};
     {temp}
     server_tokens off;
+    upstream superlink_fleet_api {{  # kept-alive TLS connections: no handshake per Fleet API call
+        server {upstream};
+        keepalive 16;
+        keepalive_timeout 120s;
+    }}
     server {{
         listen {listen} ssl;
         ssl_protocols TLSv1.2 TLSv1.3;
@@ -77,8 +82,11 @@ http {{
         ssl_verify_client on;
         client_max_body_size 0;
         location {FLEET_PATH} {{
-            proxy_pass https://{upstream};
+            proxy_pass https://superlink_fleet_api;
             proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header Host $host;
+            proxy_ssl_session_reuse on;
             proxy_ssl_trusted_certificate {ca};
             proxy_ssl_verify on;
             proxy_ssl_name {name};

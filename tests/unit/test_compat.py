@@ -152,3 +152,19 @@ def test_the_supernode_presents_its_client_certificate_to_the_fleet_api(tmp_path
     assert _handshake(patched, port) == b"ok"
     thread.join(5)
     assert answers == ["gateway-0"]
+
+
+def test_every_process_the_project_starts_has_flowers_telemetry_and_update_check_off():
+    """Flower posts telemetry to flower.ai from every process unless told not to (each ClientApp also
+    waits up to 4 s for it); the environment every launcher and gateway gives its processes says no."""
+    import subprocess
+    import sys
+
+    from iiotfl.clients.processes import QUIET_FLOWER, bin_env
+
+    probe = ("import flwr.supercore.telemetry as t, flwr.supercore.constant as c, os; "
+             "print(t.FLWR_TELEMETRY_ENABLED, os.environ.get(c.FLWR_DISABLE_UPDATE_CHECK))")
+    env = {**bin_env(), "FLWR_TELEMETRY_ENABLED": "1"}  # even where the shell turned it on
+    out = subprocess.run([sys.executable, "-c", probe], env=bin_env(env), capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["0", "1"], out.stderr
+    assert QUIET_FLOWER == {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}

@@ -52,7 +52,8 @@ def test_the_front_forwards_the_fleet_api_only_and_asks_for_client_certificates(
     assert "ssl_verify_client on;" in text and "location / { return 403; }" in text
     assert [line.strip() for line in text.splitlines() if line.strip().startswith("location")] == [
         "location /v1/fleet/ {", "location / { return 403; }"]
-    assert "proxy_pass https://127.0.0.1:9093;" in text and "proxy_ssl_verify on;" in text
+    assert "server 127.0.0.1:9093;" in text and "proxy_pass https://superlink_fleet_api;" in text
+    assert "proxy_ssl_verify on;" in text and "keepalive 16;" in text
     if front.nginx() is None:
         pytest.skip("nginx is not installed: the config is not checked by nginx itself")
     argv = front.prepare(tmp_path, "127.0.0.1:9092", "127.0.0.1:9093", tmp_path / "certs", {})
@@ -124,4 +125,4 @@ def test_iiotfl_front_checks_its_certificates_and_addresses_and_writes_a_config_
             "--dir", str(tmp_path / "f"), "--check"]
     assert main(good) == 0, capsys.readouterr().err
     text = (tmp_path / "f" / "nginx.conf").read_text()
-    assert "proxy_pass https://127.0.0.1:9093;" in text and "proxy_ssl_name localhost;" in text
+    assert "server 127.0.0.1:9093;" in text and "proxy_ssl_name localhost;" in text
