@@ -170,13 +170,8 @@ def run_alive(tag_prefix: str) -> bool:
         else:
             orphans.append(pid)
     if not alive:
-        for pid in orphans:
-            try:
-                if os.getpgid(pid) == pid:  # a group leader (nginx's master): its unmarked members too
-                    os.killpg(pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            kill(pid, signal.SIGKILL)
+        for pid in orphans:  # a group leader (nginx's master) with its unmarked members
+            kill(pid, signal.SIGKILL, group=True)
     return alive
 
 
@@ -193,12 +188,14 @@ def spawn(argv: list[str], env: Mapping[str, str], *, log: Path | None = None,
                                 env=dict(env), cwd=cwd, start_new_session=True)
 
 
-def kill(pid: int, sig: int) -> None:
-    """Signal ``pid``; a process that is gone or not ours is no error."""
-    try:
-        os.kill(pid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
+def kill(pid: int, sig: int, *, group: bool = False) -> None:
+    """Signal ``pid`` (with ``group``: first the process group it leads, if it leads one); a process
+    that is gone or not ours is no error."""
+    for send in (os.killpg, os.kill) if group else (os.kill,):
+        try:
+            send(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> int:
@@ -226,11 +223,7 @@ def stop_run(tag: str, procs: Iterable[subprocess.Popen], grace: float = 5.0) ->
         pids = set(run_pids(tag))
         pids.update(p.pid for p in procs if p.poll() is None)
         for pid in pids:
-            for send in (os.killpg, os.kill):
-                try:
-                    send(pid, sig)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            kill(pid, sig, group=True)
         deadline = time.time() + grace
         while time.time() < deadline and run_pids(tag):
             for p in procs:
