@@ -17,6 +17,7 @@ the run config; training hyper-parameters from each train message.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from dataclasses import replace
 from typing import cast
@@ -294,6 +295,8 @@ def _crash_if_asked(msg: Message, context: Context) -> None:
     cfgrec: ConfigRecord | dict[str, int] = records.get("config") or records.get("fitins.config") or {}
     crash = int(context.node_config.get("crash-round", 0) or 0)
     if crash and wire.as_int(cfgrec.get(wire.SERVER_ROUND, -1)) == crash:
+        if context.node_config.get("crash-kind") == "kill":  # the task's process dies, nothing is replied
+            os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"fault injection: this gateway fails in round {crash} (fleet.crash)")
 
 

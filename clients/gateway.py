@@ -46,9 +46,9 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 
-from iiotfl.clients.processes import BIN, bin_env, leader_exited, spawn, stop_group
+from iiotfl.clients.processes import bin_env, leader_exited, spawn, stop_group
 from iiotfl.compat.flower import LOG, ExitCode
-from iiotfl.compat.supernode import CERT_ENV, KEY_ENV
+from iiotfl.compat.supernode import CERT_ENV, KEY_ENV, POLL_MAX_ENV, POLL_MAX_S, POLL_MIN_S, RUNTIME_ENV
 from iiotfl.links.profiles import LinkProfile, ProfileError
 from iiotfl.links.profiles import link_profile as load_link_profile
 from iiotfl.links.shaping import apply_link
@@ -212,11 +212,9 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
     if args.data:
         node_config.append(f'data-path="{Path(args.data).resolve()}"')
     node_config += args.node_config or []
-    # with a client certificate (mutual TLS at the fleet's front): Flower's SuperNode, which then presents it
-    supernode = ([sys.executable, "-m", "iiotfl.compat.supernode"] if getattr(args, "client_cert", None)
-                 else [str(BIN / "flower-supernode")])
-    argv = [*supernode, "--superlink", args.superlink, "--node-config", " ".join(node_config),
-            "--host", "127.0.0.1", "--port", str(args.clientappio_port)]
+    # Flower's SuperNode through compat/supernode.py: prompt exchange, the warm runtime, the client certificate
+    argv = [sys.executable, "-m", "iiotfl.compat.supernode", "--superlink", args.superlink,
+            "--node-config", " ".join(node_config), "--host", "127.0.0.1", "--port", str(args.clientappio_port)]
     if args.insecure:
         argv.append("--insecure")
     else:
@@ -226,11 +224,20 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
     return argv
 
 
+def idle_poll(args: argparse.Namespace) -> float:
+    """The longest wait between pulls of an idle gateway: ``--idle-poll``, else its link profile's."""
+    if getattr(args, "idle_poll", None) is not None:
+        return float(args.idle_poll)
+    return link_profile(args.link).idle_poll_s if getattr(args, "link", None) else POLL_MAX_S
+
+
 def supernode_env(args: argparse.Namespace) -> dict[str, str]:
-    """The SuperNode's client certificate and key (``--client-cert``, ``--client-key``) for mutual TLS."""
-    if not getattr(args, "client_cert", None):
-        return {}
-    return {CERT_ENV: str(Path(args.client_cert).resolve()), KEY_ENV: str(Path(args.client_key).resolve())}
+    """What compat/supernode.py reads: the ClientApp runtime, the idle pull pace, and the client
+    certificate and key (``--client-cert``, ``--client-key``) for mutual TLS."""
+    env = {RUNTIME_ENV: getattr(args, "clientapp_runtime", "warm"), POLL_MAX_ENV: str(idle_poll(args))}
+    if getattr(args, "client_cert", None):
+        env.update({CERT_ENV: str(Path(args.client_cert).resolve()), KEY_ENV: str(Path(args.client_key).resolve())})
+    return env
 
 
 def _pump(stream, lines: queue.Queue) -> None:
@@ -355,6 +362,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--shape-downlink", action="store_true", help="also police the downlink on --interface")
     p.add_argument("--node-config", action="append", help="extra key=value for the ClientApp (repeatable)")
     p.add_argument("--clientappio-port", type=int, default=9094)
+    p.add_argument("--clientapp-runtime", choices=("warm", "cold"), default="warm",
+                   help="warm (default): each message's ClientApp process is forked from one that has torch and "
+                   "the app loaded; cold: Flower's own, a new flwr-clientapp process per message")
+    p.add_argument("--idle-poll", type=float, default=None,
+                   help="longest wait, in seconds, between an idle gateway's pulls (default: the --link profile's "
+                   "idle_poll_s, else 3, Flower's own); after a message it polls every 0.5 s, slowing down")
     p.add_argument("--max-wait", type=float, default=None, help="give up after this many seconds unreachable")
     p.add_argument("--check", action="store_true", help="only check the inputs and apply the link, then exit")
     p.add_argument("--state-dir", help="where the gateway remembers that its key joined this SuperLink, so "
@@ -384,6 +397,9 @@ def _check_inputs(args: argparse.Namespace) -> None:
         check_client_cert(args.client_cert, args.client_key, args.ca)
     if args.data:
         check_data(args.data)
+    if not POLL_MIN_S <= idle_poll(args) <= 600:
+        raise GatewayError(f"--idle-poll {idle_poll(args):g}: give seconds from {POLL_MIN_S:g} (the pace right after a "
+                           "message) to 600")
 
 
 def _shape_link(args: argparse.Namespace, say) -> None:

@@ -58,9 +58,27 @@ __all__ = [
     "LOG", "ExitCode", "GaussianPrivacyEvent", "KEY_CLIPPING_NORM", "NeighboringRelation", "PrivacyConfig",
     "RECORD_KEY_CONFIGS",
     "RdpAccountant", "SamplingMethod", "arrayrecord_to_parameters", "fitres_to_recorddict", "public_key_to_bytes",
-    "load_node_key_pair", "load_node_public_key", "message_with_metadata", "parse_config_args", "secaggplus_mod",
+    "load_node_key_pair", "load_node_public_key", "message_with_metadata", "parse_config_args",
+    "prompt_object_pulls", "secaggplus_mod",
     "superlink_parser", "supernode_parser", "task_identity",
 ]
+
+
+def prompt_object_pulls(initial_s: float, cap_s: float) -> None:
+    """Retry an object that is not there yet after ``initial_s``, doubling to ``cap_s`` (flwr 1.42: 1 s to 10 s).
+
+    A message's metadata arrives before its objects: the SuperNode takes a message while the ServerApp
+    is still pushing its arrays, and a ClientApp asks the SuperNode for them while the SuperNode is
+    still pulling them over the link. Each "not yet" then costs 1 + 2 + 4 ... s of Flower's backoff,
+    most of a round on a fast link. The keyword defaults of Flower's object pullers are set here for this
+    process; every other argument stays Flower's."""
+    from flwr.supercore.inflatable import inflatable_utils
+
+    for fn in (inflatable_utils.pull_objects, inflatable_utils.pull_and_inflate_object_from_tree):
+        defaults = fn.__kwdefaults__
+        if defaults is None or not {"initial_backoff", "backoff_cap"} <= defaults.keys():
+            raise RuntimeError(f"flwr {fn.__module__}.{fn.__name__} no longer takes initial_backoff and backoff_cap")
+        defaults.update(initial_backoff=initial_s, backoff_cap=cap_s)
 
 
 def message_with_metadata(metadata: Metadata, content: RecordDict) -> Message:

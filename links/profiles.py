@@ -36,6 +36,7 @@ class LinkProfile:
     rtt_ms: float = 0.0
     jitter_ms: float = 0.0
     loss_pct: float = 0.0
+    idle_poll_s: float = 3.0  # longest wait between an idle gateway's pulls (Flower's own: 3 s)
 
     @property
     def shaped(self) -> bool:
@@ -95,13 +96,15 @@ def _link(values: Mapping[str, Any]) -> LinkProfile:
             up_kbit=None if values.get("up_kbit") is None else float(values["up_kbit"]),
             down_kbit=None if values.get("down_kbit") is None else float(values["down_kbit"]),
             rtt_ms=float(values.get("rtt_ms") or 0), jitter_ms=float(values.get("jitter_ms") or 0),
-            loss_pct=float(values.get("loss_pct") or 0),
+            loss_pct=float(values.get("loss_pct") or 0), idle_poll_s=float(values.get("idle_poll_s") or 3.0),
         )
     except (TypeError, ValueError):
         raise ProfileError(f"config: link profile {name!r} has a non-numeric value; rates, rtt, jitter, loss are "
                            "numbers") from None
     if prof.shaped and not (prof.up_kbit and prof.down_kbit and prof.up_kbit > 0 and prof.down_kbit > 0):
         raise ProfileError(f"config: link profile {name!r} needs up_kbit and down_kbit > 0 (kbit/s)")
+    if not 0.5 <= prof.idle_poll_s <= 600:
+        raise ProfileError(f"config: link profile {name!r}: idle_poll_s from 0.5 to 600 (seconds) please")
     if prof.rtt_ms < 0 or prof.jitter_ms < 0 or not 0 <= prof.loss_pct < 100:
         raise ProfileError(f"config: link profile {name!r}: rtt_ms, jitter_ms >= 0 and loss_pct in [0, 100) please")
     return prof

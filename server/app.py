@@ -33,6 +33,7 @@ from flwr.app.typing import ConfigRecordValues
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
+from iiotfl.compat.flower import prompt_object_pulls
 from iiotfl.configs import RunSettings, from_run_config
 from iiotfl.privacy.accounting import accounting_check
 from iiotfl.privacy.ledger import Ledger
@@ -49,6 +50,7 @@ from iiotfl.strategies.spec import BuiltStrategy
 from iiotfl.tasks import Task, get_task
 
 app = ServerApp()
+REPLY_OBJECT_RETRY_S = (0.05, 0.5)  # loopback to the SuperLink
 
 
 @dataclass
@@ -225,6 +227,8 @@ def _finish(run: Run, final: ArrayRecord, client_eval: dict, num_rounds: int, no
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    # a reply's objects reach the SuperLink just after its metadata: ask again soon, not after 1-10 s
+    prompt_object_pulls(*REPLY_OBJECT_RETRY_S)
     settings = _settings(context)
     try:
         run = _prepare(grid, context, settings)

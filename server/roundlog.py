@@ -129,6 +129,7 @@ class RoundLog:
             "extra": sorted(r["partition"] for r in rows if r["status"] == "extra" and r["partition"] is not None),
             "skipped": trace.below_minimum,
             "train_s": trace.ended - trace.started,
+            "push_s": trace.push_s,  # the ServerApp handing the round's messages to the SuperLink
             "sim_round_s": sim_round,
             "bound_round_s": max((r["bound_s"] for r in timed), default=0.0),
             "sim_late": sorted(r["partition"] for r in timed if r.get("sim_late")),

@@ -33,7 +33,8 @@ from iiotfl.compat.flower import RECORD_KEY_CONFIGS
 class RoundTrace:
     """What happened to one ``send_and_receive`` call."""
 
-    sent: dict[int, float] = field(default_factory=dict)      # node -> push time
+    sent: dict[int, float] = field(default_factory=dict)      # node -> push time (when the push began)
+    push_s: float = 0.0                                       # how long the ServerApp's push took
     replied: dict[int, float] = field(default_factory=dict)   # node -> reply arrival time (kept)
     extra: list[int] = field(default_factory=list)            # replied after the first K
     late: list[int] = field(default_factory=list)             # no reply by the deadline
@@ -69,7 +70,7 @@ def _trains(msg: Message) -> bool:
 
 
 class DeadlineGrid(Grid):
-    def __init__(self, grid: Grid, deadline_s: float, min_replies: int = 1, poll_s: float = 0.25) -> None:
+    def __init__(self, grid: Grid, deadline_s: float, min_replies: int = 1, poll_s: float = 0.1) -> None:
         self.grid = grid
         self.deadline_s = float(deadline_s)
         self.min_replies = int(min_replies)
@@ -120,9 +121,10 @@ class DeadlineGrid(Grid):
             msg.metadata.ttl = max(limit, 1.0)
         need = min(self.need or len(messages), len(messages))
         self.need = None
+        pushing = time.time()  # a gateway may take its message before the last one is pushed
         pushed_ids = list(self.grid.push_messages(messages))
-        pushed = time.time()
-        trace.sent = {m.metadata.dst_node_id: pushed for m in messages}
+        trace.push_s = time.time() - pushing
+        trace.sent = {m.metadata.dst_node_id: pushing for m in messages}
         trace.nodes = {mid: m.metadata.dst_node_id for mid, m in zip(pushed_ids, messages)}
         ids = set(pushed_ids)
         end = trace.started + limit

@@ -25,7 +25,9 @@ def run_cli(*args: str, timeout: float = 600, cwd: Path | None = None) -> subpro
 
 def supernode_argv(dep, i: int, superlink: str) -> list[str]:
     """The flower-supernode command gateway ``i`` of deployment ``dep`` runs through its ``iiotfl gateway``."""
-    return gateway.supernode_argv(gateway.parser().parse_args(dep.gateway_argv(i, superlink)[2:]))
+    argv = gateway.supernode_argv(gateway.parser().parse_args(dep.gateway_argv(i, superlink)[2:]))
+    assert argv[1:3] == ["-m", "iiotfl.compat.supernode"]  # python -m iiotfl.compat.supernode FLOWER-ARGS
+    return ["flower-supernode", *argv[3:]]
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -69,6 +69,8 @@ class Deployment:
         fleet reads (the SuperLink certificate's addresses are checked at start, once links are known)."""
         insecure, given = flag(cfg, "engine.insecure"), require(cfg, "engine.certs")
         wanted = choice(cfg, "engine.front", front.FRONTS) if "front" in cfg["engine"] else "none"
+        if "clientapp_runtime" in cfg["engine"]:
+            choice(cfg, "engine.clientapp_runtime", ("warm", "cold"))
         if wanted == "nginx" and insecure:
             raise ConfigError("config: engine.front=nginx needs TLS (its mutual TLS uses the run's certificates); "
                               "drop engine.insecure=true or set engine.front=none")
@@ -249,7 +251,9 @@ class Deployment:
             self.profiles = gateway_profiles(self.cfg)
         argv = [str(BIN / "iiotfl"), "gateway", "--superlink", superlink, "--partition-id", str(i),
                 "--num-partitions", str(n), "--clientappio-port", str(free_port()),
-                "--node-config", f"torch-threads={self.profiles[i].device.torch_threads}", *self._scenario(i)]
+                "--node-config", f"torch-threads={self.profiles[i].device.torch_threads}",
+                "--clientapp-runtime", self.cfg["engine"].get("clientapp_runtime", "warm"),
+                "--idle-poll", str(self.profiles[i].link.idle_poll_s), *self._scenario(i)]
         if self.certs is None:
             return argv + ["--insecure"]
         argv += ["--ca", str(self.certs / certs.CA_CRT), "--key", str(certs.gateway_key(self.certs, i))]
@@ -263,7 +267,10 @@ class Deployment:
         argv = []
         crash = self.cfg["fleet"].get("crash") or {}
         if crash.get("round") and i in crash.get("gateways", []):
-            argv += ["--node-config", f"crash-round={int(crash['round'])}"]
+            kind = str(crash.get("kind") or "raise")
+            if kind not in ("raise", "kill"):
+                raise LaunchError(f"config: fleet.crash.kind={kind!r}; use raise or kill")
+            argv += ["--node-config", f'crash-round={int(crash["round"])} crash-kind="{kind}"']
         poison = self.cfg["fleet"].get("poison") or {}
         if poison.get("kind", "none") != "none" and i in poison.get("gateways", []):
             argv += ["--node-config", f'poison="{poison["kind"]}" poison-factor={float(poison["factor"])}']
