@@ -126,16 +126,28 @@ def _classes_section(rounds: list[dict[str, Any]], run_dir: Path) -> list[str]:
         "Means per gateway and round. Application bytes: the Flower message payload; wire bytes: the "
         "gateway's veth counters (headers, retransmissions, Flower's polling and heartbeats included). "
         "Round time (push to reply) = compute (the ClientApp's handler) + transfer (bytes over the link "
-        "rates plus round trips) + waiting (the rest). Link bound: compute + transfer. Simulated: the "
+        "rates plus round trips) + waiting (the rest). The round again, by where it went: pull wait (the "
+        "ServerApp's push until the message's process existed: the SuperNode's pull interval), process start "
+        "(that process's start until the handler ran: a fork of the warm runtime or a new interpreter, and the "
+        "message's objects arriving over the link), compute, push wait (the handler's end until the ServerApp "
+        "had the reply: uplink, push, the ServerApp's poll). Link bound: compute + transfer. Simulated: the "
         "clock of engine=sim (link bound + Flower's own per-exchange overhead + outage waiting).",
         "",
         "| class | gateways | replies | late | app up [B] | app down [B] | wire up [B] | wire down [B] "
-        "| compute [s] | transfer [s] | waiting [s] | round [s] | link bound [s] | simulated [s] |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| compute [s] | transfer [s] | waiting [s] | pull wait [s] | process start [s] | push wait [s] "
+        "| round [s] | link bound [s] | simulated [s] |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cls, c in classes.items():
         lines.append(f"| {cls} | {c['gateways']} | {c['replies']} | {c['late']} | "
                      + " | ".join(fmt(c[k]) for k in GATEWAY_FIGURES) + " |")
+    work = [r["round_time"] - r["train_s"] for r in rounds if r.get("train_s") is not None and r.get("round")]
+    pushes = [r["push_s"] for r in rounds if r.get("push_s") is not None and r.get("round")]
+    if work:
+        lines += ["", "The ServerApp's own work per round, outside the gateways' exchange: "
+                  f"{fmt(sum(work) / len(work))} s (evaluation, checkpoint, privacy ledger, report rows)"
+                  + (f"; handing the round's messages to the SuperLink: {fmt(sum(pushes) / len(pushes))} s "
+                     "(inside the round, overlapping the first gateways' pulls)" if pushes else "") + "."]
     if plot_classes(classes, run_dir / "links.png"):
         lines += ["", "![time and bytes per gateway class](links.png)"]
     late = [(r["round"], r["late"]) for r in rounds if r.get("late")]
