@@ -34,6 +34,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/python bench/foundation.py
 	$(VENV)/bin/python bench/links.py
+	$(VENV)/bin/python bench/runtime.py
 	$(VENV)/bin/python bench/privacy.py
 	$(VENV)/bin/python bench/he.py
 	$(VENV)/bin/python bench/use_cases.py
