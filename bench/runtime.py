@@ -11,8 +11,10 @@ two-core machine, so the figures are not a contest for the host's CPU):
     transfer_s           bytes over the rates + round trips (the link bound's share)
     pull_wait_s          from the ServerApp's push until the task's process exists (the SuperNode's
                          pull interval, the ServerApp's own push)
-    process_start_s      from the process's start to the handler (fork or interpreter + imports, and the
-                         message's objects coming over the link)
+    process_start_s      from the process's start to the handler, less message_in_s (a fork or an
+                         interpreter and its imports; the FAB, the app)
+    message_in_s         warm runtime: the process waiting for the message's objects (over the link,
+                         through the SuperNode); with Flower's own runtime that is part of the start
     push_wait_s          from the handler's end until the ServerApp has the reply
     server_s             the ServerApp's own work per round (evaluation, checkpoint, reports, pushing)
   sim_over_measured      engine=sim's simulated clock / the measured round (warm runtime only)
@@ -65,6 +67,7 @@ def shaped(tmp: Path, link: str, runtime: str, rounds: int) -> dict:
         "transfer_s": mean(g["transfer_s"] for g in gws),
         "pull_wait_s": mean(g.get("before_process_s") for g in gws),
         "process_start_s": mean(g.get("startup_s") for g in gws),
+        "message_in_s": mean(g.get("message_s") for g in gws),
         "push_wait_s": mean(g.get("after_reply_s") for g in gws),
         "server_s": mean(r["round_time"] - r["train_s"] + r.get("push_s", 0.0) for r in rows),
         "rmse": round(rows[-1]["server"]["rmse"], 4),

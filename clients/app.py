@@ -38,6 +38,7 @@ from iiotfl.compat.flower import (
     arrayrecord_to_parameters,
     fitres_to_recorddict,
     secaggplus_mod,
+    task_pull_times,
 )
 from iiotfl.configs import RunSettings, from_run_config
 from iiotfl.privacy.accounting import DeviceAccountant, noise_for_target, steps_per_round
@@ -277,7 +278,7 @@ def _secagg_fit(msg: Message, context: Context, started: float) -> Message:
                    else min(max_weight, len(y) * wire.as_float(config.get(wire.SECAGG_WEIGHT_SCALE, 1.0))))
     metrics = {**stats, **extra, "partition": partition, wire.NUM_EXAMPLES: len(y),
                wire.SECAGG_SATURATED: float(np.mean(np.abs(weights) > clip_range)),
-               wire.T_PROC: started_at(), wire.T_START: started,
+               wire.T_PROC: started_at(), wire.T_START: started, **_pull_times(),
                wire.BYTES_DOWN: sum(len(t) for t in parameters.tensors),
                # SecAgg+ sends int64 masked integers: 8 bytes per weight, plus the weight factor
                wire.BYTES_UP: 8 * (weights.size + 1) + 128 * (len(view) + 1),
@@ -287,6 +288,12 @@ def _secagg_fit(msg: Message, context: Context, started: float) -> Message:
     content = fitres_to_recorddict(res, keep_input=True)
     content["metrics"] = MetricRecord(metrics)
     return Message(content=content, reply_to=msg)
+
+
+def _pull_times() -> dict[str, float]:
+    """When this task's process pulled its message (warm runtime only): the round's time split."""
+    times = task_pull_times()
+    return {} if times is None else {wire.T_PULL: times[0], wire.T_PULLED: times[1]}
 
 
 def _crash_if_asked(msg: Message, context: Context) -> None:
@@ -411,7 +418,7 @@ def train(msg: Message, context: Context) -> Message:
         stats = train_local(model, x, task.target(y), **common)
     stats.update(poison(model, view, cfg, context, partition))  # fleet.poison: a poisoned gateway's update
     metrics = {**stats, **dp, "partition": partition, wire.T_PROC: started_at(), wire.T_START: started,
-               wire.NUM_EXAMPLES: len(y), wire.BYTES_DOWN: bytes_down}
+               **_pull_times(), wire.NUM_EXAMPLES: len(y), wire.BYTES_DOWN: bytes_down}
     return _reply(msg, context, settings, model, view, config, metrics, codec)
 
 

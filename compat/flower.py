@@ -59,9 +59,25 @@ __all__ = [
     "RECORD_KEY_CONFIGS",
     "RdpAccountant", "SamplingMethod", "arrayrecord_to_parameters", "fitres_to_recorddict", "public_key_to_bytes",
     "load_node_key_pair", "load_node_public_key", "message_with_metadata", "parse_config_args",
-    "prompt_object_pulls", "secaggplus_mod",
+    "prompt_object_pulls", "secaggplus_mod", "task_pull_times", "TASK_PULL_ENV",
     "superlink_parser", "supernode_parser", "task_identity",
 ]
+
+
+# Set by the warm runtime in each task's process (compat/warm_clientapp.py): "<began>,<ended>", the wall
+# times of Flower's pull of the task's message, Context and FAB from the SuperNode.
+TASK_PULL_ENV = "IIOTFL_TASK_PULL"
+
+
+def task_pull_times() -> tuple[float, float] | None:
+    """(began, ended) of this task's message pull when the warm runtime ran it; None otherwise."""
+    import os
+
+    try:
+        began, ended = (float(x) for x in os.environ[TASK_PULL_ENV].split(","))
+    except (KeyError, ValueError):
+        return None
+    return began, ended
 
 
 def prompt_object_pulls(initial_s: float, cap_s: float) -> None:

@@ -20,11 +20,16 @@ for Kubernetes pods and other task types, not a ClientApp on a gateway.
 from __future__ import annotations
 
 import argparse
+import atexit
+import hashlib
 import importlib
 import os
 import random
+import shutil
 import signal
 import sys
+import tempfile
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -33,9 +38,10 @@ from flwr.supercore.constant import TaskType
 from flwr.supercore.exit import exit_handler
 from flwr.supercore.superexec import run_superexec as superexec
 from flwr.supercore.superexec.executor import ExecutionSpec, LaunchResult, SubprocessExecutor
+from flwr.supernode.runtime import run_clientapp as runner
 from flwr.supernode.runtime.run_clientapp import run_clientapp
 
-from iiotfl.compat.flower import prompt_object_pulls
+from iiotfl.compat.flower import TASK_PULL_ENV, prompt_object_pulls
 
 # What every task imports, loaded once here (import only: no torch op runs before a fork, so no
 # thread pool is forked half-way).
@@ -46,7 +52,43 @@ POLL_S = "0.05"  # loopback only (the SuperNode's Runtime API); never on the lin
 LOOPBACK_OBJECT_RETRY_S = (0.02, 0.2)
 
 
-def _child(spec: ExecutionSpec, certificates: bytes | None) -> None:
+def _time_the_message_pull() -> None:
+    """Record in this task's environment when Flower's runner pulled its message (TASK_PULL_ENV), so the
+    round's time split tells the process's own start from waiting for the message to arrive."""
+    pull = runner.pull_task_input
+
+    def pull_task_input(client: Any) -> Any:
+        began = time.time()
+        found = pull(client)
+        os.environ[TASK_PULL_ENV] = f"{began:.6f},{time.time():.6f}"
+        return found
+
+    runner.pull_task_input = pull_task_input
+
+
+def _install_once(verified: Path) -> None:
+    """Flower's runner installs the run's FAB for every message: unzip it, check every file's hash, and
+    keep the copy already installed (it does not look at that copy again). A FAB that an earlier task
+    of this runtime installed and checked (a marker named by its SHA-256 in ``verified``, a directory of
+    this runtime's only) is not unzipped and checked again while its installed copy is there."""
+    install = runner.install_from_fab
+
+    def install_from_fab(fab_file: bytes, *args: Any, **kwargs: Any) -> Any:
+        marker = verified / hashlib.sha256(fab_file).hexdigest()
+        try:
+            if Path(marker.read_text()).is_dir():
+                return None  # run_clientapp does not use what install_from_fab returns
+        except OSError:
+            pass
+        installed = install(fab_file, *args, **kwargs)
+        if installed is not None:
+            marker.write_text(str(installed))
+        return installed
+
+    runner.install_from_fab = install_from_fab
+
+
+def _child(spec: ExecutionSpec, certificates: bytes | None, verified: Path) -> None:
     """In the forked child: Flower's ClientApp runner for this task, then exit with its code."""
     code = 1
     try:
@@ -62,6 +104,8 @@ def _child(spec: ExecutionSpec, certificates: bytes | None) -> None:
         if "numpy" in sys.modules:
             sys.modules["numpy"].random.seed()  # as a fresh process would have: not the siblings' stream
         prompt_object_pulls(*LOOPBACK_OBJECT_RETRY_S)
+        _time_the_message_pull()
+        _install_once(verified)
         run_clientapp(runtime_api_address=spec.runtime_api_address, token=spec.token, insecure=spec.insecure,
                       certificates=certificates, parent_pid=spec.parent_pid,
                       runtime_dependency_install=spec.runtime_dependency_install)
@@ -83,6 +127,8 @@ class ForkExecutor:
     def __init__(self) -> None:
         self.children: dict[int, int] = {}  # pid -> task id
         self.cold = SubprocessExecutor()
+        self.verified = Path(tempfile.mkdtemp(prefix="iiotfl-fab-"))  # 0700: FABs this runtime's tasks checked
+        atexit.register(shutil.rmtree, self.verified, True)
 
     def get_eligible_capacity(self, supported_task_types: set[TaskType], *, insecure: bool = False,
                               root_certificates_path: str | None = None) -> tuple[set[TaskType], set[str]]:
@@ -103,7 +149,7 @@ class ForkExecutor:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _child(spec, certificates)  # never returns
+            _child(spec, certificates, self.verified)  # never returns
         self.children[pid] = spec.task_id
         return LaunchResult.accepted()
 

@@ -63,10 +63,11 @@ class RoundLog:
             status="aggregated", bytes_down=c[wire.BYTES_DOWN], bytes_up=c[wire.BYTES_UP],
             round_s=measured, compute_s=compute, transfer_s=transfer,
             wait_s=max(0.0, measured - compute - transfer),
-            # of the waiting: before the ClientApp process existed (Flower's pull interval,
-            # the downlink), its start-up (interpreter, imports), after the reply left
+            # of the waiting: before the ClientApp process existed (Flower's pull interval),
+            # its start (a fork or an interpreter and imports; the FAB), waiting in it for the
+            # message's objects (warm runtime only: else part of the start), after the reply left
             before_process_s=float(c[wire.T_PROC]) - pushed if wire.T_PROC in c else None,
-            startup_s=float(c[wire.T_START] - c[wire.T_PROC]) if wire.T_PROC in c else None,
+            **self._process_split(c),
             after_reply_s=replied - float(c[wire.T_END]),
             bound_s=compute + transfer,
             sim_s=link_time(prof.link, prof.device, compute, c[wire.BYTES_DOWN], c[wire.BYTES_UP],
@@ -74,6 +75,17 @@ class RoundLog:
                             objects_down=objects[0], objects_up=objects[1]),
             train_loss=c.get(wire.TRAIN_LOSS),
         )
+
+    @staticmethod
+    def _process_split(c: dict[str, Any]) -> dict[str, float | None]:
+        """The task process's start (its own start, FAB, app) and, apart from it, its wait for the message."""
+        if wire.T_PROC not in c:
+            return {"startup_s": None, "message_s": None}
+        whole = float(c[wire.T_START] - c[wire.T_PROC])
+        if wire.T_PULL not in c or wire.T_PULLED not in c:
+            return {"startup_s": whole, "message_s": None}
+        message = float(c[wire.T_PULLED] - c[wire.T_PULL])
+        return {"startup_s": whole - message, "message_s": message}
 
     def _gateway_row(self, node: int, pushed: float, trace: RoundTrace, counters: dict) -> dict[str, Any]:
         """One sampled gateway's row: what it sent, its round time split, its link's wire bytes."""

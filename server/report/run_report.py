@@ -128,15 +128,17 @@ def _classes_section(rounds: list[dict[str, Any]], run_dir: Path) -> list[str]:
         "Round time (push to reply) = compute (the ClientApp's handler) + transfer (bytes over the link "
         "rates plus round trips) + waiting (the rest). The round again, by where it went: pull wait (the "
         "ServerApp's push until the message's process existed: the SuperNode's pull interval), process start "
-        "(that process's start until the handler ran: a fork of the warm runtime or a new interpreter, and the "
-        "message's objects arriving over the link), compute, push wait (the handler's end until the ServerApp "
+        "(that process's start until the handler ran: a fork of the warm runtime or a new interpreter and its "
+        "imports, the app's files), message in (with the warm runtime: the process waiting for the message's "
+        "objects to come over the link; with Flower's own runtime that wait is part of the start), compute, "
+        "push wait (the handler's end until the ServerApp "
         "had the reply: uplink, push, the ServerApp's poll). Link bound: compute + transfer. Simulated: the "
         "clock of engine=sim (link bound + Flower's own per-exchange overhead + outage waiting).",
         "",
         "| class | gateways | replies | late | app up [B] | app down [B] | wire up [B] | wire down [B] "
-        "| compute [s] | transfer [s] | waiting [s] | pull wait [s] | process start [s] | push wait [s] "
-        "| round [s] | link bound [s] | simulated [s] |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| compute [s] | transfer [s] | waiting [s] | pull wait [s] | process start [s] | message in [s] "
+        "| push wait [s] | round [s] | link bound [s] | simulated [s] |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for cls, c in classes.items():
         lines.append(f"| {cls} | {c['gateways']} | {c['replies']} | {c['late']} | "

@@ -31,7 +31,7 @@ RUN_FILES = ("launch.json", "metrics.jsonl", "metrics.json")  # any of them (or 
 SKIP_DIRS = {"flwr", "logs", "checkpoints", "export", "certs", "he-keys", ".hydra"}  # a run's own folders
 
 GATEWAY_FIGURES = ("bytes_up", "bytes_down", "wire_up", "wire_down", "compute_s", "transfer_s", "wait_s",
-                   "before_process_s", "startup_s", "after_reply_s", "round_s", "bound_s", "sim_s")
+                   "before_process_s", "startup_s", "message_s", "after_reply_s", "round_s", "bound_s", "sim_s")
 
 
 def read_json(path: Path) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from flwr.supernode import start_client_internal as loop
 from flwr.supernode.runtime import run_clientapp as runner
 
 from iiotfl.compat import supernode, warm_clientapp
-from iiotfl.compat.flower import prompt_object_pulls
+from iiotfl.compat.flower import TASK_PULL_ENV, prompt_object_pulls
 
 
 # -- pins: fail with the name that moved when the pinned flwr changes ---------------------------------------
@@ -122,13 +122,17 @@ def test_each_task_is_a_fork_that_ends_with_its_own_code_and_leaves_the_runtime_
     calls = []
 
     def fake_run_clientapp(**kwargs):
-        marker.write_text(f"{os.getpid()} {kwargs['token']} {len(exit_handler.registered_exit_handlers)}")
+        runner.pull_task_input(None)  # as Flower's runner does first: the warm runtime times it
+        marker.write_text(f"{os.getpid()} {kwargs['token']} {len(exit_handler.registered_exit_handlers)} "
+                          f"{os.environ[TASK_PULL_ENV]}")
         if outcome == "exit":
             sys.exit(7)
         if outcome == "raise":
             raise RuntimeError("the task failed")
 
     monkeypatch.setattr(warm_clientapp, "run_clientapp", fake_run_clientapp)
+    monkeypatch.setattr(runner, "pull_task_input", lambda client: time.sleep(0.05))
+    monkeypatch.delenv(TASK_PULL_ENV, raising=False)
     monkeypatch.setattr(warm_clientapp, "prompt_object_pulls", lambda *a: None)
     monkeypatch.setattr(exit_handler, "registered_exit_handlers", [lambda: calls.append("closed")])
     executor = warm_clientapp.ForkExecutor()
@@ -137,7 +141,9 @@ def test_each_task_is_a_fork_that_ends_with_its_own_code_and_leaves_the_runtime_
     (pid, task), = executor.children.items()
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == code
-    child_pid, token, handlers = marker.read_text().split()
+    child_pid, token, handlers, pulled = marker.read_text().split()
+    began, ended = map(float, pulled.split(","))
+    assert 0.05 <= ended - began < 5 and TASK_PULL_ENV not in os.environ  # set in the task's process only
     assert int(child_pid) == pid != os.getpid() and token == "t" * 8
     assert handlers == "0"  # the SuperExec's exit handlers are not the task's
     assert calls == [] and task == 1
@@ -151,3 +157,47 @@ def test_other_task_types_start_as_flower_starts_them(monkeypatch):
     monkeypatch.setattr(executor.cold, "launch", lambda spec: seen.append(spec.task_type) or "cold")
     assert executor.launch(_spec(task_type=TaskType.SERVER_APP)) == "cold" and seen == [TaskType.SERVER_APP]
     assert executor.children == {}
+
+
+def test_the_time_split_tells_the_process_start_from_waiting_for_the_message():
+    from iiotfl.server.roundlog import RoundLog
+    from iiotfl.strategies import wire
+
+    warm = {wire.T_PROC: 100.0, wire.T_PULL: 100.1, wire.T_PULLED: 101.6, wire.T_START: 101.9}
+    assert RoundLog._process_split(warm) == pytest.approx({"startup_s": 0.4, "message_s": 1.5})
+    cold = {wire.T_PROC: 100.0, wire.T_START: 104.0}  # Flower's flwr-clientapp: the wait is part of the start
+    assert RoundLog._process_split(cold) == {"startup_s": 4.0, "message_s": None}
+    assert RoundLog._process_split({}) == {"startup_s": None, "message_s": None}
+
+
+def test_a_fab_checked_by_one_task_is_not_unzipped_and_checked_again_by_the_next(tmp_path, monkeypatch):
+    src = inspect.getsource(runner.run_clientapp)
+    assert "\n        install_from_fab(fab.content, skip_prompt=True)\n" in src  # its result is not used
+    installs = tmp_path / "installs"
+    installed = tmp_path / "apps" / "iiotfl"
+    installed.mkdir(parents=True)
+
+    def flower_install(fab_file, skip_prompt=False):
+        with installs.open("a") as f:
+            f.write(f"{fab_file.decode()}\n")
+        return installed
+
+    monkeypatch.setattr(runner, "install_from_fab", flower_install)
+    monkeypatch.setattr(warm_clientapp, "run_clientapp", lambda **_: runner.install_from_fab(b"fab-1", skip_prompt=True))
+    monkeypatch.setattr(warm_clientapp, "prompt_object_pulls", lambda *a: None)
+    executor = warm_clientapp.ForkExecutor()
+
+    def one_task(task_id):
+        executor.launch(_spec(task_id))
+        for pid in list(executor.children):
+            os.waitpid(pid, 0)
+        executor.children.clear()
+
+    one_task(1)
+    one_task(2)
+    assert installs.read_text().splitlines() == ["fab-1"]  # the second task found it checked
+    installed.rmdir()  # the installed copy is gone: Flower installs it again
+    installed.parent.mkdir(exist_ok=True)
+    one_task(3)
+    assert installs.read_text().splitlines() == ["fab-1", "fab-1"]
+    assert (executor.verified.stat().st_mode & 0o077) == 0
