@@ -214,13 +214,14 @@ def link_bound(link: LinkProfile, compute_s: float, bytes_down: float, bytes_up:
     return compute_s + transfer_time(link, bytes_down, bytes_up, objects_down, objects_up)
 
 
-# What Flower's deployment engine adds to every train exchange (flwr 1.42): the SuperNode
-# asks for messages every 3 s when none waits (half of that on average), starts a new
-# ClientApp process per message (device.startup_s), looks for its result every 0.5 s, and
-# the ServerApp polls for replies every 0.25 s.
-SUPERNODE_PULL_S = 3.0
-SUPERNODE_RESULT_POLL_S = 0.5
-SERVER_POLL_S = 0.25
+# What the deployment adds to every train exchange (flwr 1.42 as a gateway runs it, compat/supernode.py):
+# the SuperNode asks for a message 0.5 s after the last one, slowing down while it waits, which
+# bench/runtime.py measured as 0.53-0.57 s of pull wait (half an interval of 1.1 s); a task's
+# process start and its message coming through the SuperNode (device.startup_s); the SuperNode
+# looks for the reply every 0.05 s and the ServerApp for replies every 0.1 s.
+SUPERNODE_PULL_S = 1.1
+SUPERNODE_RESULT_POLL_S = 0.05
+SERVER_POLL_S = 0.1
 
 
 def flower_overhead(device: DeviceProfile) -> float:
