@@ -73,11 +73,13 @@ def _install_once(verified: Path) -> None:
     this runtime's only) is not unzipped and checked again while its installed copy is there."""
     install = runner.install_from_fab
 
-    def install_from_fab(fab_file: bytes, *args: Any, **kwargs: Any) -> Any:
+    def install_from_fab(fab_file: Path | bytes, *args: Any, **kwargs: Any) -> Path:
+        if not isinstance(fab_file, bytes):
+            return install(fab_file, *args, **kwargs)
         marker = verified / hashlib.sha256(fab_file).hexdigest()
         try:
-            if Path(marker.read_text()).is_dir():
-                return None  # run_clientapp does not use what install_from_fab returns
+            if (done := Path(marker.read_text())).is_dir():
+                return done
         except OSError:
             pass
         installed = install(fab_file, *args, **kwargs)
@@ -85,7 +87,7 @@ def _install_once(verified: Path) -> None:
             marker.write_text(str(installed))
         return installed
 
-    runner.install_from_fab = install_from_fab
+    runner.install_from_fab = install_from_fab  # Flower's, with the check remembered
 
 
 def _child(spec: ExecutionSpec, certificates: bytes | None, verified: Path) -> None:
