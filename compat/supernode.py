@@ -8,7 +8,7 @@ Flower's own SuperNode with three changes, each switched by the environment:
   message and looks for a finished reply every 0.5 s, so a message waits up to 3 s to be pulled and a
   reply up to 0.5 s to be pushed. Here the wait after a pull that brought nothing starts at
   ``IIOTFL_POLL_MIN_S`` (0.5 s) after a message and grows by half each time up to ``IIOTFL_POLL_MAX_S``
-  (3 s, Flower's own; a metered link's profile sets more), so a gateway that has been idle a while
+  (3 s, Flower's own; a link profile's ``idle_poll_s`` can set more), so a gateway that has been idle a while
   polls no more often than Flower's does; the local wait for a reply is 0.05 s (no traffic).
   An object of a message that is not there yet is asked for again after 0.1 s, doubling to 1 s
   (Flower: 1 s to 10 s).
@@ -16,8 +16,6 @@ Flower's own SuperNode with three changes, each switched by the environment:
   ``--isolation process`` and a SuperExec authentication secret, and this process starts
   ``compat/warm_clientapp.py`` beside it: Flower's SuperExec forking each task from a process that
   has torch and the ClientApp loaded. A watchdog starts it again if it dies.
-- **One kept-alive connection** (always): the Fleet API client keeps an idle connection 70 s, not
-  httpx's 5 s, so an idle gateway's pulls do not each pay a new TLS handshake.
 - **Mutual TLS** (``IIOTFL_CLIENT_CERT``, ``IIOTFL_CLIENT_KEY``). flwr 1.42's SuperNode verifies the
   server but cannot present a client certificate; its Fleet API client's TLS context also holds
   this one (``ssl.SSLContext.load_cert_chain``).
@@ -41,7 +39,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import flwr.supernode.start_client_internal as loop
-import httpx
 from flwr.supercore.protobuf.client import ProtobufClient
 from flwr.supernode.cli import flower_supernode
 from flwr.supernode.fleet_http_client import FleetHttpClient
@@ -58,9 +55,6 @@ FLOWER_IDLE_S, FLOWER_LOCAL_POLL_S, LOCAL_POLL_S = 3, 0.5, 0.05
 # an object of a message the SuperLink does not hold yet (the ServerApp still pushing it): asked for
 # again after 0.1 s, doubling to 1 s (Flower: 1 s to 10 s); over the link, so not faster
 LINK_OBJECT_RETRY_S = (0.1, 1.0)
-# how long the Fleet API connection may idle: above the slowest idle pull (idle_poll_s up to 60 s is
-# kept on one connection), below the front's keepalive_timeout (nginx: 75 s), so the gateway drops it first
-KEEPALIVE_S = 70.0
 
 
 def with_client_certificate(verify: Any, cert: str, key: str) -> ssl.SSLContext:
@@ -75,28 +69,16 @@ def with_client_certificate(verify: Any, cert: str, key: str) -> ssl.SSLContext:
     return context
 
 
-def fleet_client(cert: str | None = None, key: str | None = None, keepalive_s: float = KEEPALIVE_S) -> None:
-    """The SuperNode's Fleet API client as a gateway needs it: its idle connection kept ``keepalive_s``
-    (httpx's default, 5 s, is shorter than an idle gateway's pull interval, so each pull would open a
-    new TCP and TLS connection: a handshake with certificates, more bytes than the pull), and with
-    ``cert``, presenting that client certificate (only over https, never to loopback apps)."""
+def use_client_certificate(cert: str, key: str) -> None:
+    """Make the SuperNode's Fleet API client present ``cert`` (only over https, never to loopback apps)."""
     original = FleetHttpClient.__init__
 
     def init(self: ProtobufClient, base_url: str, *args: Any, verify: Any = True, **kwargs: Any) -> None:
-        if cert and key and base_url.startswith("https://") and verify is not False:
+        if base_url.startswith("https://") and verify is not False:
             verify = with_client_certificate(verify, cert, key)
         original(self, base_url, *args, verify=verify, **kwargs)
-        flowers = self._client
-        self._client = httpx.Client(verify=verify, timeout=flowers.timeout, follow_redirects=flowers.follow_redirects,
-                                    limits=httpx.Limits(keepalive_expiry=keepalive_s))
-        flowers.close()
 
     FleetHttpClient.__init__ = init  # type: ignore[method-assign]
-
-
-def use_client_certificate(cert: str, key: str) -> None:
-    """Make the SuperNode's Fleet API client present ``cert`` (only over https, never to loopback apps)."""
-    fleet_client(cert, key)
 
 
 # -- prompt exchange ---------------------------------------------------------------------------
@@ -215,7 +197,9 @@ def warm_runtime(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    fleet_client(os.environ.get(CERT_ENV), os.environ.get(KEY_ENV))
+    cert, key = os.environ.get(CERT_ENV), os.environ.get(KEY_ENV)
+    if cert and key:
+        use_client_certificate(cert, key)
     pace_exchange(env_pacer())
     prompt_object_pulls(*LINK_OBJECT_RETRY_S)
     argv = sys.argv[1:]

@@ -201,18 +201,3 @@ def test_a_fab_checked_by_one_task_is_not_unzipped_and_checked_again_by_the_next
     one_task(3)
     assert installs.read_text().splitlines() == ["fab-1", "fab-1"]
     assert (executor.verified.stat().st_mode & 0o077) == 0
-
-
-def test_the_fleet_api_connection_outlives_an_idle_gateways_pull_interval(monkeypatch):
-    """httpx drops an idle connection after 5 s; a gateway pulling every 10 s would open a new TLS
-    connection (certificates and all) for every pull. The SuperNode's client keeps it 70 s."""
-    from flwr.supernode.fleet_http_client import FleetHttpClient
-
-    monkeypatch.setattr(FleetHttpClient, "__init__", FleetHttpClient.__init__)  # restored after the test
-    supernode.fleet_client()
-    client = FleetHttpClient("https://127.0.0.1:1", verify=False)
-    try:
-        assert client._client._transport._pool._keepalive_expiry == supernode.KEEPALIVE_S
-        assert supernode.KEEPALIVE_S > 60 > 10  # above the slowest profile's idle_poll_s
-    finally:
-        client._client.close()
