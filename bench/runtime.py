@@ -19,8 +19,8 @@ two-core machine, so the figures are not a contest for the host's CPU):
     server_s             the ServerApp's own work per round (evaluation, checkpoint, reports, pushing)
   sim_over_measured      engine=sim's simulated clock / the measured round (warm runtime only)
 
-and one line per metered link with the idle polling traffic of a gateway that waits for a run, in
-bytes per hour on its shaped link, with Flower's 3 s pull interval and with the link's idle_poll_s.
+and the idle polling traffic of an nb_iot gateway that waits for a run, in bytes per hour on its
+shaped link, with a pull ceiling of 3 s (Flower's own, every profile's idle_poll_s) and of 10 s.
 
 Usage: python bench/runtime.py [--quick]    (--quick: ethernet only, 3 rounds, 60 s idle)
 """
@@ -86,7 +86,7 @@ def idle_bytes_per_hour(tmp: Path, link: str, seconds: float, idle_poll: float |
     from iiotfl.server.launch import Deployment
 
     cfg = compose(["fleet.gateways=1", f"link={link}"])
-    name = "flower" if idle_poll == 3.0 else "profile"
+    name = f"poll-{idle_poll or 'profile'}"
     with Deployment(cfg, tmp / f"idle-{link}-{name}") as dep:
         if idle_poll is not None:  # the fleet passes the profile's idle_poll_s; override it
             argv = dep.gateway_argv
@@ -115,7 +115,7 @@ def main() -> None:
         for link in links:
             for runtime in ("warm", "cold"):
                 print(json.dumps(shaped(tmp_path, link, runtime, rounds)), flush=True)
-        for idle_poll in (3.0, None):
+        for idle_poll in (3.0, 10.0):
             print(json.dumps(idle_bytes_per_hour(tmp_path, "nb_iot", idle_s, idle_poll)), flush=True)
 
 
