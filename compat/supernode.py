@@ -182,12 +182,25 @@ class WarmRuntime:
             self.proc.terminate()
 
 
+RUNTIME_DIR_PREFIX = "iiotfl-runtime-"
+
+
+def sweep_runtime_dirs(tmp: Path | None = None) -> None:
+    """Remove the secret directories of SuperNodes that are gone (a SuperNode killed with its process
+    group never runs its exit handlers); each is named after its SuperNode's pid."""
+    for d in Path(tmp or tempfile.gettempdir()).glob(f"{RUNTIME_DIR_PREFIX}*"):
+        pid = d.name.removeprefix(RUNTIME_DIR_PREFIX).split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(d, ignore_errors=True)
+
+
 def warm_runtime(argv: list[str]) -> list[str]:
     """Start the warm runtime for the SuperNode about to run with ``argv``; the SuperNode's argv."""
     if option(argv, "--isolation", "subprocess") != "subprocess":
         raise SystemExit("iiotfl supernode: the warm ClientApp runtime starts its own tasks; drop --isolation")
     host, port = option(argv, "--host", "127.0.0.1"), option(argv, "--port", "9094")
-    private = Path(tempfile.mkdtemp(prefix="iiotfl-runtime-"))  # 0700
+    sweep_runtime_dirs()
+    private = Path(tempfile.mkdtemp(prefix=f"{RUNTIME_DIR_PREFIX}{os.getpid()}-"))  # 0700
     atexit.register(shutil.rmtree, private, True)
     secret = private / "superexec.secret"
     secret.write_bytes(secrets.token_bytes(32))  # only our SuperExec may acquire this SuperNode's tasks

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import subprocess
 import sys
 import time
 
@@ -99,6 +100,7 @@ def test_the_warm_runtime_runs_the_supernode_in_process_isolation_with_a_secret(
     started = []
     monkeypatch.setattr(supernode.WarmRuntime, "start", lambda self: started.append(self.argv))
     monkeypatch.setattr(supernode.tempfile, "mkdtemp", lambda prefix: str(tmp_path))
+    monkeypatch.setattr(supernode, "sweep_runtime_dirs", lambda: None)
     argv = supernode.warm_runtime(["--superlink", "x:1", "--host", "127.0.0.1", "--port", "9555"])
     assert argv[-4:-2] == ["--isolation", "process"] and argv[-2] == "--superexec-auth-secret-file"
     secret = tmp_path / "superexec.secret"
@@ -201,3 +203,16 @@ def test_a_fab_checked_by_one_task_is_not_unzipped_and_checked_again_by_the_next
     one_task(3)
     assert installs.read_text().splitlines() == ["fab-1", "fab-1"]
     assert (executor.verified.stat().st_mode & 0o077) == 0
+
+
+def test_secret_directories_of_supernodes_that_are_gone_are_swept(tmp_path):
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    dead = tmp_path / f"{supernode.RUNTIME_DIR_PREFIX}{gone.pid}-abc"
+    alive = tmp_path / f"{supernode.RUNTIME_DIR_PREFIX}{os.getpid()}-def"
+    other = tmp_path / f"{supernode.RUNTIME_DIR_PREFIX}notapid"
+    for d in (dead, alive, other):
+        d.mkdir()
+        (d / "superexec.secret").write_bytes(b"x")
+    supernode.sweep_runtime_dirs(tmp_path)
+    assert not dead.exists() and alive.exists() and other.exists()
