@@ -28,29 +28,16 @@ Usage: python bench/runtime.py [--quick]    (--quick: ethernet only, 3 rounds, 6
 from __future__ import annotations
 
 import json
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-IIOTFL = Path(sys.executable).parent / "iiotfl"
+sys.path.insert(0, str(ROOT))
 GATEWAYS = 2
 
-
-def run(run_dir: Path, *overrides: str, env: dict | None = None) -> list[dict]:
-    proc = subprocess.run([str(IIOTFL), "run", *overrides, f"hydra.run.dir={run_dir}"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=1800)
-    if proc.returncode != 0:
-        raise SystemExit(f"run {overrides} failed: {proc.stdout[-2000:]}{proc.stderr[-2000:]}")
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def mean(values) -> float | None:
-    vals = [v for v in values if v is not None]
-    return round(statistics.fmean(vals), 3) if vals else None
+from bench.links import mean, run  # noqa: E402  # one way to run `iiotfl run` and average for both benches
 
 
 def shaped(tmp: Path, link: str, runtime: str, rounds: int) -> dict:
