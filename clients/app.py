@@ -48,6 +48,7 @@ from iiotfl.strategies.client_dp import client_level
 from iiotfl.strategies.codec_fedavg import encoded_record, record_arrays
 from iiotfl.strategies.codecs import ErrorFeedback, flatten, get_codec, unflatten
 from iiotfl.strategies.he_fedavg import Sent, Unbound, bound_sum, checked_slots, digest
+from iiotfl.strategies.mask_fedavg import key_reply, unmask_reply
 from iiotfl.tasks import get_task
 
 app = ClientApp()
@@ -160,6 +161,20 @@ def he_decrypt(msg: Message, context: Context) -> Message:
     slots = checked_slots(keys.decrypt_slots(total), sent, devices)
     context.state["he-sent"] = replace(sent, decrypted=True).record()
     return Message(content=RecordDict({wire.SLOTS: ArrayRecord({wire.SLOTS: Array(slots)})}), reply_to=msg)
+
+
+@app.query("mask_keys")
+def mask_keys(msg: Message, context: Context) -> Message:
+    """strategy=mask: this run's public keys, made now from OS entropy if the run has none yet."""
+    return Message(content=key_reply(context), reply_to=msg)
+
+
+@app.query("mask_unmask")
+def mask_unmask(msg: Message, context: Context) -> Message:
+    """strategy=mask: this survivor's shares and the dropped pairs' seeds, once a round, after its own
+    checks (``strategies/mask_fedavg.py``)."""
+    cfg = from_run_config(context.run_config).cfg
+    return Message(content=unmask_reply(msg.content, context, cfg, msg.metadata.run_id), reply_to=msg)
 
 
 def _he_update(settings: RunSettings, context: Context, config: ConfigRecord, update: np.ndarray, view,
@@ -384,6 +399,13 @@ def _reply(msg: Message, context: Context, settings: RunSettings, model, view, c
         reply = MetricRecord({**metrics, **extra, wire.BYTES_UP: records[wire.HE_UPDATE].count_bytes(),
                               wire.OBJECTS_DOWN: _objects_down(msg), wire.OBJECTS_UP: 2 + 3 + 1,
                               wire.T_END: time.time()})
+        return Message(content=RecordDict({**records, "metrics": reply}), reply_to=msg)
+    if spec.device_update is not None:  # strategy=mask: masked k-bit words and sealed shares
+        update, extra = _noised(update, config, rng)  # distributed DP: clip, add this gateway's noise share
+        records, more = spec.device_update(context, config, update, view, cfg, rng, msg.metadata.run_id)
+        up = sum(r.count_bytes() for r in records.values())
+        reply = MetricRecord({**metrics, **extra, **more, wire.BYTES_UP: up, wire.OBJECTS_DOWN: _objects_down(msg),
+                              wire.OBJECTS_UP: 2 + len(records) + 1, wire.T_END: time.time()})
         return Message(content=RecordDict({**records, "metrics": reply}), reply_to=msg)
     return _encoded_reply(msg, context, cfg, codec, update, rng, metrics)
 

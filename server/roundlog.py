@@ -12,7 +12,7 @@ from iiotfl.links.outages import Outages
 from iiotfl.links.profiles import GatewayProfile, gateway_profiles, link_time, transfer_time
 from iiotfl.privacy.ledger import keep_rounds, unpadded
 from iiotfl.server.rounds import DeadlineGrid, RoundTrace
-from iiotfl.strategies import wire
+from iiotfl.strategies import strategy_spec, wire
 
 
 class RoundLog:
@@ -45,6 +45,9 @@ class RoundLog:
         self.outages = Outages(cfg, [])
         self.deadline = float(cfg["fleet"]["round_timeout"])
         self.sim_clock = 0.0
+        # exchanges a round needs after the train one (decrypt, unmask, SecAgg+'s stages): on the
+        # simulated clock each costs a round trip and Flower's per-exchange overhead
+        self.extra_exchanges = strategy_spec(cfg).extra_exchanges
 
     def read_counters(self) -> dict[int, dict[str, int]]:
         """Each shaped gateway's wire byte counters, as the launcher last wrote them (``wire.json``)."""
@@ -72,7 +75,8 @@ class RoundLog:
             bound_s=compute + transfer,
             sim_s=link_time(prof.link, prof.device, compute, c[wire.BYTES_DOWN], c[wire.BYTES_UP],
                             outage_wait_s=wait_outage, measured_on_share=1.0 if self.simulated else None,
-                            objects_down=objects[0], objects_up=objects[1]),
+                            objects_down=objects[0], objects_up=objects[1])
+            + self.extra_exchanges * link_time(prof.link, prof.device, 0.0, 0, 0),
             train_loss=c.get(wire.TRAIN_LOSS),
         )
 

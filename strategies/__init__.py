@@ -13,6 +13,8 @@ Adding a strategy is one new file with its class and ``SPEC``, plus one line bel
 * ``he`` (``he_fedavg.py``, maths in ``he.py``): packed BFV FedAvg; the server adds
   ciphertexts and one gateway decrypts only the sum.
 * ``secagg`` (``secagg.py``): Flower's SecAgg+ workflow around Flower's legacy FedAvg.
+* ``mask`` (``mask_fedavg.py``, maths in ``masking.py``): int8 steps in k-bit words under
+  pairwise and Shamir-shared self masks; collusion-resistant, dropout-tolerant, 0.375× float32 up.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 from iiotfl.compat.flower import RdpAccountant
 from iiotfl.configs import ConfigError, choice
-from iiotfl.strategies import codec_fedavg, he_fedavg, robust, secagg
+from iiotfl.strategies import codec_fedavg, he_fedavg, mask_fedavg, robust, secagg
 from iiotfl.strategies.client_dp import build_client_dp, client_level, fleet_delta, noise_multiplier, privacy_config
 from iiotfl.strategies.codecs import get_codec
 from iiotfl.strategies.he_fedavg import HEDP
@@ -38,6 +40,7 @@ STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (
     robust.TRIMMED_MEAN,
     he_fedavg.SPEC,
     secagg.SPEC,
+    mask_fedavg.SPEC,
 )}
 
 DP_MIN_FRACTION = 0.7  # distributed DP noise still meets its target when 30% of the gateways drop out

@@ -413,7 +413,12 @@ def check_update_sum(slots: np.ndarray, size: int) -> None:
 
 def decode_sum(slots: np.ndarray, size: int, ranges: np.ndarray, total_weight: float) -> np.ndarray:
     """The weighted mean update from the decrypted slot sums."""
-    return (unpack(slots, size) * steps(ranges) / total_weight).astype(np.float32)
+    return decode_digits(unpack(slots, size), ranges, total_weight)
+
+
+def decode_digits(digits: np.ndarray, ranges: np.ndarray, total_weight: float) -> np.ndarray:
+    """The weighted mean update from the summed quantised values (any secure sum's, unpacked)."""
+    return (np.asarray(digits, dtype=np.float64) * steps(ranges) / total_weight).astype(np.float32)
 
 
 def error_bound(ranges: np.ndarray, devices: int, total_weight: float) -> np.ndarray:

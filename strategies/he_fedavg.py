@@ -267,15 +267,19 @@ def checked_slots(slots: np.ndarray, sent: Sent, devices: int) -> np.ndarray:
     return slots
 
 
-class HEFedAvg(CodecFedAvg):
-    """CodecFedAvg whose uplink is packed BFV ciphertexts, summed without a secret key."""
+class SecureSumFedAvg(CodecFedAvg):
+    """CodecFedAvg whose server sees only the sum of the gateways' quantised updates.
 
-    def __init__(self, *, keys: str | Path, initial_range: float = 0.05, range_factor: float = 4.0,
-                 min_aggregate: int = 2, dp: "HEDP | None" = None, **kwargs: Any) -> None:
+    What ``strategy=he`` and ``strategy=mask`` share: the shared per-tensor ranges and each
+    gateway's FedAvg weight on the downlink (:meth:`configure_train`), checking every reply
+    and naming the gateway of one left out (:meth:`_contributions`), and decoding the integer
+    sum into the weighted mean update (:meth:`aggregate_train`). A subclass says how a reply
+    is checked (:meth:`check`) and how the sum of the checked ones is obtained
+    (:meth:`secure_sum`: decrypted by a gateway, or unmasked)."""
+
+    def __init__(self, *, initial_range: float = 0.05, range_factor: float = 4.0, min_aggregate: int = 2,
+                 dp: "HEDP | None" = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.keys = he.KeySet.load(Path(keys))
-        if self.keys.can_decrypt:
-            raise he.HEError(f"{keys} holds a secret key; the server must be given server.he, never device.he")
         self.initial_range = float(initial_range)
         self.range_factor = float(range_factor)
         self.min_aggregate = int(min_aggregate)
@@ -292,10 +296,15 @@ class HEFedAvg(CodecFedAvg):
             return [self.dp.range] * len(self.view or {})
         return self.ranges or [self.initial_range] * len(self.view or {})
 
+    def train_config(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
+        """What a subclass adds to each node's train config (its key set, the cohort's keys)."""
+        return {}
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         self.grid = grid
         messages = list(super().configure_train(server_round, arrays, config, grid))
+        messages = self.cohort(server_round, messages)
         nodes = [m.metadata.dst_node_id for m in messages]
         if self.dp is not None:  # equal weights: what the accountant assumes
             self.weights = {n: 1.0 for n in nodes}
@@ -306,21 +315,31 @@ class HEFedAvg(CodecFedAvg):
             total = sum(counts.values())
             self.weights = {n: counts[n] * len(nodes) / total for n in nodes}
         ranges = self.tensor_ranges()
+        extra = self.train_config(server_round, nodes)
         for msg in messages:
             cfg = wire.config_record(msg.content, "config")
             cfg[wire.HE_RANGES] = ranges
             cfg[wire.HE_WEIGHT] = self.weights[msg.metadata.dst_node_id]
-            cfg[wire.HE_FINGERPRINT] = self.keys.fingerprint
+            for key, value in extra.get(msg.metadata.dst_node_id, {}).items():
+                cfg[key] = value
             if self.dp is not None:
                 cfg[wire.HE_DP_CLIP] = self.dp.clipping_norm
                 cfg[wire.HE_DP_SIGMA] = self.dp.share_sigma
         self.sent_ranges = ranges
         return messages
 
+    def cohort(self, server_round: int, messages: list[Message]) -> list[Message]:  # noqa: ARG002
+        """The train messages a subclass keeps (mask: only gateways whose run keys it holds)."""
+        return messages
+
     # -- up ----------------------------------------------------------------------------
-    def check(self, msg: Message, server_round: int, expected: int) -> Contribution:
-        """The reply's checked, bound contribution, or HEError saying what is wrong with it."""
-        return contribution(msg, wire.HE_UPDATE, wire.HE_KIND_UPDATE, server_round, self.keys, expected)
+    def check(self, msg: Message, server_round: int, size: int) -> Any:
+        """The reply's checked contribution (with a ``node``), else an error saying what is wrong with it."""
+        raise NotImplementedError
+
+    def secure_sum(self, parts: list[Any], server_round: int, size: int) -> Decrypted:
+        """The integer sum of ``parts``' quantised updates (``size`` values), whose, and who was refused."""
+        raise NotImplementedError
 
     def _reject(self, server_round: int, node: int, metrics: MetricRecord | None, why: object) -> None:
         self.rejected[node] = str(why)
@@ -328,8 +347,8 @@ class HEFedAvg(CodecFedAvg):
         log(WARNING, "round %d: update of gateway %d (partition %s) left out, the others go on: %s", server_round,
             node, partition, why)
 
-    def _contributions(self, server_round: int, replies: Iterable[Message], expected: int
-                       ) -> tuple[list[Contribution], dict[int, MetricRecord]]:
+    def _contributions(self, server_round: int, replies: Iterable[Message], size: int
+                       ) -> tuple[list[Any], dict[int, MetricRecord]]:
         """The replies' checked contributions (the first per gateway) and their metrics."""
         parts, metrics, seen = [], {}, set()
         for msg in replies:
@@ -345,7 +364,7 @@ class HEFedAvg(CodecFedAvg):
                 continue
             seen.add(node)
             try:
-                parts.append(self.check(msg, server_round, expected))
+                parts.append(self.check(msg, server_round, size))
             except (he.HEError, KeyError, TypeError, ValueError, wire.RecordKindError) as err:
                 self._reject(server_round, node, record, err)
                 continue
@@ -358,22 +377,22 @@ class HEFedAvg(CodecFedAvg):
         assert view is not None, "a train reply before configure_train sent a model"
         base = flatten(view)
         self.current, self.rejected = set(), {}
-        parts, metrics = self._contributions(server_round, replies, he.ciphertext_count(base.size))
+        parts, metrics = self._contributions(server_round, replies, base.size)
         if len(parts) < max(1, self.min_aggregate):
-            log(WARNING, "round %d: %d valid encrypted updates, fewer than he.min_aggregate=%d; nothing aggregated",
+            log(WARNING, "round %d: %d valid updates, fewer than strategy.min_aggregate=%d; nothing aggregated",
                 server_round, len(parts), self.min_aggregate)
             return None, None
-        decrypted = self.decrypt(parts, server_round)
-        for node, why in decrypted.refused.items():
+        summed = self.secure_sum(parts, server_round, base.size)
+        for node, why in summed.refused.items():
             self._reject(server_round, node, metrics.get(node), why)
-        if decrypted.slots is None:
+        if summed.slots is None:
             return None, None
-        nodes = decrypted.nodes
+        nodes = summed.nodes
         ranges = he.element_ranges(self.sent_ranges, view)
         total_weight = sum(self.weights[n] for n in nodes)
         if self.dp is not None:
             self.dp.record(len(nodes))
-        mean = he.decode_sum(decrypted.slots, base.size, ranges, total_weight)
+        mean = he.decode_digits(summed.slots, ranges, total_weight)
         if self.dp is None:  # next round's shared ranges from this aggregate (public to the server)
             tensors = unflatten(mean, view)
             self.ranges = [max(self.range_factor * float(np.abs(v).max(initial=0.0)), 1e-6) for v in tensors.values()]
@@ -386,6 +405,31 @@ class HEFedAvg(CodecFedAvg):
     def privacy_spent(self):
         """ε so far under client-level DP (None without): what the ServerApp logs each round."""
         return self.dp.spent() if self.dp is not None else None
+
+
+class HEFedAvg(SecureSumFedAvg):
+    """Secure-sum FedAvg whose uplink is packed BFV ciphertexts, summed without a secret key."""
+
+    def __init__(self, *, keys: str | Path, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.keys = he.KeySet.load(Path(keys))
+        if self.keys.can_decrypt:
+            raise he.HEError(f"{keys} holds a secret key; the server must be given server.he, never device.he")
+
+    def train_config(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
+        return {n: {wire.HE_FINGERPRINT: self.keys.fingerprint} for n in nodes}
+
+    def check(self, msg: Message, server_round: int, size: int) -> Contribution:
+        """The reply's checked, bound contribution, or HEError saying what is wrong with it."""
+        return contribution(msg, wire.HE_UPDATE, wire.HE_KIND_UPDATE, server_round, self.keys,
+                            he.ciphertext_count(size))
+
+    def secure_sum(self, parts: list[Contribution], server_round: int, size: int) -> Decrypted:
+        """Ask the contributors, one after the other, to decrypt the sum; its digits unpacked."""
+        decrypted = self.decrypt(parts, server_round)
+        if decrypted.slots is not None:
+            decrypted.slots = he.unpack(decrypted.slots, size)
+        return decrypted
 
     def decrypt(self, parts: list[Contribution], server_round: int) -> Decrypted:
         """Ask the contributors, one after the other, to decrypt the sum."""
@@ -461,7 +505,8 @@ def build(cfg: Mapping[str, Any], ctx: BuildContext) -> HEFedAvg:
 
 
 SPEC = StrategySpec(
-    name="he", build=build, validate=validate, uplink="encrypted", client_dp="distributed", needs_keys=True,
+    name="he", build=build,
+    extra_exchanges=1, validate=validate, uplink="encrypted", client_dp="distributed", needs_keys=True,
     describe="model update, {noise}int8-quantised, encrypted (BFV, packed 4 per slot); the server adds "
              "ciphertexts and learns only the sum",
 )

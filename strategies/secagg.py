@@ -154,7 +154,8 @@ def build(cfg: Mapping[str, Any], ctx: BuildContext) -> SecAggFedAvg:
 
 
 SPEC = StrategySpec(
-    name="secagg", build=build, validate=validate, uplink="masked", client_dp="distributed", runner=run,
+    name="secagg", build=build,
+    extra_exchanges=3, validate=validate, uplink="masked", client_dp="distributed", runner=run,
     resume_refusal="strategy=secagg runs Flower's legacy workflow, which cannot start at a later round",
     sample_dp_refusal=("its gateways train in Flower's SecAgg+ workflow, which runs no DP-SGD, so no record "
                        "would be protected; use strategy=he with privacy=sample, or privacy=client with "

@@ -45,6 +45,10 @@ class StrategySpec:
     resume_refusal: str | None = None  # why a run cannot resume after a SuperLink restart (None: it can)
     sample_dp_refusal: str | None = None  # why privacy=sample (DP-SGD on the gateways) cannot run with it
     needs_keys: bool = False           # HE key set: the local fleet provisions one when strategy.keys is null
+    extra_exchanges: int = 0           # message exchanges a round needs besides the train one (decrypt, unmask)
+    device_update: Callable[..., Any] | None = None  # the gateway's reply records for an update (mask):
+                                                     # (context, config, update, view, cfg, rng, run_id)
+                                                     # -> (records, extra metrics)
     runner: Callable[..., Any] | None = None  # a workflow of its own (SecAgg+ in Flower's legacy workflow):
                                               # (grid, context, cfg, model, train_config, evaluate, rounds,
                                               # strategy, examples) -> (final arrays, client evaluation)

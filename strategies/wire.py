@@ -15,12 +15,30 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 # -- message types (besides Flower's train / evaluate) --------------------------------------
 QUERY_FEATURE_STATS = "query.feature_stats"  # round 0: each gateway's feature sums
 QUERY_HE_DECRYPT = "query.he_decrypt"        # strategy=he: one gateway decrypts a sum
+QUERY_MASK_KEYS = "query.mask_keys"          # strategy=mask: once a run, a gateway's public run keys
+QUERY_MASK_UNMASK = "query.mask_unmask"      # strategy=mask: a survivor's shares and dropped pairs' seeds
 
 # -- records ----------------------------------------------------------------------------------
 UPDATE = "update"          # the encoded update (codec)
 STATS = "stats"            # the feature sums, in plaintext
 STATS_HE = "stats-he"      # the encrypted feature sums (strategy=he)
 HE_UPDATE = "he-update"    # the encrypted update (strategy=he)
+MASK_UPDATE = "mask-update"  # the masked update (strategy=mask): WORDS, k-bit words packed into bytes
+WORDS = "words"
+MASK = "mask"              # a masked update's meta: binding, bits, sealed shares, commitment, signature
+MASK_KEYS = "mask-keys"    # a key set-up reply: AGREE and SIGN public keys
+UNMASK = "unmask"          # an unmask reply: opened shares and seeds
+AGREE = "agree"            # X25519 public key(s)
+SIGN = "sign"              # Ed25519 public key(s)
+BITS = "bits"              # bits per masked word
+SHARES = "shares"          # sealed Shamir shares, one per cohort member in cohort order (b"" for oneself)
+COMMIT = "commit"          # SHA-256 of the self-mask seed
+SIGNATURE = "signature"    # Ed25519 over the contribution (strategies/mask_fedavg.py: contribution_message)
+SURVIVORS = "survivors"    # an unmask request: whose masked update the server holds (node ids as strings)
+DROPPED = "dropped"        # ... and who of the cohort sent none
+FROM = "from"              # an unmask request / reply: whose shares follow, in order
+SEEDS = "seeds"            # an unmask reply: this round's pair seed with each of DROPPED, in order
+UNOPENED = "unopened"      # an unmask reply: senders whose sealed share did not open
 HE = "he"                  # the meta record of a ciphertext: key-set fingerprint and digest
 GATEWAY = "gateway"        # a statistics reply: partition, examples, the sums' shape
 SUM = "sum"                # a decrypt request: the summed ciphertext
@@ -53,13 +71,16 @@ BATCH_SIZE = "batch-size"
 NORM_SUMS = "norm-sums"                  # the fleet's feature sums, flattened
 NORM_COLS = "norm-cols"                  # ... and their number of columns
 BASE_ROUND = "base-round"                # a delta downlink is against the model of this round
-HE_RANGES = "he-ranges"                  # strategy=he: per-tensor clipping ranges
-HE_WEIGHT = "he-weight"                  # strategy=he: this gateway's FedAvg weight
+HE_RANGES = "he-ranges"                  # strategy=he / mask: per-tensor clipping ranges
+HE_WEIGHT = "he-weight"                  # strategy=he / mask: this gateway's FedAvg weight
 HE_FINGERPRINT = "he-fingerprint"        # strategy=he: the key set the server uses
 HE_DP_CLIP = "he-dp-clip"                # distributed DP: clip the update to this L2 norm
 HE_DP_SIGMA = "he-dp-sigma"              # distributed DP: this gateway's noise share (std)
 SECAGG_WEIGHT_SCALE = "secagg-weight-scale"  # SecAgg+: example counts scaled to max_weight
 MIN_AGGREGATE = "min-aggregate"          # a decrypt request: the fewest contributions allowed
+MASK_NODES = "mask-nodes"                # strategy=mask: the round's cohort (node ids as strings) ...
+MASK_AGREE = "mask-agree"                # ... their X25519 run keys and ...
+MASK_SIGN = "mask-sign"                  # ... their Ed25519 run keys, in the same order
 
 # -- gateway -> server: reply metrics ---------------------------------------------------------
 NUM_EXAMPLES = "num-examples"
@@ -121,6 +142,18 @@ def as_ints(value: Any) -> list[int]:
 
 def as_floats(value: Any) -> list[float]:
     return [float(v) for v in value]
+
+
+def as_bytes(value: Any) -> bytes:
+    if not isinstance(value, bytes):
+        raise TypeError(f"expected bytes, got {type(value).__name__}")
+    return value
+
+
+def as_bytes_list(value: Any) -> list[bytes]:
+    if not isinstance(value, list):
+        raise TypeError(f"expected a list of bytes, got {type(value).__name__}")
+    return [as_bytes(v) for v in value]
 
 
 def _record(content: RecordDict, key: str, kind: type[_Record]) -> _Record:

@@ -186,7 +186,7 @@ def test_a_second_decrypt_request_in_the_same_round_is_refused(keydir, tmp_path,
     _assert_mean_of(arrays, updates, nodes)
     assert fleet.asked == [(wire.QUERY_HE_DECRYPT, 1)]
 
-    parts = [strategy.check(r, 1, he.ciphertext_count(flatten(VIEW).size)) for r in replies]
+    parts = [strategy.check(r, 1, flatten(VIEW).size) for r in replies]
     for subset in (parts, parts[:2]):  # the same sum again, or a subset whose difference would be plant 3's update
         with pytest.raises(he.HEError, match="already decrypted the round-1 update sum; one a round"):
             fleet.decrypt(1, decrypt_request(subset, 1, wire.HE_KIND_UPDATE, fleet.server_keys))
@@ -206,7 +206,7 @@ def test_a_replayed_round_1_ciphertext_is_refused_in_round_2(keydir, tmp_path, s
     expected = he.ciphertext_count(flatten(VIEW).size)
     # a server that skips its own check: the decrypting gateway finds plant 3's round-1 binding
     replayed = contribution(round1[3], wire.HE_UPDATE, wire.HE_KIND_UPDATE, 1, fleet.server_keys, expected)
-    fresh = [strategy.check(r, 2, expected) for r in round2]
+    fresh = [strategy.check(r, 2, flatten(VIEW).size) for r in round2]
     refusal = fleet.decrypt(1, decrypt_request([*fresh, replayed], 2, wire.HE_KIND_UPDATE, fleet.server_keys))
     assert refusal.content[wire.REFUSED][wire.NODES] == ["3"] and wire.SLOTS not in refusal.content
     # the server itself drops the replay, names the gateway, and round 2 goes on without it

@@ -1,4 +1,5 @@
-"""Encrypted (HE) and masked (SecAgg+) aggregation on the real local fleet, against plain FedAvg.
+"""Encrypted (HE) and masked (SecAgg+, strategy=mask) aggregation on the real local fleet (TLS and
+node authentication), against plain FedAvg.
 
 Same seed, fleet and link as the shared ``fleet_run`` (3 gateways, 3 rounds, plain
 FedAvg). In round 3 gateway 2 fails after receiving its train message (``fleet.crash``):
@@ -21,9 +22,14 @@ def rounds_of(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x.strip()]
 
 
-def _secure_run(tmp_path, strategy: str):
+# strategy=mask on 3 gateways: a cohort of 3 (its floor), t = 2; the sum of the 2 left after the
+# dropout is unmasked only if the gateways' own minimum allows 2
+MASK = ("strategy=mask", "strategy.min_aggregate=2")
+
+
+def _secure_run(tmp_path, strategy: str, *extra: str):
     run_dir = tmp_path / strategy
-    proc = run_cli("run", f"strategy={strategy}", "fleet.gateways=3", "fleet.rounds=3", "fleet.crash.round=3",
+    proc = run_cli("run", f"strategy={strategy}", *extra, "fleet.gateways=3", "fleet.rounds=3", "fleet.crash.round=3",
                    "fleet.crash.gateways=[2]", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return run_dir
@@ -72,6 +78,21 @@ def test_secagg_trains_like_plain_fedavg_and_survives_a_mid_round_dropout(tmp_pa
     assert "Secure aggregation completed" in log
 
 
+def test_mask_trains_like_plain_fedavg_at_a_third_of_the_bytes_and_survives_a_dropout(tmp_path, fleet_run):
+    run_dir = _secure_run(tmp_path, "mask", *MASK)
+    ledger = _compare_with_plain(run_dir, fleet_run)
+    sent = [r for r in ledger if r["round"] >= 1 and r["status"] == "sent"]
+    assert sent and all("masked in k-bit words" in r["form"] for r in sent)
+    log = (run_dir / "logs" / "serverapp.log").read_text()
+    assert log.count("mask key set-up: 3 of 3 gateway(s) gave run keys") == 1  # once a run
+    assert "round 3: unmasked the sum of 2 gateway(s), 1 dropped" in log
+    # what each gateway sent: 11-bit words for a cohort of 3, its sealed shares and signature
+    model_bytes = json.loads((run_dir / "metrics.json").read_text())["model_bytes"]
+    for row in rounds_of(run_dir)[1:]:
+        assert all(c["bytes-up"] < 0.36 * model_bytes for c in row["clients"])
+        assert all(c["mask-bits"] == 11 for c in row["clients"])
+
+
 # Client-level DP on top: the same noise multiplier and clipping as plaintext client-level DP
 # (Flower's client-side clipping wrappers). The noise is small enough that the three runs are
 # comparable round by round; its accounting, not its size, is what differs.
@@ -86,11 +107,12 @@ def plain_dp_run(tmp_path_factory):
     return run_dir
 
 
-@pytest.mark.parametrize("strategy,form", [("he", "encrypted"), ("secagg", "masked (SecAgg+)")])
+@pytest.mark.parametrize("strategy,form,extra", [("he", "encrypted", ()), ("secagg", "masked (SecAgg+)", ()),
+                                                ("mask", "masked in k-bit words", MASK[1:])])
 def test_client_level_dp_on_top_matches_plaintext_dp_and_accounts_for_a_dropout(tmp_path, plain_dp_run, strategy,
-                                                                                form):
+                                                                                form, extra):
     run_dir = tmp_path / strategy
-    proc = run_cli("run", f"strategy={strategy}", *DP, "fleet.gateways=3", "fleet.rounds=3", "fleet.crash.round=3",
+    proc = run_cli("run", f"strategy={strategy}", *extra, *DP, "fleet.gateways=3", "fleet.rounds=3", "fleet.crash.round=3",
                    "fleet.crash.gateways=[2]", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     plain, ours = rounds_of(plain_dp_run), rounds_of(run_dir)

@@ -1,0 +1,159 @@
+"""strategy=mask under attack: a server colluding with gateways tries to read one plant's update.
+
+The cohort is 10 gateways, t = 5. The target's update is a known sign pattern; the attacker's
+best estimate of it from everything it holds (every message, the colluders' run keys and the
+shares sealed for them, every unmask answer it can get) is scored by how many signs it gets
+right: at chance (≈ 0.5) the update is hidden; the same attack with t colluders gets every sign,
+so the test can tell the difference.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pytest
+from flwr.app import Message
+
+from iiotfl.clients.app import mask_unmask
+from iiotfl.strategies import masking, wire
+from iiotfl.strategies.mask_fedavg import Masked, run_keys
+from iiotfl.strategies.masking import MaskError
+from tests.maskfleet import RUN, SIZE, MaskFleet
+
+NODES = list(range(1, 11))
+TARGET = 10
+T = 5
+
+
+@pytest.fixture
+def round1(tmp_path, serverapp_identity):
+    """One round every gateway took part in: the fleet, the server's strategy, the checked contributions,
+    and the target's known update (±0.01: its quantised values are about ±64)."""
+    fleet = MaskFleet(NODES, tmp_path)
+    strategy = fleet.strategy()
+    msgs = fleet.configure(strategy, 1)
+    signs = np.random.default_rng(42).choice([-1.0, 1.0], SIZE)
+    updates = {n: (0.01 * signs if n == TARGET else np.random.default_rng(n).normal(0, 0.005, SIZE)) for n in NODES}
+    parts = {n: strategy.check(fleet.reply(msgs[n], updates[n]), 1, SIZE) for n in NODES}
+    return fleet, strategy, parts, signs
+
+
+def _answers(fleet, strategy, parts, survivors, dropped, to):
+    """What the honest gateways ``to`` answer an unmask request that names ``survivors`` and ``dropped``."""
+    requests = strategy._unmask_requests([parts[n] for n in survivors], 1, dropped)
+    out = {}
+    for msg in requests:
+        node = msg.metadata.dst_node_id
+        if node in to:
+            reply = mask_unmask(msg, fleet.contexts[node])
+            rec = reply.content[wire.UNMASK]
+            out[node] = (dict(zip(wire.as_ints(rec.get(wire.FROM, [])), rec.get(wire.SHARES, []))),
+                         dict(zip(wire.as_ints(rec.get(wire.DROPPED, [])), rec.get(wire.SEEDS, []))))
+    return out
+
+
+def _attack(fleet, strategy, target: Masked, colluders, answers) -> np.ndarray:
+    """The coalition's best estimate of the target's quantised update."""
+    bits = masking.bits_for(len(NODES))
+    estimate = target.words.copy()
+    # the self mask: shares the honest answers gave, and those sealed for the colluders, which they open
+    shares = [s[TARGET] for s, _ in answers.values() if TARGET in s]
+    agree = dict(zip(strategy.members, (strategy.public_keys[n][0] for n in strategy.members)))
+    for c in colluders:
+        keys = run_keys(fleet.contexts[c])
+        sealed = target.shares[strategy.members.index(c)]
+        shares.append(masking.open_share(keys, agree[TARGET], sealed, RUN, 1, TARGET, c))
+    seed = masking.combine_seed(shares)
+    estimate -= masking.prg(seed, SIZE, bits)
+    # pair masks: the colluders derive theirs; honest peers' seeds only from their answers
+    for peer in NODES:
+        if peer == TARGET:
+            continue
+        if peer in colluders:
+            pair = masking.pair_seed(run_keys(fleet.contexts[peer]), agree[TARGET], RUN, 1, peer, TARGET)
+        elif TARGET in answers.get(peer, ({}, {}))[1]:
+            pair = answers[peer][1][TARGET]
+        elif peer in answers.get(TARGET, ({}, {}))[1]:  # the target itself was told this peer dropped
+            pair = answers[TARGET][1][peer]
+        else:
+            continue  # unknown: this peer's mask stays in
+        estimate -= masking.pair_correction(TARGET, peer, pair, SIZE, bits)
+    recovered = hashlib.sha256(seed).digest() == target.commit
+    values = masking.signed(estimate & ((1 << bits) - 1), bits)
+    return values, recovered
+
+
+def _accuracy(values, signs) -> float:
+    return float(np.mean(np.sign(values) == signs))
+
+
+@pytest.mark.parametrize("colluders, hidden", [(T - 1, True), (T, False)])
+def test_server_declaring_the_target_dropped_needs_t_colluders(round1, colluders, hidden):
+    """A malicious server that got the target's words says it dropped: every honest survivor gives its
+    pair seed with the target; the self mask still needs t shares, which only the colluders give."""
+    fleet, strategy, parts, signs = round1
+    coalition = NODES[:colluders]
+    honest = [n for n in NODES if n not in coalition and n != TARGET]
+    survivors = [n for n in NODES if n != TARGET]
+    answers = _answers(fleet, strategy, parts, survivors, [TARGET], honest)
+    values, recovered = _attack(fleet, strategy, parts[TARGET], coalition, answers)
+    if hidden:
+        assert not recovered and abs(_accuracy(values, signs) - 0.5) < 0.05
+    else:  # the test has the power to see a break: t colluders read every sign
+        assert recovered and _accuracy(values, signs) == 1.0
+
+
+def test_an_honest_round_reveals_nothing_of_one_update_to_t_minus_1_colluders(round1):
+    """The protocol as written: the target survived, so its self mask is rebuilt (the server needs it),
+    but every honest peer's pair mask stays on its words."""
+    fleet, strategy, parts, signs = round1
+    coalition = NODES[:T - 1]
+    honest = [n for n in NODES if n not in coalition]
+    answers = _answers(fleet, strategy, parts, NODES, [], honest)
+    values, recovered = _attack(fleet, strategy, parts[TARGET], coalition, answers)
+    assert recovered  # the self mask is removed, as the sum needs
+    assert abs(_accuracy(values, signs) - 0.5) < 0.05
+
+
+def test_a_split_view_gets_shares_or_seeds_from_each_honest_peer_never_both(round1):
+    """Half the honest peers are told the target survived (their shares of its self mask), the other
+    half that it dropped (their pair seeds); then each half is asked the other way round."""
+    fleet, strategy, parts, signs = round1
+    coalition = NODES[:T - 1]
+    honest = [n for n in NODES if n not in coalition and n != TARGET]
+    told_survived, told_dropped = honest[:3], honest[3:]
+    answers = _answers(fleet, strategy, parts, NODES, [], told_survived)
+    answers.update(_answers(fleet, strategy, parts, [n for n in NODES if n != TARGET], [TARGET], told_dropped))
+    values, recovered = _attack(fleet, strategy, parts[TARGET], coalition, answers)
+    assert recovered  # 3 honest shares + 4 colluders >= t: the self mask is known ...
+    assert abs(_accuracy(values, signs) - 0.5) < 0.05  # ... but 3 honest pair masks remain
+    for group, survivors, dropped in ((told_survived, [n for n in NODES if n != TARGET], [TARGET]),
+                                      (told_dropped, NODES, [])):
+        requests = strategy._unmask_requests([parts[n] for n in survivors], 1, dropped)
+        for msg in (m for m in requests if m.metadata.dst_node_id in group):
+            with pytest.raises(MaskError, match="already answered the round-1 unmask request"):
+                mask_unmask(msg, fleet.contexts[msg.metadata.dst_node_id])
+
+
+def test_isolating_the_target_with_the_colluders_leaves_its_self_mask_on(round1):
+    """The server names only the target and the colluders as survivors, every honest peer dropped. The
+    target answers (five survivors pass its size check) with its pair seeds towards the "dropped" — so
+    the coalition then holds every pair mask — but never a share of its own self mask; an honest peer
+    told it dropped refuses; the colluders' shares alone are fewer than t."""
+    fleet, strategy, parts, signs = round1
+    coalition = NODES[:T - 1]
+    survivors = [*coalition, TARGET]
+    dropped = [n for n in NODES if n not in survivors]
+    requests = strategy._unmask_requests([parts[n] for n in survivors], 1, dropped)
+    target_request = next(m for m in requests if m.metadata.dst_node_id == TARGET)
+    rec = mask_unmask(target_request, fleet.contexts[TARGET]).content[wire.UNMASK]
+    assert str(TARGET) not in rec.get(wire.FROM, [])
+    answers = {TARGET: ({}, dict(zip(wire.as_ints(rec[wire.DROPPED]), rec[wire.SEEDS])))}
+    honest = dropped[0]
+    forged = Message(content=requests[0].content, dst_node_id=honest, message_type=wire.QUERY_MASK_UNMASK)
+    with pytest.raises(MaskError, match="listed as dropped"):
+        mask_unmask(forged, fleet.contexts[honest])
+    # what the coalition then holds: t-1 shares of the target's self mask
+    values, recovered = _attack(fleet, strategy, parts[TARGET], coalition, answers)
+    assert not recovered and abs(_accuracy(values, signs) - 0.5) < 0.05
