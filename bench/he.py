@@ -3,11 +3,18 @@
 Methods: ``plaintext`` (float32 FedAvg as Flower aggregates it), ``ckks_nvflare``
 (TenSEAL CKKS, N=8192, coeff moduli [60, 40, 40], scale 2^40: NVFLARE's HE configuration),
 ``iiotfl_he`` (strategies/he.py: BFV N=4096, int8 packed 4 per slot), ``secagg_plus``
-(Flower's SecAgg+ client masking and server unmasking primitives, 3 neighbours).
+(Flower's SecAgg+ client masking and server unmasking primitives, 3 neighbours), ``iiotfl_mask``
+(strategies/masking.py: int8 steps in k-bit words, X25519 pairwise and Shamir-shared self masks,
+the gateway's whole round: quantise, mask, pack, seal shares, sign; the server's: unpack, sum,
+rebuild the self masks, unmask).
 
 Figures per device and round for 1M parameters: bytes (and ÷ plaintext), encrypt
-(device, one core), server aggregation per update, decrypt of the sum. Targets:
-iiotfl_he bytes ≤ 1.3 × plaintext, encrypt ≤ 0.3 s, aggregation ≤ 3 × plaintext.
+(device, one core), server aggregation per update, decrypt of the sum; for every method
+also what a gateway moves in a whole round, both ways, key set-up amortised over
+``--rounds`` (``round_bytes_over_plaintext``), set-up bytes per run, message exchanges per
+round, the collusion threshold (gateways that, with the server, read one update) and the
+dropout tolerance (of ``--devices``). Targets: iiotfl_he bytes ≤ 1.3 × plaintext, encrypt
+≤ 0.3 s, aggregation ≤ 3 × plaintext; iiotfl_mask round bytes ≤ 1.0 × plaintext.
 
 ``--fleet``: also one round of plaintext / HE / SecAgg+ on a 10-gateway nb_iot fleet
 (engine=sim; the simulated clock: compute + bytes over the link + round trips).
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import subprocess
 import sys
 import tempfile
@@ -124,6 +132,85 @@ def secagg_plus(updates, counts, neighbours: int = 3):
             "decrypt_s": dec * len(updates), "note": "decrypt = unmask: one private-mask PRG per gateway"}
 
 
+def iiotfl_mask(updates, counts, rounds: int = 8):
+    from iiotfl.strategies import masking
+
+    n, size = len(updates), updates[0].size
+    bits, t = masking.bits_for(n), masking.threshold_for(n, 0.5)
+    keys = [masking.RunKeys.generate() for _ in range(n)]
+    weights = counts * n / counts.sum()
+    ranges = np.full(size, 4 * float(np.abs(updates[0]).max()))
+    rng = np.random.default_rng(0)
+
+    def device(i):  # one gateway's round: quantise, pair seeds, mask, pack, shares sealed, signature
+        values, _ = he.quantise_update(updates[i], ranges, weights[i], rng)
+        seed = masking.fresh_seed()
+        pairs = {j: masking.pair_seed(keys[i], keys[j].agree_public, 1, 1, i, j) for j in range(n) if j != i}
+        words = masking.pack(masking.mask(values, bits, seed, pairs, i), bits)
+        shares = masking.split_seed(seed, t, n)
+        sealed = [masking.seal_share(keys[i], keys[j].agree_public, shares[j], 1, 1, i, j) for j in range(n) if j != i]
+        signature = keys[i].signature(words.tobytes()[:64])
+        return words, seed, shares, sealed, signature
+
+    enc, (words, _, _, sealed, signature) = timed(lambda: device(0), repeat=1)
+    rounds_out = [device(i) for i in range(n)]
+    up = words.size + sum(len(s) for s in sealed) + 32 + len(signature) + 64  # + commitment, + binding fields
+
+    def aggregate():
+        total = np.zeros(size, dtype=np.int64)
+        for w, *_ in rounds_out:
+            total += masking.unpack(w, size, bits)
+        return total
+
+    agg, total = timed(aggregate, repeat=1)
+
+    def unmask():  # rebuild each self mask from t shares and remove it
+        out = total.copy()
+        for _, _, shares, _, _ in rounds_out:
+            out -= masking.prg(masking.combine_seed(shares[1:1 + t]), size, bits)
+        return masking.signed(out & ((1 << bits) - 1), bits)
+
+    dec, digits = timed(unmask, repeat=1)
+    mean = he.decode_digits(digits, ranges, weights.sum())
+    exact = sum(w * u for w, u in zip(counts / counts.sum(), updates))
+    cohort_down = n * (2 * masking.KEY_BYTES + 20)             # the cohort's node ids and run keys, each train message
+    unmask_down = (n - 1) * (masking.SEALED_SHARE_BYTES + 2) + n * 20  # the shares sealed for it, the survivors
+    unmask_up = (n - 1) * (masking.SHARE_BYTES + 2)            # its opened shares (no dropout: no seeds)
+    setup = 2 * masking.KEY_BYTES + 40                          # its public run keys up, the request down
+    return {"bytes": up, "encrypt_s": enc, "aggregate_s_per_update": agg / n, "decrypt_s": dec,
+            "extra_down_per_round": cohort_down + unmask_down, "extra_up_per_round": unmask_up,
+            "setup_bytes_per_run": setup, "max_error": float(np.abs(mean - exact).max()),
+            "error_bound": float(he.error_bound(ranges[:1], n, weights.sum())[0]), "bits": bits, "threshold": t,
+            "rounds_amortised": rounds}
+
+
+# what each method needs a round, and which coalitions and dropouts it survives, for D gateways
+def properties(method: str, devices: int, row: dict) -> dict:
+    t = row.get("threshold")
+    return {
+        "plaintext": {"exchanges_per_round": 1, "collusion_threshold": 0, "dropout_tolerance": devices - 1},
+        "ckks_nvflare": {"exchanges_per_round": 1, "collusion_threshold": 1, "dropout_tolerance": devices - 1},
+        # one gateway decrypts: it gets every ciphertext of the round (amortised over the fleet)
+        "iiotfl_he": {"exchanges_per_round": 2, "collusion_threshold": 1, "dropout_tolerance": devices - 2},
+        # Flower's defaults here: num_shares 1.0 (all), reconstruction_threshold 0.67
+        "secagg_plus": {"exchanges_per_round": 4, "collusion_threshold": math.ceil(0.67 * devices),
+                        "dropout_tolerance": devices - math.ceil(0.67 * devices)},
+        "iiotfl_mask": {"exchanges_per_round": 2, "collusion_threshold": t,
+                        "dropout_tolerance": devices - max((t or 0) + 1, 3)},
+    }[method]
+
+
+def round_bytes(method: str, row: dict, model_bytes: int, devices: int) -> float:
+    """Bytes a gateway moves in a round, both ways, set-up amortised (the model goes down as float32 in all)."""
+    up = row["bytes"]
+    if method == "iiotfl_he":  # the decrypting gateway gets every ciphertext and returns the slots
+        return model_bytes + up + (devices * up + up) / devices
+    if method == "iiotfl_mask":
+        return (model_bytes + up + row["extra_down_per_round"] + row["extra_up_per_round"]
+                + row["setup_bytes_per_run"] / row["rounds_amortised"])
+    return model_bytes + up
+
+
 def fleet_round(strategy: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
@@ -148,13 +235,18 @@ def main() -> None:
     counts = rng.integers(100, 5000, args.devices).astype(float)
     base = None
     for name, fn in (("plaintext", plaintext), ("ckks_nvflare", ckks_nvflare), ("iiotfl_he", iiotfl_he),
-                     ("secagg_plus", secagg_plus)):
+                     ("secagg_plus", secagg_plus), ("iiotfl_mask", iiotfl_mask)):
         row = {"method": name, "params": args.params, **fn(updates, counts)}
         base = base or row
         row["bytes_over_plaintext"] = row["bytes"] / base["bytes"]
+        row["round_bytes_over_plaintext"] = (round_bytes(name, row, base["bytes"], args.devices)
+                                             / round_bytes("plaintext", base, base["bytes"], args.devices))
         row["aggregate_over_plaintext"] = row["aggregate_s_per_update"] / base["aggregate_s_per_update"]
+        row["device_s_per_1m_params"] = row["encrypt_s"] * 1_000_000 / args.params
+        row.update(properties(name, args.devices, row))
         if args.fleet:
-            strategy = {"plaintext": "fedavg", "iiotfl_he": "he", "secagg_plus": "secagg"}.get(name)
+            strategy = {"plaintext": "fedavg", "iiotfl_he": "he", "secagg_plus": "secagg",
+                        "iiotfl_mask": "mask"}.get(name)
             if strategy:
                 row["nb_iot_10_gateways_sim_round_s"] = fleet_round(strategy)
         print(json.dumps(row), flush=True)

@@ -25,7 +25,7 @@ Each gateway enforces, from its *own* run config and state, never from the serve
 the cohort holds itself, distinct node ids and keys, and at least ``strategy.min_cohort``
 gateways; ``t = ceil(strategy.threshold × cohort)`` (at least 2); rounds only move forward;
 it answers **one** unmask request a round, and only if it is a survivor, survivors and dropped
-split the cohort it was given, and at least ``max(t, strategy.min_aggregate)`` survived; it
+split the cohort it was given, and at least ``max(t + 1, strategy.min_aggregate)`` survived; it
 never reveals a share of its own self mask, nor its X25519 secret, only the seed of one pair
 for one round.
 
@@ -51,7 +51,9 @@ for one round.
   commitment and the round is skipped, named), not read others' updates.
 
 Dropouts: a gateway that sends no masked update before the deadline is *dropped*; the
-survivors' pair seeds with it remove its masks. A survivor that then does not answer the
+survivors' pair seeds with it remove its masks. A survivor's self mask is rebuilt from the
+*other* survivors' shares, so a round needs t + 1 survivors: a cohort of 10 with t = 5 goes
+on with up to 4 dropped. A survivor that then does not answer the
 unmask request costs nothing if no one dropped (its self mask comes from the others' shares);
 if some did, its masks towards them cannot be removed and the round is skipped (logged).
 """
@@ -112,10 +114,11 @@ def min_cohort(cfg: Mapping[str, Any]) -> int:
 
 
 def min_survivors(cfg: Mapping[str, Any], cohort: int, own: int = 0) -> int:
-    """The fewest survivors whose sum a gateway helps unmask: t, ``strategy.min_aggregate`` and its own
-    node config minimum, whichever is largest."""
+    """The fewest survivors whose sum a gateway helps unmask: t + 1 (a survivor's self mask is rebuilt
+    from the *other* survivors' shares), ``strategy.min_aggregate`` and its own node config minimum,
+    whichever is largest."""
     st = cfg["strategy"]
-    return max(masking.threshold_for(cohort, float(st["threshold"])), int(st["min_aggregate"]), own, 2)
+    return max(masking.threshold_for(cohort, float(st["threshold"])) + 1, int(st["min_aggregate"]), own)
 
 
 # -- the gateway's side -----------------------------------------------------------------------
@@ -419,9 +422,10 @@ class MaskFedAvg(SecureSumFedAvg):
         nodes = [p.node for p in parts]
         dropped = [m for m in self.members if m not in nodes]
         t = masking.threshold_for(n, self.threshold)
-        if len(parts) < max(t, self.min_aggregate):
-            log(WARNING, "round %d: %d masked updates, fewer than t=%d / strategy.min_aggregate=%d; nothing "
-                "aggregated", server_round, len(parts), t, self.min_aggregate)
+        if len(parts) < max(t + 1, self.min_aggregate):
+            log(WARNING, "round %d: %d masked updates, fewer than t + 1 = %d (a self mask needs t shares from the "
+                "other survivors) or strategy.min_aggregate=%d; nothing aggregated", server_round, len(parts), t + 1,
+                self.min_aggregate)
             return Decrypted(None, nodes, {})
         answers: dict[int, Unmasked] = {}
         for reply in self.grid.send_and_receive(self._unmask_requests(parts, server_round, dropped)):

@@ -136,24 +136,31 @@ def test_a_split_view_gets_shares_or_seeds_from_each_honest_peer_never_both(roun
                 mask_unmask(msg, fleet.contexts[msg.metadata.dst_node_id])
 
 
-def test_isolating_the_target_with_the_colluders_leaves_its_self_mask_on(round1):
-    """The server names only the target and the colluders as survivors, every honest peer dropped. The
-    target answers (five survivors pass its size check) with its pair seeds towards the "dropped" — so
-    the coalition then holds every pair mask — but never a share of its own self mask; an honest peer
-    told it dropped refuses; the colluders' shares alone are fewer than t."""
+def test_isolating_the_target_with_the_colluders_leaves_a_pair_mask_on(round1):
+    """The server names only the target and the colluders as survivors, every honest peer dropped: the
+    target refuses (a self mask needs t shares from the *other* survivors, so it unmasks only sums of
+    t + 1). With one honest peer added to reach t + 1, the target answers with its pair seeds towards
+    the "dropped", the honest survivor gives its share of the target's self mask — and keeps its own
+    pair seed with the target, so that mask stays on."""
     fleet, strategy, parts, signs = round1
     coalition = NODES[:T - 1]
     survivors = [*coalition, TARGET]
-    dropped = [n for n in NODES if n not in survivors]
-    requests = strategy._unmask_requests([parts[n] for n in survivors], 1, dropped)
+    requests = strategy._unmask_requests([parts[n] for n in survivors], 1, [n for n in NODES if n not in survivors])
     target_request = next(m for m in requests if m.metadata.dst_node_id == TARGET)
-    rec = mask_unmask(target_request, fleet.contexts[TARGET]).content[wire.UNMASK]
-    assert str(TARGET) not in rec.get(wire.FROM, [])
-    answers = {TARGET: ({}, dict(zip(wire.as_ints(rec[wire.DROPPED]), rec[wire.SEEDS])))}
-    honest = dropped[0]
-    forged = Message(content=requests[0].content, dst_node_id=honest, message_type=wire.QUERY_MASK_UNMASK)
+    with pytest.raises(MaskError, match="unmasks only sums of at least 6"):
+        mask_unmask(target_request, fleet.contexts[TARGET])
+    honest = [n for n in NODES if n not in survivors]
+    survivors = [*coalition, honest[0], TARGET]
+    dropped = honest[1:]
+    answers = _answers(fleet, strategy, parts, survivors, dropped, [honest[0]])
+    requests = strategy._unmask_requests([parts[n] for n in survivors], 1, dropped)
+    rec = mask_unmask(next(m for m in requests if m.metadata.dst_node_id == TARGET),
+                      fleet.contexts[TARGET]).content[wire.UNMASK]
+    assert str(TARGET) not in rec.get(wire.FROM, [])  # never a share of its own self mask
+    answers[TARGET] = ({}, dict(zip(wire.as_ints(rec[wire.DROPPED]), rec[wire.SEEDS])))
+    forged = Message(content=requests[0].content, dst_node_id=dropped[0], message_type=wire.QUERY_MASK_UNMASK)
     with pytest.raises(MaskError, match="listed as dropped"):
-        mask_unmask(forged, fleet.contexts[honest])
-    # what the coalition then holds: t-1 shares of the target's self mask
+        mask_unmask(forged, fleet.contexts[dropped[0]])
     values, recovered = _attack(fleet, strategy, parts[TARGET], coalition, answers)
-    assert not recovered and abs(_accuracy(values, signs) - 0.5) < 0.05
+    assert recovered  # t-1 colluders' shares and the honest survivor's: the self mask is known ...
+    assert abs(_accuracy(values, signs) - 0.5) < 0.05  # ... the target's pair mask with that survivor is not

@@ -161,16 +161,17 @@ def test_a_gateway_answers_one_unmask_request_a_round_and_checks_it(tmp_path, se
             conf[wire.DROPPED] = [str(n) for n in dropped]
         return unmask_reply(RecordDict({"config": ConfigRecord(conf)}), ctx, cfg, 1)
 
-    with pytest.raises(MaskError, match="unmasks only sums of at least 3"):
-        ask([1, 2], [3, 4, 5, 6])
+    # a cohort of 6: t = 3, and a survivor's self mask needs t shares from the others: 4 survivors
+    with pytest.raises(MaskError, match="unmasks only sums of at least 4"):
+        ask([1, 2, 3], [4, 5, 6])
     with pytest.raises(MaskError, match="listed as dropped"):
-        ask([2, 3, 4], [1, 5, 6])
+        ask([2, 3, 4, 5], [1, 6])
     with pytest.raises(MaskError, match="do not split this round's cohort"):
-        ask([1, 2, 3], [4, 5])
+        ask([1, 2, 3, 4], [5])
     with pytest.raises(MaskError, match="asked to unmask round 2"):
-        ask([1, 2, 3], [4, 5, 6], server_round=2)
-    answer = ask([1, 2, 3], [4, 5, 6])
-    assert len(answer[wire.UNMASK][wire.SEEDS]) == 3
+        ask([1, 2, 3, 4], [5, 6], server_round=2)
+    answer = ask([1, 2, 3, 4], [5, 6])
+    assert len(answer[wire.UNMASK][wire.SEEDS]) == 2
     with pytest.raises(MaskError, match="already answered the round-1 unmask request"):
         ask(nodes)  # the other half of a split: j "survived" after all
     # a round-1 train message replayed after round 1: refused
