@@ -166,7 +166,7 @@ def he_decrypt(msg: Message, context: Context) -> Message:
 @app.query("mask_keys")
 def mask_keys(msg: Message, context: Context) -> Message:
     """strategy=mask: this run's public keys, made now from OS entropy if the run has none yet."""
-    return Message(content=key_reply(context), reply_to=msg)
+    return Message(content=key_reply(context, msg.metadata.run_id), reply_to=msg)
 
 
 @app.query("mask_unmask")

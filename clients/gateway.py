@@ -211,6 +211,10 @@ def supernode_argv(args: argparse.Namespace) -> list[str]:
     node_config = [f"partition-id={args.partition_id}", f"num-partitions={args.num_partitions}"]
     if args.data:
         node_config.append(f'data-path="{Path(args.data).resolve()}"')
+    if getattr(args, "client_cert", None) and args.client_key and args.ca:
+        # its certificate from the fleet's CA vouches for its run keys under strategy=mask (masking.Identity)
+        node_config += [f'identity-cert="{Path(args.client_cert).resolve()}"',
+                        f'identity-key="{Path(args.client_key).resolve()}"', f'identity-ca="{Path(args.ca).resolve()}"']
     node_config += args.node_config or []
     # Flower's SuperNode through compat/supernode.py: prompt exchange, the warm runtime, the client certificate
     argv = [sys.executable, "-m", "iiotfl.compat.supernode", "--superlink", args.superlink,

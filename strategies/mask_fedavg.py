@@ -6,9 +6,11 @@ on top of :class:`~iiotfl.strategies.he_fedavg.SecureSumFedAvg`'s (shared ranges
 * **Key set-up, once per run** (``query.mask_keys``, the first round a gateway is seen, and
   again only for a gateway that lost its keys): the gateway makes X25519 and Ed25519 run keys
   from OS entropy, keeps the private halves in the run's ``context.state`` and replies with the
-  public ones (``mask-keys``).
+  public ones (``mask-keys``), signed with its certificate's key when it has an identity.
 * **Down** (``train``): the model, ranges and weight as under ``he``, and the cohort: every
-  sampled gateway's node id and public run keys (``mask-nodes``, ``mask-agree``, ``mask-sign``).
+  sampled gateway's node id and public run keys (``mask-nodes``, ``mask-agree``, ``mask-sign``),
+  and the first time a gateway is sent a peer, the certificate and proof vouching for its keys
+  (``mask-certs``, ``mask-proofs``).
 * **Up**: ``mask-update`` (the ``k``-bit masked words, :func:`masking.bits_for`) and ``mask``:
   run, round and node, ``bits``, the self-mask seed's Shamir shares sealed one per other cohort
   member, the seed's SHA-256 (``commit``), and an Ed25519 signature over all of it
@@ -43,12 +45,15 @@ for one round.
   refused. It *can* learn the sum of a small set of honest gateways together with colluders'
   known updates (every secure aggregation can): the gateways' minimum ``min_aggregate`` bounds
   the set, colluders included.
-* *Not covered*: key substitution. The run keys are relayed by the server; a malicious server
-  could hand a gateway its own keys in place of its peers' and read that gateway's update. A
-  roster of gateway identity keys pinned on each gateway would close it (left for the pilot
-  key provisioning); the honest-but-curious guarantee and the collusion threshold above do not
-  depend on it. Malicious *gateways* can spoil a round (a wrong share is caught by the
-  commitment and the round is skipped, named), not read others' updates.
+* *Key substitution* (the server hands a gateway keys of its own making in place of a peer's):
+  with an identity (node config ``identity-cert``/``-key``/``-ca``: the gateway's certificate
+  from the fleet's CA, which the local fleet, compose and ``iiotfl gateway --client-cert`` give
+  it), each gateway signs its run keys, run and node id with its certificate's key, and accepts a
+  peer's keys only under a certificate that CA issued (``masking.Identity``), one per cohort
+  member; checked once a run per peer, kept in ``context.state``. Without one, keys are taken as
+  relayed and only the honest-but-curious guarantee holds. Malicious *gateways* can spoil a
+  round (a wrong share is caught by the commitment and the round is skipped, named), not read
+  others' updates.
 
 Dropouts: a gateway that sends no masked update before the deadline is *dropped*; the
 survivors' pair seeds with it remove its masks. A survivor's self mask is rebuilt from the
@@ -68,19 +73,20 @@ from logging import INFO, WARNING
 from typing import Any, Iterable, Mapping, cast
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from iiotfl.configs import ConfigError, integer, number, require
 from iiotfl.strategies import he, masking, wire
 from iiotfl.strategies.he_fedavg import Decrypted, SecureSumFedAvg
-from iiotfl.strategies.masking import MaskError, RunKeys
+from iiotfl.strategies.masking import Identity, MaskError, RunKeys
 from iiotfl.strategies.spec import BuildContext, StrategySpec
 
 _CONTRIBUTION = b"iiotfl mask contribution v1"
 STATE_KEYS = "mask-run"      # context.state: this run's private keys
 STATE_ROUND = "mask-round"   # context.state: the round this gateway last masked for
+STATE_PEERS = "mask-peers"   # context.state: peers whose run keys a certificate vouched for (keys + identity)
 
 
 def contribution_message(run_id: int, server_round: int, node: int, bits: int, words: bytes, shares: list[bytes],
@@ -135,10 +141,59 @@ def run_keys(context: Context, create: bool = False) -> RunKeys:
     return keys
 
 
-def key_reply(context: Context) -> RecordDict:
-    """``query.mask_keys``: this run's public keys (made now if this run has none yet)."""
+IDENTITY = ("identity-cert", "identity-key", "identity-ca")  # node config: this gateway's identity files
+
+
+def identity(context: Context) -> Identity | None:
+    """This gateway's identity (node config ``identity-cert``, ``identity-key``, ``identity-ca``: its
+    certificate from the fleet's CA, its key, the CA), or None when it has none (peers' keys unpinned)."""
+    paths = [context.node_config.get(k) for k in IDENTITY]
+    if not any(paths):
+        return None
+    if not all(paths):
+        raise MaskError("node config sets only some of identity-cert, identity-key, identity-ca; set all three")
+    cert, key, ca = (str(p) for p in paths)
+    return Identity.load(cert, key, ca)
+
+
+def key_reply(context: Context, run_id: int) -> RecordDict:
+    """``query.mask_keys``: this run's public keys (made now if this run has none yet), vouched for by
+    this gateway's certificate when it has an identity."""
     keys = run_keys(context, create=True)
-    return RecordDict({wire.MASK_KEYS: ConfigRecord({wire.AGREE: keys.agree_public, wire.SIGN: keys.sign_public})})
+    record = ConfigRecord({wire.AGREE: keys.agree_public, wire.SIGN: keys.sign_public})
+    me = identity(context)
+    if me is not None:
+        record[wire.CERT], record[wire.PROOF] = me.vouch(run_id, int(context.node_id), keys.agree_public,
+                                                         keys.sign_public)
+    return RecordDict({wire.MASK_KEYS: record})
+
+
+def _pinned(config: ConfigRecord, cohort: "Cohort", me: int, own: Identity, context: Context, run_id: int) -> None:
+    """Every peer's run keys vouched for by a distinct certificate of the fleet's CA (checked once a run
+    per peer and kept in ``context.state``), else MaskError."""
+    peers = wire.config_record(context.state, STATE_PEERS) if STATE_PEERS in context.state else ConfigRecord()
+    certs = wire.as_bytes_list(config.get(wire.MASK_CERTS, [b""] * len(cohort.nodes)))
+    proofs = wire.as_bytes_list(config.get(wire.MASK_PROOFS, [b""] * len(cohort.nodes)))
+    if len(certs) != len(cohort.nodes) or len(proofs) != len(cohort.nodes):
+        raise MaskError("the cohort's certificates and proofs disagree with its members in number; refused")
+    seen = {own.fingerprint}
+    for peer, agree, sign, cert, proof in zip(cohort.nodes, cohort.agree, cohort.sign, certs, proofs):
+        if peer == me:
+            continue
+        known = peers.get(str(peer))
+        if isinstance(known, bytes) and known[:64] == agree + sign:
+            who = known[64:].hex()
+        elif cert and proof:
+            who = own.verify(cert, proof, run_id, peer, agree, sign)
+            peers[str(peer)] = agree + sign + bytes.fromhex(who)
+        else:
+            raise MaskError(f"gateway {peer}'s run keys come with no certificate of the fleet's CA (keys this "
+                            "gateway has not seen vouched for); refused, the server sends them again")
+        if who in seen:
+            raise MaskError(f"gateway {peer}'s run keys are vouched for by a certificate another cohort member "
+                            "uses; refused")
+        seen.add(who)
+    context.state[STATE_PEERS] = peers
 
 
 @dataclass(frozen=True)
@@ -155,8 +210,10 @@ class Cohort:
                 wire.MASK_SIGN: self.sign}
 
 
-def _cohort(config: ConfigRecord, keys: RunKeys, me: int, cfg: Mapping[str, Any]) -> Cohort:
-    """The cohort of a train message after this gateway's own checks, else MaskError."""
+def _cohort(config: ConfigRecord, keys: RunKeys, me: int, cfg: Mapping[str, Any], context: Context,
+            run_id: int) -> Cohort:
+    """The cohort of a train message after this gateway's own checks, else MaskError: with an identity,
+    every peer's keys vouched for by the fleet's CA."""
     try:
         cohort = Cohort(wire.as_ints(config[wire.MASK_NODES]), wire.as_bytes_list(config[wire.MASK_AGREE]),
                         wire.as_bytes_list(config[wire.MASK_SIGN]))
@@ -178,6 +235,9 @@ def _cohort(config: ConfigRecord, keys: RunKeys, me: int, cfg: Mapping[str, Any]
     if n < least or n > masking.MAX_COHORT:
         raise MaskError(f"a cohort of {n} gateways; this gateway masks only for {least} to {masking.MAX_COHORT} "
                         "(strategy.min_cohort of its run config); refused")
+    own = identity(context)
+    if own is not None:
+        _pinned(config, cohort, me, own, context, run_id)
     return cohort
 
 
@@ -186,7 +246,7 @@ def masked_update(context: Context, config: ConfigRecord, update: np.ndarray, vi
     """The train reply's records for ``update``: the masked words, the sealed shares, the signed binding."""
     me = int(context.node_id)
     keys = run_keys(context)
-    cohort = _cohort(config, keys, me, cfg)
+    cohort = _cohort(config, keys, me, cfg, context, run_id)
     server_round = wire.as_int(config[wire.SERVER_ROUND])
     if STATE_ROUND in context.state:
         last = wire.as_int(wire.config_record(context.state, STATE_ROUND)["round"])
@@ -215,7 +275,8 @@ def masked_update(context: Context, config: ConfigRecord, update: np.ndarray, vi
     meta = ConfigRecord({wire.RUN_ID: str(run_id), wire.SERVER_ROUND: server_round, wire.NODE_ID: str(me),
                          wire.BITS: bits, wire.SHARES: sealed, wire.COMMIT: commit, wire.SIGNATURE: signature})
     return ({wire.MASK_UPDATE: ArrayRecord({wire.WORDS: Array(words)}), wire.MASK: meta},
-            {"mask-saturated": saturated, "mask-bits": bits, "mask-threshold": t})
+            {"mask-saturated": saturated, "mask-bits": bits, "mask-threshold": t,
+             "mask-pinned": int(STATE_PEERS in context.state)})
 
 
 def unmask_reply(content: RecordDict, context: Context, cfg: Mapping[str, Any], run_id: int) -> RecordDict:
@@ -307,6 +368,8 @@ class MaskFedAvg(SecureSumFedAvg):
         self.threshold = float(threshold)
         self.min_cohort = int(min_cohort)
         self.public_keys: dict[int, tuple[bytes, bytes]] = {}  # node -> its public run keys (agree, sign)
+        self.vouchers: dict[int, tuple[bytes, bytes]] = {}     # node -> (certificate, proof) for its run keys
+        self.introduced: dict[int, set[int]] = {}              # node -> peers whose vouchers it has checked
         self.members: list[int] = []                    # this round's cohort, in order
         self.setup_bytes = 0                             # key set-up traffic so far (both ways)
 
@@ -335,6 +398,8 @@ class MaskFedAvg(SecureSumFedAvg):
                 log(WARNING, "gateway %d: run keys refused: another gateway already holds them", node)
                 continue
             self.public_keys[node] = (agree, sign)
+            if isinstance(rec.get(wire.CERT), bytes) and isinstance(rec.get(wire.PROOF), bytes):
+                self.vouchers[node] = (wire.as_bytes(rec[wire.CERT]), wire.as_bytes(rec[wire.PROOF]))
             self.setup_bytes += rec.count_bytes() + messages[0].content["config"].count_bytes()
         log(INFO, "mask key set-up: %d of %d gateway(s) gave run keys", len(set(unknown) & set(self.public_keys)),
             len(unknown))
@@ -359,7 +424,28 @@ class MaskFedAvg(SecureSumFedAvg):
     def train_config(self, server_round: int, nodes: list[int]) -> dict[int, dict[str, Any]]:
         record = Cohort(self.members, [self.public_keys[n][0] for n in self.members],
                         [self.public_keys[n][1] for n in self.members]).record()
-        return {n: record for n in nodes}
+        out = {}
+        for node in nodes:
+            out[node] = dict(record)
+            new = [m for m in self.members if m in self.vouchers and m not in self.introduced.get(node, set())]
+            if new:  # each peer's certificate and proof once a run: the gateway keeps what it checked
+                out[node][wire.MASK_CERTS] = [self.vouchers[m][0] if m in new else b"" for m in self.members]
+                out[node][wire.MASK_PROOFS] = [self.vouchers[m][1] if m in new else b"" for m in self.members]
+        return out
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        for msg in replies:
+            reason = (msg.error.reason or "") if msg.has_error() else ""
+            if "run keys" in reason or "certificate" in reason:
+                # it lost its run state (a restart) or its view of the peers: set up and introduce again
+                node = msg.metadata.src_node_id
+                self.introduced.pop(node, None)
+                if "holds no run keys" in reason or "not this gateway's run keys" in reason:
+                    self.public_keys.pop(node, None)
+                    self.vouchers.pop(node, None)
+        return super().aggregate_train(server_round, replies)
 
     # -- up --------------------------------------------------------------------------------
     def check(self, msg: Message, server_round: int, size: int) -> Masked:
@@ -396,6 +482,7 @@ class MaskFedAvg(SecureSumFedAvg):
         if not masking.verify(self.public_keys[node][1], wire.as_bytes(meta[wire.SIGNATURE]), message):
             raise MaskError("the signature does not verify under this gateway's run key: forged, altered in transit "
                             "or another gateway's contribution")
+        self.introduced.setdefault(node, set()).update(self.members)  # it checked every voucher it was sent
         return Masked(node, masking.unpack(payload, size, bits), shares, commit)
 
     def _unmask_requests(self, parts: list[Masked], server_round: int, dropped: list[int]) -> list[Message]:

@@ -35,16 +35,21 @@ are ``cryptography``'s, Shamir's scheme is pycryptodome's.
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import math
 import os
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from Crypto.Protocol.SecretSharing import Shamir
+from cryptography import x509
 from cryptography.exceptions import InvalidSignature, InvalidTag
 from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
@@ -161,6 +166,85 @@ def verify(public: bytes, signature: bytes, message: bytes) -> bool:
     except (InvalidSignature, ValueError):
         return False
     return True
+
+
+# -- gateway identities: the fleet's certificates vouch for run keys ----------------------------
+_VOUCH = b"iiotfl mask run keys v1"
+
+
+def _vouched(run_id: int, node: int, agree: bytes, sign: bytes) -> bytes:
+    return _VOUCH + struct.pack(">QQ", run_id, node) + agree + sign
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A gateway's certificate from the fleet's CA (``gateways/gateway-<i>.crt``, its TLS client certificate),
+    its key, and the CA: the gateway signs its run keys with the key, and accepts a peer's run keys only
+    under a certificate the CA issued. The server relays them and can neither make nor alter one."""
+
+    cert: x509.Certificate
+    key: ec.EllipticCurvePrivateKey
+    ca: x509.Certificate
+
+    @classmethod
+    def load(cls, cert: str | Path, key: str | Path, ca: str | Path) -> "Identity":
+        paths = {"identity-cert": cert, "identity-key": key, "identity-ca": ca}
+        for name, path in paths.items():
+            if not Path(path).is_file():
+                raise MaskError(f"{name} {path} not found; give the gateway its gateways/gateway-<i>.crt, "
+                                "gateway-<i>.tls.key and ca.crt from `iiotfl certs`")
+        try:
+            crt = x509.load_pem_x509_certificate(Path(cert).read_bytes())
+            ca_crt = x509.load_pem_x509_certificate(Path(ca).read_bytes())
+            private = serialization.load_pem_private_key(Path(key).read_bytes(), None)
+        except (ValueError, TypeError) as err:
+            raise MaskError(f"identity {cert} / {key} / {ca} cannot be read ({err}); use the PEM files "
+                            "`iiotfl certs` wrote") from None
+        if not isinstance(private, ec.EllipticCurvePrivateKey) or private.public_key() != crt.public_key():
+            raise MaskError(f"identity key {key} is not the key of {cert}; give the gateway one pair")
+        identity = cls(crt, private, ca_crt)
+        identity.check(crt.public_bytes(serialization.Encoding.DER))
+        return identity
+
+    @property
+    def fingerprint(self) -> str:
+        return _fingerprint(self.cert)
+
+    def vouch(self, run_id: int, node: int, agree: bytes, sign: bytes) -> tuple[bytes, bytes]:
+        """(this certificate, DER; the key's ECDSA signature over the run keys, the run and the node)."""
+        proof = self.key.sign(_vouched(run_id, node, agree, sign), ec.ECDSA(hashes.SHA384()))
+        return self.cert.public_bytes(serialization.Encoding.DER), proof
+
+    def check(self, cert_der: bytes) -> x509.Certificate:
+        """A certificate this fleet's CA issued, valid now, else MaskError."""
+        try:
+            crt = x509.load_der_x509_certificate(cert_der)
+            crt.verify_directly_issued_by(self.ca)
+        except (ValueError, TypeError, InvalidSignature):
+            raise MaskError("a run key comes with a certificate the fleet's CA did not issue") from None
+        now = dt.datetime.now(dt.timezone.utc)
+        if not crt.not_valid_before_utc <= now <= crt.not_valid_after_utc:
+            raise MaskError(f"a run key comes with a certificate not valid now ({crt.subject.rfc4514_string()})")
+        return crt
+
+    def verify(self, cert_der: bytes, proof: bytes, run_id: int, node: int, agree: bytes, sign: bytes) -> str:
+        """The identity (SHA-256 of the certificate's public key) vouching for a peer's run keys, else MaskError."""
+        crt = self.check(cert_der)
+        public = crt.public_key()
+        try:
+            if not isinstance(public, ec.EllipticCurvePublicKey):
+                raise InvalidSignature
+            public.verify(proof, _vouched(run_id, node, agree, sign), ec.ECDSA(hashes.SHA384()))
+        except InvalidSignature:
+            raise MaskError(f"gateway {node}'s run keys are not signed by the certificate sent with them "
+                            f"({crt.subject.rfc4514_string()}): substituted or another run's") from None
+        return _fingerprint(crt)
+
+
+def _fingerprint(cert: x509.Certificate) -> str:
+    """SHA-256 of a certificate's public key: one identity, whatever certificates carry it."""
+    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return hashlib.sha256(spki).hexdigest()
 
 
 def _context(label: bytes, run_id: int, server_round: int, *nodes: int) -> bytes:

@@ -39,6 +39,8 @@ DROPPED = "dropped"        # ... and who of the cohort sent none
 FROM = "from"              # an unmask request / reply: whose shares follow, in order
 SEEDS = "seeds"            # an unmask reply: this round's pair seed with each of DROPPED, in order
 UNOPENED = "unopened"      # an unmask reply: senders whose sealed share did not open
+CERT = "cert"              # a key set-up reply: the gateway's certificate from the fleet's CA (DER) ...
+PROOF = "proof"            # ... and its ECDSA signature over the run keys, run and node (masking.Identity)
 HE = "he"                  # the meta record of a ciphertext: key-set fingerprint and digest
 GATEWAY = "gateway"        # a statistics reply: partition, examples, the sums' shape
 SUM = "sum"                # a decrypt request: the summed ciphertext
@@ -81,6 +83,8 @@ MIN_AGGREGATE = "min-aggregate"          # a decrypt request: the fewest contrib
 MASK_NODES = "mask-nodes"                # strategy=mask: the round's cohort (node ids as strings) ...
 MASK_AGREE = "mask-agree"                # ... their X25519 run keys and ...
 MASK_SIGN = "mask-sign"                  # ... their Ed25519 run keys, in the same order
+MASK_CERTS = "mask-certs"                # ... and, the first time, each one's certificate and proof (b"": sent
+MASK_PROOFS = "mask-proofs"              # before); absent when no gateway has an identity
 
 # -- gateway -> server: reply metrics ---------------------------------------------------------
 NUM_EXAMPLES = "num-examples"

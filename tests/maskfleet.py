@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, 
 
 from iiotfl.clients.app import mask_keys, mask_unmask
 from iiotfl.configs import compose, to_run_config
+from iiotfl.security import certs as certs_mod
 from iiotfl.strategies import wire
 from iiotfl.strategies.codecs import get_codec
 from iiotfl.strategies.mask_fedavg import MaskFedAvg, masked_update, min_cohort
@@ -22,14 +23,21 @@ VIEW = {"a": np.zeros((40, 50), np.float32), "b": np.zeros(300, np.float32)}
 SIZE = sum(v.size for v in VIEW.values())
 
 
+def identity_config(certs: Path, i: int) -> dict[str, str]:
+    return {"identity-cert": str(certs_mod.gateway_crt(certs, i)), "identity-key": str(certs_mod.gateway_tls_key(certs, i)),
+            "identity-ca": str(certs / certs_mod.CA_CRT)}
+
+
 class MaskFleet:
     """Gateways ``nodes``; ``dead`` ones answer nothing (dropped out); ``log`` lists (type, node) sent."""
 
-    def __init__(self, nodes: list[int], tmp_path: Path, overrides: tuple[str, ...] = ()) -> None:
+    def __init__(self, nodes: list[int], tmp_path: Path, overrides: tuple[str, ...] = (),
+                 certs: Path | None = None) -> None:
+        """``certs``: an ``iiotfl certs`` directory; gateway i (in ``nodes`` order) gets gateway-<i>'s identity."""
         self.cfg = compose(["strategy=mask", f"fleet.gateways={len(nodes)}", *overrides])
         run_config = to_run_config(self.cfg, tmp_path)
-        self.contexts = {n: Context(run_id=RUN, node_id=n, node_config={}, state=RecordDict(), run_config=run_config)
-                         for n in nodes}
+        self.contexts = {n: Context(run_id=RUN, node_id=n, node_config=identity_config(certs, i) if certs else {},
+                                    state=RecordDict(), run_config=run_config) for i, n in enumerate(nodes)}
         self.dead: set[int] = set()
         self.log: list[tuple[str, int]] = []
 

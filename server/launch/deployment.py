@@ -257,10 +257,10 @@ class Deployment:
         if self.certs is None:
             return argv + ["--insecure"]
         argv += ["--ca", str(self.certs / certs.CA_CRT), "--key", str(certs.gateway_key(self.certs, i))]
-        if self.front_port:  # mutual TLS at the front
-            argv += ["--client-cert", str(certs.gateway_crt(self.certs, i)),
-                     "--client-key", str(certs.gateway_tls_key(self.certs, i))]
-        return argv
+        # its client certificate: mutual TLS at the front, and (without a front too) the identity
+        # that vouches for its run keys under strategy=mask
+        return argv + ["--client-cert", str(certs.gateway_crt(self.certs, i)),
+                       "--client-key", str(certs.gateway_tls_key(self.certs, i))]
 
     def _scenario(self, i: int) -> list[str]:
         """Gateway i's part in a crash (fleet.crash) or poisoning (fleet.poison) scenario, as node config."""

@@ -13,7 +13,7 @@ import hashlib
 
 import numpy as np
 import pytest
-from flwr.app import Message
+from flwr.app import ConfigRecord, Message, RecordDict
 
 from iiotfl.clients.app import mask_unmask
 from iiotfl.strategies import masking, wire
@@ -164,3 +164,69 @@ def test_isolating_the_target_with_the_colluders_leaves_a_pair_mask_on(round1):
     values, recovered = _attack(fleet, strategy, parts[TARGET], coalition, answers)
     assert recovered  # t-1 colluders' shares and the honest survivor's: the self mask is known ...
     assert abs(_accuracy(values, signs) - 0.5) < 0.05  # ... the target's pair mask with that survivor is not
+
+
+# -- key substitution: the server hands a gateway keys of its own making ----------------------------------
+@pytest.fixture(scope="module")
+def fleet_certs(tmp_path_factory):
+    from iiotfl.security import certs
+
+    d = tmp_path_factory.mktemp("certs")
+    certs.create(d, gateways=len(NODES))
+    other = tmp_path_factory.mktemp("rogue-ca")
+    certs.create(other, gateways=1)  # a CA the server made for itself
+    return d, other
+
+
+def _substituted(msg, victim_pos: int, agree: bytes, sign: bytes, cert: bytes = b"", proof: bytes = b""):
+    config = ConfigRecord(dict(wire.config_record(msg.content, "config")))
+    for key, value in ((wire.MASK_AGREE, agree), (wire.MASK_SIGN, sign), (wire.MASK_CERTS, cert),
+                       (wire.MASK_PROOFS, proof)):
+        values = list(config.get(key, [b""] * len(NODES)))
+        values[victim_pos] = value
+        config[key] = values
+    return Message(RecordDict({**msg.content, "config": config}), dst_node_id=msg.metadata.dst_node_id,
+                   message_type="train")
+
+
+def test_keys_not_vouched_for_by_the_fleets_ca_are_refused(tmp_path, serverapp_identity, fleet_certs):
+    """With identities (each gateway's certificate from the fleet's CA signs its run keys), a server that
+    puts its own keys in place of gateway 1's — with no certificate, its own CA's, gateway 3's real one,
+    or gateway 1's real certificate and proof with other keys — is refused by gateway 10, which then masks
+    nothing. An honest round goes through, and the certificates travel once a run."""
+    from iiotfl.security import certs
+
+    d, rogue = fleet_certs
+    fleet = MaskFleet(NODES, tmp_path, certs=d)
+    strategy = fleet.strategy()
+    msgs = fleet.configure(strategy, 1)
+    target = msgs[TARGET]
+    config = wire.config_record(target.content, "config")
+    mine = masking.RunKeys.generate()
+    real_cert, real_proof = list(config[wire.MASK_CERTS])[0], list(config[wire.MASK_PROOFS])[0]
+    third_cert, third_proof = list(config[wire.MASK_CERTS])[2], list(config[wire.MASK_PROOFS])[2]
+    rogue_identity = masking.Identity.load(certs.gateway_crt(rogue, 0), certs.gateway_tls_key(rogue, 0),
+                                           rogue / certs.CA_CRT)
+    own_cert, own_proof = rogue_identity.vouch(RUN, 1, mine.agree_public, mine.sign_public)
+    attempts = {
+        "no certificate of the fleet's CA": (b"", b""),
+        "the fleet's CA did not issue": (own_cert, own_proof),
+        "not signed by the certificate sent with them": (third_cert, third_proof),
+    }
+    for says, (cert, proof) in attempts.items():
+        with pytest.raises(MaskError, match=says):
+            fleet.reply(_substituted(target, 0, mine.agree_public, mine.sign_public, cert, proof), np.zeros(SIZE))
+    with pytest.raises(MaskError, match="not signed by the certificate sent with them"):
+        fleet.reply(_substituted(target, 0, mine.agree_public, mine.sign_public, real_cert, real_proof),
+                    np.zeros(SIZE))
+    # the honest round: every gateway checks every voucher once, the sum is unmasked
+    replies = [fleet.reply(m, np.zeros(SIZE)) for m in msgs.values()]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    assert arrays is not None and strategy.current == set(NODES)
+    msgs2 = fleet.configure(strategy, 2)
+    assert all(wire.MASK_CERTS not in wire.config_record(m.content, "config") for m in msgs2.values())
+    # round 2: a substitution of an already checked peer, without a voucher, is refused too
+    with pytest.raises(MaskError, match="no certificate of the fleet's CA"):
+        fleet.reply(_substituted(msgs2[TARGET], 0, mine.agree_public, mine.sign_public), np.zeros(SIZE))
+    arrays, _ = strategy.aggregate_train(2, [fleet.reply(m, np.zeros(SIZE)) for m in msgs2.values()])
+    assert arrays is not None

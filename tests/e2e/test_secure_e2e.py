@@ -93,6 +93,8 @@ def test_mask_trains_like_plain_fedavg_at_a_third_of_the_bytes(tmp_path, fleet_r
     model_bytes = json.loads((run_dir / "metrics.json").read_text())["model_bytes"]
     for row in ours[1:]:
         assert all(c["bytes-up"] < 0.33 * model_bytes and c["mask-bits"] == 10 for c in row["clients"])
+        # each gateway's certificate from the fleet's CA vouched for its run keys, and its peers checked them
+        assert all(c["mask-pinned"] == 1 for c in row["clients"])
 
 
 def test_mask_survives_a_gateway_dropping_mid_round(tmp_path):

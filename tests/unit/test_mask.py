@@ -213,3 +213,27 @@ def test_config_checks():
 def test_bytes_per_value_are_a_third_of_float32_for_ten_gateways():
     assert masking.packed_bytes(1_000_000, masking.bits_for(10)) / (4 * 1_000_000) == 0.375
     assert VIEW  # the harness' model
+
+
+def test_the_tls_fleet_gives_every_gateway_its_identity_for_its_run_keys(tmp_path):
+    """The local fleet (TLS) passes each gateway its certificate from the fleet's CA; `iiotfl gateway` turns
+    it into the identity node config strategy=mask pins peers' run keys with."""
+    from flwr.app import Context
+
+    from iiotfl.compat.flower import parse_config_args, supernode_parser
+    from iiotfl.server.launch import Deployment
+    from iiotfl.strategies.mask_fedavg import identity
+    from tests.conftest import supernode_argv
+
+    dep = Deployment(compose(["fleet.gateways=3", "strategy=mask"]), tmp_path)
+    dep.certs = dep.provision_certs()  # what start() does before the gateways, without starting anything
+    seen = set()
+    for i in range(3):
+        config = parse_config_args([supernode_parser().parse_args(supernode_argv(dep, i, "127.0.0.1:1")[1:])
+                                    .node_config])
+        me = identity(Context(run_id=1, node_id=i, node_config=config, state=RecordDict(), run_config={}))
+        assert me is not None and me.cert.subject.rfc4514_string().startswith(f"CN=gateway-{i}")
+        seen.add(me.fingerprint)
+    assert len(seen) == 3
+    with pytest.raises(MaskError, match="set all three"):
+        identity(Context(run_id=1, node_id=0, node_config={"identity-cert": "x"}, state=RecordDict(), run_config={}))
