@@ -30,9 +30,14 @@ def _superlink(run_dir: Path) -> int:
 
 
 @pytest.mark.slow
-def test_superlink_killed_mid_run_is_restarted_and_the_run_resumes(tmp_path):
+@pytest.mark.parametrize("scenario", [
+    ("fleet.gateways=2",),
+    # masked aggregation: the resumed run sets up fresh run keys; a cohort of 3 of the 4 is enough
+    ("strategy=mask", "fleet.gateways=4", "strategy.min_cohort=3"),
+], ids=["fedavg", "mask"])
+def test_superlink_killed_mid_run_is_restarted_and_the_run_resumes(tmp_path, scenario):
     run_dir = tmp_path / "run"
-    proc = subprocess.Popen([str(IIOTFL), "run", "fleet.gateways=2", "fleet.rounds=3", *SMALL,
+    proc = subprocess.Popen([str(IIOTFL), "run", *scenario, "fleet.rounds=3", *SMALL,
                              f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     metrics = run_dir / "metrics.jsonl"
@@ -59,6 +64,9 @@ def test_superlink_killed_mid_run_is_restarted_and_the_run_resumes(tmp_path):
     assert all(json.loads(r)["aggregated"] >= 1 for r in rows[done + 1:])
     summary = json.loads((run_dir / "metrics.json").read_text())
     assert any("resumed after round" in n for n in summary["notes"])
+    if "strategy=mask" in scenario:  # keys set up in the first run and again in the resumed one
+        log = (run_dir / "logs" / "serverapp.log").read_text()
+        assert log.count("mask key set-up:") >= 2 and "unmasked the sum of" in log
 
 
 def test_runs_that_cannot_resume_say_why():
