@@ -100,11 +100,18 @@ def pack(words: np.ndarray, bits: int) -> np.ndarray:
 
 
 def unpack(payload: np.ndarray, values: int, bits: int) -> np.ndarray:
-    """Inverse of :func:`pack` (``values`` words; padding bits ignored)."""
-    raw = np.unpackbits(np.asarray(payload, dtype=np.uint8))[: values * bits].reshape(values, bits)
-    full = np.zeros((values, 16), dtype=np.uint8)
-    full[:, 16 - bits:] = raw
-    return np.packbits(full, axis=1).view(">u2").ravel().astype(np.int64)
+    """Inverse of :func:`pack` (``values`` words; padding bits ignored). Eight words fill ``bits`` bytes:
+    read a row of them at a time, each word from the (at most) three bytes it spans."""
+    groups = -(-values // 8)
+    raw = np.zeros(groups * bits + 2, dtype=np.int64)
+    raw[: np.size(payload)] = np.asarray(payload, dtype=np.uint8)
+    rows = np.lib.stride_tricks.as_strided(raw, shape=(groups, bits + 2), strides=(bits * 8, 8))
+    out = np.empty((groups, 8), dtype=np.int64)
+    for i in range(8):
+        b, o = divmod(i * bits, 8)
+        window = (rows[:, b] << 16) | (rows[:, b + 1] << 8) | rows[:, b + 2]
+        out[:, i] = (window >> (24 - o - bits)) & ((1 << bits) - 1)
+    return out.ravel()[:values]
 
 
 def prg(seed: bytes, values: int, bits: int) -> np.ndarray:
