@@ -396,18 +396,21 @@ def _reply(msg: Message, context: Context, settings: RunSettings, model, view, c
     rng = np.random.default_rng([cfg["seed"], metrics["partition"], int(config[wire.SERVER_ROUND])])
     if spec.needs_keys:  # strategy=he: packed ciphertexts under the fleet's key set
         records, extra = _he_update(settings, context, config, update, view, rng)
-        reply = MetricRecord({**metrics, **extra, wire.BYTES_UP: records[wire.HE_UPDATE].count_bytes(),
-                              wire.OBJECTS_DOWN: _objects_down(msg), wire.OBJECTS_UP: 2 + 3 + 1,
-                              wire.T_END: time.time()})
-        return Message(content=RecordDict({**records, "metrics": reply}), reply_to=msg)
+        return _secure_reply(msg, records, {**metrics, **extra}, records[wire.HE_UPDATE].count_bytes())
     if spec.device_update is not None:  # strategy=mask: masked k-bit words and sealed shares
         update, extra = _noised(update, config, rng)  # distributed DP: clip, add this gateway's noise share
         records, more = spec.device_update(context, config, update, view, cfg, rng, msg.metadata.run_id)
-        up = sum(r.count_bytes() for r in records.values())
-        reply = MetricRecord({**metrics, **extra, **more, wire.BYTES_UP: up, wire.OBJECTS_DOWN: _objects_down(msg),
-                              wire.OBJECTS_UP: 2 + len(records) + 1, wire.T_END: time.time()})
-        return Message(content=RecordDict({**records, "metrics": reply}), reply_to=msg)
+        return _secure_reply(msg, records, {**metrics, **extra, **more},
+                             sum(r.count_bytes() for r in records.values()))
     return _encoded_reply(msg, context, cfg, codec, update, rng, metrics)
+
+
+def _secure_reply(msg: Message, records: dict, metrics: dict, bytes_up: int) -> Message:
+    """An encrypted or masked update's reply: its records (the update and its meta) and the metrics."""
+    # objects up: the message and its RecordDict, the records and "metrics", the update's one array
+    reply = MetricRecord({**metrics, wire.BYTES_UP: bytes_up, wire.OBJECTS_DOWN: _objects_down(msg),
+                          wire.OBJECTS_UP: 2 + len(records) + 1 + 1, wire.T_END: time.time()})
+    return Message(content=RecordDict({**records, "metrics": reply}), reply_to=msg)
 
 
 @app.train(mods=[_client_clipping, _secagg])

@@ -120,11 +120,10 @@ def min_cohort(cfg: Mapping[str, Any]) -> int:
 
 
 def min_survivors(cfg: Mapping[str, Any], cohort: int, own: int = 0) -> int:
-    """The fewest survivors whose sum a gateway helps unmask: t + 1 (a survivor's self mask is rebuilt
-    from the *other* survivors' shares), ``strategy.min_aggregate`` and its own node config minimum,
-    whichever is largest."""
+    """The fewest survivors whose sum a gateway helps unmask (:func:`masking.min_survivors`), from its
+    run config and its own node config minimum."""
     st = cfg["strategy"]
-    return max(masking.threshold_for(cohort, float(st["threshold"])) + 1, int(st["min_aggregate"]), own)
+    return masking.min_survivors(cohort, float(st["threshold"]), int(st["min_aggregate"]), own)
 
 
 # -- the gateway's side -----------------------------------------------------------------------
@@ -209,14 +208,19 @@ class Cohort:
         return {wire.MASK_NODES: [str(n) for n in self.nodes], wire.MASK_AGREE: self.agree,
                 wire.MASK_SIGN: self.sign}
 
+    @classmethod
+    def from_record(cls, rec: ConfigRecord) -> "Cohort":
+        """Inverse of :meth:`record` (a train message's config, or this gateway's round state)."""
+        return cls(wire.as_ints(rec[wire.MASK_NODES]), wire.as_bytes_list(rec[wire.MASK_AGREE]),
+                   wire.as_bytes_list(rec[wire.MASK_SIGN]))
+
 
 def _cohort(config: ConfigRecord, keys: RunKeys, me: int, cfg: Mapping[str, Any], context: Context,
             run_id: int) -> Cohort:
     """The cohort of a train message after this gateway's own checks, else MaskError: with an identity,
     every peer's keys vouched for by the fleet's CA."""
     try:
-        cohort = Cohort(wire.as_ints(config[wire.MASK_NODES]), wire.as_bytes_list(config[wire.MASK_AGREE]),
-                        wire.as_bytes_list(config[wire.MASK_SIGN]))
+        cohort = Cohort.from_record(config)
     except (KeyError, TypeError, ValueError) as err:
         raise MaskError(f"the train message carries no valid cohort ({type(err).__name__}: {err}); is the server "
                         "running strategy=mask?") from None
@@ -301,8 +305,7 @@ def unmask_reply(content: RecordDict, context: Context, cfg: Mapping[str, Any], 
                         f"{wire.as_int(state['round'])}: replayed or out of turn; refused")
     if bool(state["answered"]):
         raise MaskError(f"this gateway already answered the round-{server_round} unmask request; one a round, refused")
-    cohort = Cohort(wire.as_ints(state[wire.MASK_NODES]), wire.as_bytes_list(state[wire.MASK_AGREE]),
-                    wire.as_bytes_list(state[wire.MASK_SIGN]))
+    cohort = Cohort.from_record(state)
     if set(survivors) & set(dropped) or sorted(survivors + dropped) != sorted(cohort.nodes):
         raise MaskError("the survivors and the dropped do not split this round's cohort; refused")
     if me not in survivors:
@@ -350,8 +353,23 @@ class Unmasked:
     seeds: dict[int, bytes]   # dropped -> this round's pair seed
 
 
-def _unmask_answer(reply: Message) -> Unmasked:
-    rec = wire.config_record(reply.content, wire.UNMASK)
+def unmask_request(parts: list[Masked], members: list[int], node: int, server_round: int,
+                   dropped: list[int]) -> RecordDict:
+    """What survivor ``node`` is asked: the survivors, the dropped, and the shares sealed for it."""
+    me = members.index(node)
+    others = [q for q in parts if q.node != node]
+    cfg: dict[str, Any] = {wire.SERVER_ROUND: server_round, wire.SURVIVORS: [str(p.node) for p in parts]}
+    if dropped:  # Flower's ConfigRecord cannot size an empty list
+        cfg[wire.DROPPED] = [str(j) for j in dropped]
+    if others:
+        cfg[wire.FROM] = [str(q.node) for q in others]
+        cfg[wire.SHARES] = [q.shares[me] for q in others]
+    return RecordDict({"config": ConfigRecord(cfg)})
+
+
+def unmask_answer(content: RecordDict) -> Unmasked:
+    """A survivor's unmask reply, read and checked for lengths, else MaskError (or KeyError, TypeError)."""
+    rec = wire.config_record(content, wire.UNMASK)
     shares = dict(zip(wire.as_ints(rec.get(wire.FROM, [])), wire.as_bytes_list(rec.get(wire.SHARES, []))))
     seeds = dict(zip(wire.as_ints(rec.get(wire.DROPPED, [])), wire.as_bytes_list(rec.get(wire.SEEDS, []))))
     if any(len(s) != masking.SHARE_BYTES for s in shares.values()) or any(
@@ -370,8 +388,7 @@ class MaskFedAvg(SecureSumFedAvg):
         self.public_keys: dict[int, tuple[bytes, bytes]] = {}  # node -> its public run keys (agree, sign)
         self.vouchers: dict[int, tuple[bytes, bytes]] = {}     # node -> (certificate, proof) for its run keys
         self.introduced: dict[int, set[int]] = {}              # node -> peers whose vouchers it has checked
-        self.members: list[int] = []                    # this round's cohort, in order
-        self.setup_bytes = 0                             # key set-up traffic so far (both ways)
+        self.members: list[int] = []                           # this round's cohort, in order
 
     # -- key set-up, once a run ----------------------------------------------------------------
     def setup(self, grid: Grid, server_round: int) -> None:
@@ -400,7 +417,6 @@ class MaskFedAvg(SecureSumFedAvg):
             self.public_keys[node] = (agree, sign)
             if isinstance(rec.get(wire.CERT), bytes) and isinstance(rec.get(wire.PROOF), bytes):
                 self.vouchers[node] = (wire.as_bytes(rec[wire.CERT]), wire.as_bytes(rec[wire.PROOF]))
-            self.setup_bytes += rec.count_bytes() + messages[0].content["config"].count_bytes()
         log(INFO, "mask key set-up: %d of %d gateway(s) gave run keys", len(set(unknown) & set(self.public_keys)),
             len(unknown))
 
@@ -486,20 +502,8 @@ class MaskFedAvg(SecureSumFedAvg):
         return Masked(node, masking.unpack(payload, size, bits), shares, commit)
 
     def _unmask_requests(self, parts: list[Masked], server_round: int, dropped: list[int]) -> list[Message]:
-        survivors = [str(p.node) for p in parts]
-        messages = []
-        for p in parts:
-            me = self.members.index(p.node)
-            others = [q for q in parts if q.node != p.node]
-            cfg: dict[str, Any] = {wire.SERVER_ROUND: server_round, wire.SURVIVORS: survivors}
-            if dropped:
-                cfg[wire.DROPPED] = [str(j) for j in dropped]
-            if others:
-                cfg[wire.FROM] = [str(q.node) for q in others]
-                cfg[wire.SHARES] = [q.shares[me] for q in others]
-            messages.append(Message(content=RecordDict({"config": ConfigRecord(cfg)}), dst_node_id=p.node,
-                                    message_type=wire.QUERY_MASK_UNMASK))
-        return messages
+        return [Message(content=unmask_request(parts, self.members, p.node, server_round, dropped), dst_node_id=p.node,
+                        message_type=wire.QUERY_MASK_UNMASK) for p in parts]
 
     def secure_sum(self, parts: list[Masked], server_round: int, size: int) -> Decrypted:
         """Unmask the sum of ``parts``: one request to each survivor, then the self masks and the dropped
@@ -509,7 +513,7 @@ class MaskFedAvg(SecureSumFedAvg):
         nodes = [p.node for p in parts]
         dropped = [m for m in self.members if m not in nodes]
         t = masking.threshold_for(n, self.threshold)
-        if len(parts) < max(t + 1, self.min_aggregate):
+        if len(parts) < masking.min_survivors(n, self.threshold, self.min_aggregate):
             log(WARNING, "round %d: %d masked updates, fewer than t + 1 = %d (a self mask needs t shares from the "
                 "other survivors) or strategy.min_aggregate=%d; nothing aggregated", server_round, len(parts), t + 1,
                 self.min_aggregate)
@@ -520,7 +524,7 @@ class MaskFedAvg(SecureSumFedAvg):
             try:
                 if reply.has_error():
                     raise MaskError(reply.error.reason)
-                answers[node] = _unmask_answer(reply)
+                answers[node] = unmask_answer(reply.content)
             except (MaskError, KeyError, TypeError, wire.RecordKindError) as err:
                 log(WARNING, "round %d: gateway %d gave no unmask answer: %s", server_round, node, err)
         return self._unmasked(parts, server_round, size, dropped, answers, t)

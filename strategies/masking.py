@@ -87,6 +87,12 @@ def threshold_for(cohort: int, fraction: float) -> int:
     return min(max(2, math.ceil(fraction * cohort)), cohort - 1)
 
 
+def min_survivors(cohort: int, fraction: float, min_aggregate: int, own: int = 0) -> int:
+    """The fewest survivors whose sum is unmasked: t + 1 (a survivor's self mask is rebuilt from the
+    *other* survivors' shares), the run's minimum and a gateway's own, whichever is largest."""
+    return max(threshold_for(cohort, fraction) + 1, min_aggregate, own)
+
+
 def packed_bytes(values: int, bits: int) -> int:
     return -(-values * bits // 8)
 

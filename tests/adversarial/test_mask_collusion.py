@@ -17,7 +17,7 @@ from flwr.app import ConfigRecord, Message, RecordDict
 
 from iiotfl.clients.app import mask_unmask
 from iiotfl.strategies import masking, wire
-from iiotfl.strategies.mask_fedavg import Masked, run_keys
+from iiotfl.strategies.mask_fedavg import Masked, run_keys, unmask_answer
 from iiotfl.strategies.masking import MaskError
 from tests.maskfleet import RUN, SIZE, MaskFleet
 
@@ -47,9 +47,8 @@ def _answers(fleet, strategy, parts, survivors, dropped, to):
         node = msg.metadata.dst_node_id
         if node in to:
             reply = mask_unmask(msg, fleet.contexts[node])
-            rec = reply.content[wire.UNMASK]
-            out[node] = (dict(zip(wire.as_ints(rec.get(wire.FROM, [])), rec.get(wire.SHARES, []))),
-                         dict(zip(wire.as_ints(rec.get(wire.DROPPED, [])), rec.get(wire.SEEDS, []))))
+            answer = unmask_answer(reply.content)
+            out[node] = (answer.shares, answer.seeds)
     return out
 
 
