@@ -133,55 +133,83 @@ def secagg_plus(updates, counts, neighbours: int = 3):
 
 
 def iiotfl_mask(updates, counts, rounds: int = 8):
-    from iiotfl.strategies import masking
+    """The gateways' and the server's own code (strategies/mask_fedavg.py): key set-up with identities
+    from `iiotfl certs`, a round's masked updates, the unmask exchange; bytes as the records count them."""
+    from flwr.app import ConfigRecord, Context, RecordDict
+
+    from iiotfl.configs import compose
+    from iiotfl.security import certs
+    from iiotfl.strategies import masking, wire
+    from iiotfl.strategies.codecs import get_codec
+    from iiotfl.strategies.mask_fedavg import (
+        Cohort,
+        Masked,
+        MaskFedAvg,
+        key_reply,
+        masked_update,
+        unmask_answer,
+        unmask_reply,
+        unmask_request,
+    )
 
     n, size = len(updates), updates[0].size
-    bits, t = masking.bits_for(n), masking.threshold_for(n, 0.5)
-    keys = [masking.RunKeys.generate() for _ in range(n)]
-    weights = counts * n / counts.sum()
-    ranges = np.full(size, 4 * float(np.abs(updates[0]).max()))
-    rng = np.random.default_rng(0)
+    nodes = list(range(1, n + 1))
+    cfg = compose(["strategy=mask", f"fleet.gateways={n}"])
+    weights = dict(zip(nodes, counts * n / counts.sum()))
+    ranges = [4 * float(np.abs(updates[0]).max())]
+    view = {"w": np.zeros(size, np.float32)}
+    with tempfile.TemporaryDirectory() as tmp:
+        certs.create(tmp, gateways=n)
+        contexts = {node: Context(run_id=1, node_id=node, state=RecordDict(), run_config={}, node_config={
+            "identity-cert": str(certs.gateway_crt(tmp, i)), "identity-key": str(certs.gateway_tls_key(tmp, i)),
+            "identity-ca": str(Path(tmp) / certs.CA_CRT)}) for i, node in enumerate(nodes)}
+        keys = {node: key_reply(ctx, 1)[wire.MASK_KEYS] for node, ctx in contexts.items()}  # the set-up, once a run
+        cohort = Cohort(nodes, [wire.as_bytes(keys[m][wire.AGREE]) for m in nodes],
+                        [wire.as_bytes(keys[m][wire.SIGN]) for m in nodes]).record()
+        vouchers = {wire.MASK_CERTS: [keys[m][wire.CERT] for m in nodes],
+                    wire.MASK_PROOFS: [keys[m][wire.PROOF] for m in nodes]}
 
-    def device(i):  # one gateway's round: quantise, pair seeds, mask, pack, shares sealed, signature
-        values, _ = he.quantise_update(updates[i], ranges, weights[i], rng)
-        seed = masking.fresh_seed()
-        pairs = {j: masking.pair_seed(keys[i], keys[j].agree_public, 1, 1, i, j) for j in range(n) if j != i}
-        words = masking.pack(masking.mask(values, bits, seed, pairs, i), bits)
-        shares = masking.split_seed(seed, t, n)
-        sealed = [masking.seal_share(keys[i], keys[j].agree_public, shares[j], 1, 1, i, j) for j in range(n) if j != i]
-        signature = keys[i].signature(words.tobytes()[:64])
-        return words, seed, shares, sealed, signature
+        def config(node, server_round):  # what the train message adds to the model: ranges, weight, the cohort
+            first = vouchers if server_round == 1 else {}  # peers' certificates: the first round only
+            return ConfigRecord({wire.SERVER_ROUND: server_round, wire.HE_RANGES: ranges,
+                                 wire.HE_WEIGHT: float(weights[node]), **cohort, **first})
 
-    enc, (words, _, _, sealed, signature) = timed(lambda: device(0), repeat=1)
-    rounds_out = [device(i) for i in range(n)]
-    up = words.size + sum(len(s) for s in sealed) + 32 + len(signature) + 64  # + commitment, + binding fields
+        rng = np.random.default_rng(0)
+        for node in nodes:  # round 1 (the peers' certificates checked); round 2 is timed
+            masked_update(contexts[node], config(node, 1), updates[0], view, cfg, rng, 1)
+        enc, _ = timed(lambda: masked_update(contexts[1], config(1, 2), updates[0], view, cfg, rng, 1), repeat=1)
+        out = {node: masked_update(contexts[node], config(node, 3), u, view, cfg, rng, 1)[0]
+               for node, u in zip(nodes, updates)}
+    bits = masking.bits_for(n)
+    up = sum(r.count_bytes() for r in out[1].values())
+    strategy = MaskFedAvg(threshold=0.5, min_cohort=3, codec=get_codec(None), fraction_train=1.0,
+                          min_available_nodes=1)
+    strategy.members, strategy.weights = nodes, weights
 
     def aggregate():
-        total = np.zeros(size, dtype=np.int64)
-        for w, *_ in rounds_out:
-            total += masking.unpack(w, size, bits)
-        return total
+        return [Masked(node, masking.unpack(r[wire.MASK_UPDATE][wire.WORDS].numpy(), size, bits),
+                       wire.as_bytes_list(r[wire.MASK][wire.SHARES]), wire.as_bytes(r[wire.MASK][wire.COMMIT]))
+                for node, r in out.items()]
 
-    agg, total = timed(aggregate, repeat=1)
-
-    def unmask():  # rebuild each self mask from t shares and remove it
-        out = total.copy()
-        for _, _, shares, _, _ in rounds_out:
-            out -= masking.prg(masking.combine_seed(shares[1:1 + t]), size, bits)
-        return masking.signed(out & ((1 << bits) - 1), bits)
-
-    dec, digits = timed(unmask, repeat=1)
-    mean = he.decode_digits(digits, ranges, weights.sum())
+    agg, parts = timed(aggregate, repeat=1)
+    requests = {node: unmask_request(parts, nodes, node, 3, []) for node in nodes}
+    answers = {node: unmask_reply(requests[node], contexts[node], cfg, 1) for node in nodes}
+    t = masking.threshold_for(n, 0.5)
+    dec, summed = timed(lambda: strategy._unmasked(parts, 3, size, [], {node: unmask_answer(a)
+                                                                        for node, a in answers.items()}, t), repeat=1)
+    mean = he.decode_digits(summed.slots, np.full(size, ranges[0]), sum(weights.values()))
     exact = sum(w * u for w, u in zip(counts / counts.sum(), updates))
-    cohort_down = n * (2 * masking.KEY_BYTES + 20)             # the cohort's node ids and run keys, each train message
-    unmask_down = (n - 1) * (masking.SEALED_SHARE_BYTES + 2) + n * 20  # the shares sealed for it, the survivors
-    unmask_up = (n - 1) * (masking.SHARE_BYTES + 2)            # its opened shares (no dropout: no seeds)
-    setup = 2 * masking.KEY_BYTES + 40                          # its public run keys up, the request down
+    later = ConfigRecord(cohort).count_bytes()
+    first = ConfigRecord({**cohort, **vouchers}).count_bytes()
     return {"bytes": up, "encrypt_s": enc, "aggregate_s_per_update": agg / n, "decrypt_s": dec,
-            "extra_down_per_round": cohort_down + unmask_down, "extra_up_per_round": unmask_up,
-            "setup_bytes_per_run": setup, "max_error": float(np.abs(mean - exact).max()),
-            "error_bound": float(he.error_bound(ranges[:1], n, weights.sum())[0]), "bits": bits, "threshold": t,
-            "rounds_amortised": rounds}
+            # a round beyond the model: the cohort in the train message, the unmask request; up: the answer
+            "extra_down_per_round": later + requests[1]["config"].count_bytes(),
+            "extra_up_per_round": answers[1][wire.UNMASK].count_bytes(),
+            # once a run: the run keys with certificate and proof up, the peers' certificates down
+            "setup_bytes_per_run": keys[1].count_bytes() + first - later,
+            "max_error": float(np.abs(mean - exact).max()),
+            "error_bound": float(he.error_bound(np.full(1, ranges[0]), n, sum(weights.values()))[0]), "bits": bits,
+            "threshold": t, "rounds_amortised": rounds}
 
 
 # what each method needs a round, and which coalitions and dropouts it survives, for D gateways
