@@ -13,6 +13,11 @@ $(STAMP): pyproject.toml
 		|| apt-get install -y -q --no-install-recommends nginx-light >/dev/null 2>&1 \
 		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends nginx-light >/dev/null 2>&1) \
 		|| echo "note: nginx could not be installed; the local fleet runs without its front (the report says so)"
+	# mosquitto: the MQTT broker the gateway's MQTT source is tested against (tests start their own, on loopback)
+	-@command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1 \
+		|| apt-get install -y -q --no-install-recommends mosquitto >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends mosquitto >/dev/null 2>&1) \
+		|| echo "note: mosquitto could not be installed; the MQTT source tests are skipped"
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --upgrade pip
 	# torch first, pinned: the CPU build; any other spec pulls a multi-GB CUDA build.

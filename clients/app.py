@@ -9,9 +9,10 @@
   (the FedAvg weight) and timings. Contract: ``strategies/codec_fedavg.py``.
 * ``evaluate``: score the global model on the plant's held-out units.
 
-Which plant a node is comes from its node config (``partition-id``, or
-``data-path`` for a gateway with its own files); the task and data settings from
-the run config; training hyper-parameters from each train message.
+Which plant a node is comes from its node config (``partition-id``; ``data-spec``, the
+gateway's own description of its data, ``clients/sources``; or ``data-path``, a file in the
+run config's schema); the task from the run config; training hyper-parameters from each
+train message.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 
 from iiotfl.clients.poison import poison
 from iiotfl.clients.processes import started_at
+from iiotfl.clients.sources import gateway_records
 from iiotfl.clients.training import train_local, train_local_dp
 from iiotfl.compat.flower import (
     KEY_CLIPPING_NORM,
@@ -61,7 +63,9 @@ def _plant(context: Context):
     torch.set_num_threads(int(context.node_config.get("torch-threads", cfg["train"]["torch_threads"])))
     task = get_task(cfg["task"], cfg["seed"])
     partition = int(context.node_config.get("partition-id", 0))
-    train, val = task.gateway_data(partition, context.node_config)
+    # data-spec: the gateway's own description of its data (a CSV export or its live sources' store)
+    train, val = task.gateway_data(partition, context.node_config,
+                                   gateway_records(task, context.node_config, partition))
     return settings, task, train, val, partition
 
 

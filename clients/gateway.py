@@ -7,8 +7,10 @@ Contract:
 
 1. **Check before joining**, each problem one line (exit code 2) naming the file or
    address and the fix: the CA certificate (readable PEM, not expired), the node key
-   (an OpenSSH EC private key from ``iiotfl certs``), the data (``--data``: a CSV file or
-   a directory of them, in the schema of ``tasks/predictive_maintenance/loader.py``).
+   (an OpenSSH EC private key from ``iiotfl certs``), the data: ``--source gateway.yaml``, the
+   gateway's own description of its data (``clients/sources``: a CSV export, an OPC UA server or
+   an MQTT broker, mapped to the task's columns), or ``--data DIR`` for a CSV export with
+   ``--task``, ``--sep`` and ``--column``.
 2. **Link profile** (``--link nb_iot``; root, iproute2): a token bucket at the profile's
    uplink rate on the egress of ``--interface``, random loss with nftables, and with
    ``--shape-downlink`` an ingress policer at the downlink rate (the local fleet shapes
@@ -19,9 +21,11 @@ Contract:
    ``--max-wait`` seconds, default forever): a plant's uplink goes down and comes back.
    A certificate that does not verify is a configuration error and ends the gateway.
 4. **Run** ``flower-supernode`` with the CA, the node key and the node config
-   (``partition-id``, ``data-path``, ...). Its output is passed through; lines that mean
+   (``partition-id``, ``data-spec``, ...). Its output is passed through; lines that mean
    a refused node key end the gateway with the fix; any other exit is restarted with
-   the same backoff. The data directory is re-read by the ClientApp every round.
+   the same backoff. A live source feeds the gateway's local store in the background
+   meanwhile (``sources.collect``); the ClientApp reads the store, or re-reads the CSV
+   export, every round.
 
 ``iiotfl gateway`` is :func:`add_arguments` + :func:`run`; :func:`main` parses and runs.
 """
@@ -46,6 +50,7 @@ from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
 
+from iiotfl.clients import sources
 from iiotfl.clients.processes import bin_env, leader_exited, spawn, stop_group
 from iiotfl.compat.flower import LOG, ExitCode
 from iiotfl.compat.supernode import CERT_ENV, KEY_ENV, POLL_MAX_ENV, POLL_MAX_S, POLL_MIN_S, RUNTIME_ENV
@@ -53,7 +58,7 @@ from iiotfl.links.profiles import LinkProfile, ProfileError
 from iiotfl.links.profiles import link_profile as load_link_profile
 from iiotfl.links.shaping import apply_link
 from iiotfl.security.certs import CertsError, load_cert, load_node_key
-from iiotfl.tasks.predictive_maintenance.loader import load_csv
+from iiotfl.tasks import TASKS
 
 BACKOFF_MAX_S = 60.0
 STOP_GRACE_S = 10.0  # SIGTERM to SIGKILL for the SuperNode's process group
@@ -117,11 +122,37 @@ def check_client_cert(cert: str | Path, key: str | Path, ca: str | Path | None) 
                                "from the same `iiotfl certs` directory as ca.crt") from None
 
 
-def check_data(path: str | Path) -> None:
-    path = Path(path)
+def data_spec(args: argparse.Namespace) -> sources.DataSpec | None:
+    """This gateway's data description: ``--source FILE``, or ``--data DIR`` with ``--task``, ``--sep``
+    and ``--column`` (written as JSON under ``--state-dir`` or ``~/.iiotfl/gateway`` for the ClientApp);
+    None when it has neither (the ClientApp then uses the run config's data or ``--node-config``)."""
+    if getattr(args, "source", None):
+        if args.data:
+            raise GatewayError("--source and --data both describe the data; give one (a CSV export goes into the "
+                               "description as source: {kind: csv, path: ...})")
+        spec = sources.load(args.source)
+        if args.task and args.task != spec.task:
+            raise GatewayError(f"--task {args.task} but {args.source} describes {spec.task} data; drop --task or fix "
+                               "task: in the description")
+        return spec
+    if not args.data:
+        if args.sep != "," or args.column:
+            raise GatewayError("--sep and --column describe a CSV export: give it with --data DIR")
+        return None
+    path = Path(args.data)
     if not path.exists():
         raise GatewayError(f"data {path} not found; point --data at the plant's CSV file or export directory")
-    load_csv(path)  # DataFormatError: one line with file, row, column and fix
+    home = Path(args.state_dir) if args.state_dir else Path.home() / ".iiotfl" / "gateway"
+    digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+    return sources.spec.from_flags(args.task or "predictive_maintenance", str(path), args.sep, args.column,
+                                   keep=home / f"data-{digest}.json")
+
+
+def check_data(spec: sources.DataSpec, say=print) -> None:
+    """The description against its task's default columns, its source's files and store, a CSV export's
+    records; each problem one line (SpecError, DataMismatch, DataFormatError)."""
+    for line in sources.check(spec, sources.spec.default_task(spec.task)):
+        say(f"iiotfl gateway: data: {line}")
 
 
 def link_profile(name: str) -> LinkProfile:
@@ -209,8 +240,9 @@ def supernode_failure(log: str) -> str | None:
 # -- running the SuperNode -------------------------------------------------------------------
 def supernode_argv(args: argparse.Namespace) -> list[str]:
     node_config = [f"partition-id={args.partition_id}", f"num-partitions={args.num_partitions}"]
-    if args.data:
-        node_config.append(f'data-path="{Path(args.data).resolve()}"')
+    spec = data_spec(args)
+    if spec is not None:
+        node_config.append(f'data-spec="{spec.path}"')
     if getattr(args, "client_cert", None) and args.client_key and args.ca:
         # its certificate from the fleet's CA vouches for its run keys under strategy=mask (masking.Identity)
         node_config += [f'identity-cert="{Path(args.client_cert).resolve()}"',
@@ -358,7 +390,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--client-cert", help="this gateway's TLS client certificate (gateways/gateway-<i>.crt from "
                    "`iiotfl certs`), for a front that asks for one (mutual TLS)")
     p.add_argument("--client-key", help="its key (gateways/gateway-<i>.tls.key)")
-    p.add_argument("--data", help="the plant's CSV file or a directory of CSV files (re-read every round)")
+    p.add_argument("--source", help="this gateway's data description (YAML: task, source csv | opcua | mqtt, "
+                   "signals, store; docs/deployment.md)")
+    p.add_argument("--data", help="the plant's CSV file or a directory of CSV files (re-read every round); the "
+                   "simple case of --source")
+    p.add_argument("--task", choices=sorted(TASKS), help="the schema of --data (default predictive_maintenance)")
+    p.add_argument("--sep", default=",", help="the separator of --data's CSV files (default ,)")
+    p.add_argument("--column", action="append", metavar="TASK_COLUMN=PLANT_COLUMN",
+                   help="a column of --data named otherwise than the task's, e.g. --column unit=Maschine "
+                   "(repeatable)")
     p.add_argument("--partition-id", type=int, default=0, help="this plant's index in the fleet")
     p.add_argument("--num-partitions", type=int, default=1)
     p.add_argument("--link", help="link profile to apply with tc (configs/link/*.yaml), e.g. nb_iot")
@@ -399,8 +439,9 @@ def _check_inputs(args: argparse.Namespace) -> None:
         if args.insecure:
             raise GatewayError("--client-cert needs TLS; drop --insecure")
         check_client_cert(args.client_cert, args.client_key, args.ca)
-    if args.data:
-        check_data(args.data)
+    spec = data_spec(args)
+    if spec is not None:
+        check_data(spec, _say)
     if not POLL_MIN_S <= idle_poll(args) <= 600:
         raise GatewayError(f"--idle-poll {idle_poll(args):g}: give seconds from {POLL_MIN_S:g} (the pace right after a "
                            "message) to 600")
@@ -431,14 +472,18 @@ def _say(msg: str) -> None:
 def run(args: argparse.Namespace) -> int:
     """``iiotfl gateway`` with parsed ``args``: check, shape, join and supervise; the exit code."""
     signal.signal(signal.SIGTERM, _stop)
+    stop = threading.Event()
     try:
         _check_inputs(args)
         if args.link:
             _shape_link(args, _say)
         if args.check:
             return 0
+        spec = data_spec(args)
+        if spec is not None and spec.kind in sources.LIVE:  # the store fills while the SuperNode runs
+            sources.collect(spec, stop, _say)
         return supervise(args, _say)
-    except GatewayError as err:
+    except (GatewayError, sources.StoreError) as err:
         _say(f"error: {err}")
         return 2
     except ValueError as err:  # DataFormatError and friends already name the file and the fix
@@ -446,6 +491,8 @@ def run(args: argparse.Namespace) -> int:
         return 2
     except KeyboardInterrupt:
         return 130
+    finally:
+        stop.set()  # a live source's collector flushes what it holds into the store
 
 
 def main(argv: list[str]) -> int:

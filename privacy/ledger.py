@@ -96,6 +96,20 @@ class Ledger:
                     "clip_norm": None, "noise_multiplier": None, "epsilon": None, "delta": None, "budget_left": None,
                 }) + "\n")
 
+    def record_evaluation(self, per_gateway: list[Mapping[str, Any]]) -> None:
+        """After the last round, without a server-side test set: the metrics each gateway computed on its own
+        held-out data for the final model (round 0 rows, as the statistics: not a training round)."""
+        with self.path.open("a") as fh:
+            for g in per_gateway:
+                metrics = {k: v for k, v in g.items() if k not in ("node", "partition")}
+                fh.write(json.dumps({
+                    "round": 0, "gateway": g.get("partition"), "class": None, "status": "sent",
+                    "bytes_sent": len(json.dumps(metrics)), "wire_bytes_up": None,
+                    "form": f"final evaluation: {len(metrics)} plaintext metrics of the final model on the plant's "
+                    "held-out data (no record; not covered by the DP accounting)",
+                    "clip_norm": None, "noise_multiplier": None, "epsilon": None, "delta": None, "budget_left": None,
+                }) + "\n")
+
     def record(self, round_row: Mapping[str, Any], fleet_epsilon: float | None, fleet_delta: float | None) -> None:
         """One row per gateway sampled in the round (``round_row``: a row of ``metrics.jsonl``)."""
         rows = []

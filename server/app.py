@@ -10,10 +10,16 @@
    is appended to ``metrics.jsonl`` (``server/roundlog.py``) with the figures of every
    sampled gateway (what ``iiotfl run`` shows as progress), and one row per gateway to the
    privacy ledger.
-4. Write the final model and ``metrics.json`` into the output directory; the launcher
-   renders the report from them (``iiotfl report DIR`` does the same for any run). Every
-   global model (``checkpoints/round-N.ckpt``, the final ``model.ckpt``) is written
-   encrypted and signed (``security/artefacts.py``).
+4. Without a server-side test set (``task.server_test_data`` is None: a CSV source without
+   ``task.data.test_path``), every connected gateway scores the final global model on its own
+   held-out data (the ClientApp's ``evaluate``); their mean weighted by held-out examples is
+   the run's metric (:func:`gateway_mean`). Failed gateways are named (``events.jsonl``) and
+   left out; the run goes on.
+5. Write the final model and ``metrics.json`` into the output directory, which says which
+   evaluation its metric comes from (:func:`headline`); the launcher renders the report from
+   them (``iiotfl report DIR`` does the same for any run). Every global model
+   (``checkpoints/round-N.ckpt``, the final ``model.ckpt``) is written encrypted and signed
+   (``security/artefacts.py``).
 
 What the launcher decided reaches it as Flower run config (``configs.RunSettings``): the
 output directory, a resumed run's last round, a provisioned HE key directory.
@@ -22,14 +28,17 @@ output directory, a resumed run's last round, a provisioned HE key directory.
 from __future__ import annotations
 
 import json
+import math
 import uuid
 from dataclasses import dataclass, replace
+from logging import WARNING
 from pathlib import Path
-from typing import Any, Callable, cast
+from typing import Any, Callable, Mapping, cast
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.app.typing import ConfigRecordValues
+from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
@@ -52,6 +61,10 @@ from iiotfl.tasks import Task, get_task
 app = ServerApp()
 REPLY_OBJECT_RETRY_S = (0.05, 0.5)  # loopback to the SuperLink
 
+# metrics.json "evaluation": where the run's metric comes from
+SERVER, GATEWAYS, NONE = "server", "gateways", "none"
+NO_TEST_SET = "no server-side test set (task.data.test_path is not set)"
+
 
 @dataclass
 class Run:
@@ -67,6 +80,7 @@ class Run:
     model: torch.nn.Module
     log: RoundLog
     ledger: Ledger
+    server_test: bool = False    # the task has server-side test data (set by _evaluator)
 
     @property
     def cfg(self) -> dict[str, Any]:
@@ -128,6 +142,7 @@ def _evaluator(run: Run) -> Callable[[int, ArrayRecord], MetricRecord]:
     """Flower's evaluate_fn: score the global model, log the round, record the ledger, checkpoint."""
     normaliser = run.task.normaliser(run.sums)
     test = run.task.server_test_data(int(run.cfg["fleet"]["gateways"]))
+    run.server_test = test is not None
 
     def evaluate(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         if run.resume:
@@ -171,11 +186,15 @@ def _rounds_to_run(run: Run) -> tuple[int, list[str]]:
     return num_rounds, notes
 
 
+def _norm_config(run: Run) -> dict[str, ConfigRecordValues]:
+    """The fleet's normalisation as a gateway reads it (train and evaluate messages)."""
+    return {wire.NORM_SUMS: [float(v) for v in run.sums.ravel()], wire.NORM_COLS: int(run.sums.shape[1])}
+
+
 def _train(run: Run, grid: Grid, context: Context, num_rounds: int) -> tuple[ArrayRecord, dict]:
     """Run the strategy's rounds; the final global model and the gateways' own evaluation."""
     evaluate = _evaluator(run)
-    norm: dict[str, ConfigRecordValues] = {wire.NORM_SUMS: [float(v) for v in run.sums.ravel()],
-                                           wire.NORM_COLS: int(run.sums.shape[1])}
+    norm = _norm_config(run)
     train = run.cfg["train"]
     train_config: dict[str, ConfigRecordValues] = {
         wire.LOCAL_EPOCHS: int(train["local_epochs"]), wire.BATCH_SIZE: int(train["batch_size"]),
@@ -197,7 +216,117 @@ def _train(run: Run, grid: Grid, context: Context, num_rounds: int) -> tuple[Arr
     return result.arrays, {str(k): dict(v) for k, v in result.evaluate_metrics_clientapp.items()}
 
 
-def _finish(run: Run, final: ArrayRecord, client_eval: dict, num_rounds: int, notes: list[str]) -> None:
+def gateway_mean(replies: Mapping[int, Mapping[str, Any]]) -> tuple[dict[str, float], list[int], dict[int, str]]:
+    """The gateways' evaluation metrics averaged, each weighted by the gateway's ``num-examples`` (as Flower's
+    FedAvg averages ``evaluate`` replies). Per metric only the gateways with a finite value count. Returns
+    (the means, with ``num-examples`` their total; the gateways counted; node -> why one was left out)."""
+    weights: dict[int, float] = {}
+    left_out: dict[int, str] = {}
+    for node, metrics in replies.items():
+        n = metrics.get(wire.NUM_EXAMPLES)
+        if isinstance(n, (int, float)) and not isinstance(n, bool) and math.isfinite(n) and n > 0:
+            weights[node] = float(n)
+        else:
+            left_out[node] = f"its evaluation reply has no positive {wire.NUM_EXAMPLES} ({n!r})"
+    means: dict[str, float] = {}
+    keys = dict.fromkeys(k for node in weights for k in replies[node] if k != wire.NUM_EXAMPLES)
+    for key in keys:
+        pairs = [(float(replies[node][key]), w) for node, w in weights.items()
+                 if isinstance(replies[node].get(key), (int, float)) and not isinstance(replies[node][key], bool)
+                 and math.isfinite(replies[node][key])]
+        if pairs:
+            means[key] = sum(v * w for v, w in pairs) / sum(w for _, w in pairs)
+    if weights:
+        means[wire.NUM_EXAMPLES] = sum(weights.values())
+    return means, sorted(weights), left_out
+
+
+def _evaluate_on_gateways(run: Run, final: ArrayRecord, final_round: int) -> dict[str, Any]:
+    """Every connected gateway scores ``final`` on its own held-out data (the ClientApp's ``evaluate``, within
+    ``fleet.round_timeout``). metrics.json's ``gateway_evaluation``: who was asked, who counted, the weighted
+    means (:func:`gateway_mean`), each gateway's figures and why the others gave none (also in events.jsonl)."""
+    partition = run.log.node_partition
+    timeout = float(run.cfg["fleet"]["round_timeout"])
+    failed: dict[int, str] = {}
+    replies: dict[int, dict[str, Any]] = {}
+    nodes: list[int] = []
+    try:
+        nodes = sorted(set(run.rounds.get_node_ids()))
+        failed.update({n: "no longer connected" for n in run.nodes if n not in nodes})
+        config = ConfigRecord({**_norm_config(run), wire.SERVER_ROUND: final_round})
+        messages = [Message(content=RecordDict({"arrays": final, "config": config}), dst_node_id=n,
+                            message_type=MessageType.EVALUATE) for n in nodes]
+        run.rounds.send_and_receive(messages, timeout=timeout)
+        trace = run.rounds.trace
+        replies = {n: m for n, m in trace.metrics.items() if n not in trace.errors}
+        failed.update({n: trace.reasons.get(n, "error") for n in trace.errors})
+        failed.update({n: f"no reply within fleet.round_timeout ({timeout:g} s)" for n in trace.late})
+    except Exception as err:  # noqa: BLE001 - the run's model is saved; its report says why there is no metric
+        log(WARNING, "final evaluation on the gateways failed: %s: %s", type(err).__name__, err)
+        failed.update({n: f"{type(err).__name__}: {err}" for n in nodes or run.nodes if n not in replies})
+    means, counted, left_out = gateway_mean(replies)
+    failed.update(left_out)
+    for node, reason in sorted(failed.items()):
+        log(WARNING, "gateway %d: no evaluation of the final model: %s", node, reason)
+        events.gateway_failed(run.out, node, partition.get(node), "final evaluation", reason)
+    return {
+        "round": final_round,
+        "asked": len(nodes),  # the gateways connected at the end, each sent the final model
+        "gateways": len(counted),
+        "metrics": means,
+        "per_gateway": sorted(({"node": n, "partition": partition.get(n), **replies[n]} for n in counted),
+                              key=lambda g: (g["partition"] is None, g["partition"] or 0, g["node"])),
+        "failed": [{"node": n, "partition": partition.get(n), "reason": why} for n, why in sorted(failed.items())],
+    }
+
+
+def _who(node: Any, partition: Any) -> str:
+    return f"gateway {partition}" if partition is not None else f"gateway (node {node})"
+
+
+def headline(primary: str, rounds: list[dict[str, Any]], server_test: bool,
+             gateway_eval: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Which evaluation the run's metric comes from: ``evaluation`` ("server": the server's held-out test set,
+    scored every round; "gateways": the final model on the gateways' own held-out data, weighted mean;
+    "none"), ``final_metric`` (the primary metric's final value, or None), ``final_metrics`` (all of that
+    evaluation's final figures) and, without a metric, ``evaluation_note`` (why)."""
+    scored = [r["server"] for r in rounds if (r.get("server") or {}).get(primary) is not None]
+    if server_test and scored:
+        return {"evaluation": SERVER, "final_metric": scored[-1][primary], "final_metrics": dict(scored[-1])}
+    means = dict((gateway_eval or {}).get("metrics") or {})
+    if gateway_eval is not None and means.get(primary) is not None:
+        return {"evaluation": GATEWAYS, "final_metric": means[primary], "final_metrics": means}
+    if server_test:
+        why = f"the server's test set gave no {primary}"
+    elif gateway_eval is None:
+        why = f"{NO_TEST_SET}, and the gateways were not asked to evaluate the final model"
+    elif not gateway_eval.get("asked"):
+        why = f"{NO_TEST_SET}, and no gateway was connected to evaluate the final model"
+    else:
+        failed = "; ".join(f"{_who(f.get('node'), f.get('partition'))}: {f.get('reason')}"
+                           for f in gateway_eval.get("failed") or [])
+        why = (f"{NO_TEST_SET}, and none of the {gateway_eval['asked']} gateway(s) asked returned a {primary} for "
+               "the final model" + (f" ({failed})" if failed else ""))
+    return {"evaluation": NONE, "final_metric": None, "final_metrics": {}, "evaluation_note": why}
+
+
+def _evaluation(run: Run, final: ArrayRecord, final_round: int) -> dict[str, Any]:
+    """metrics.json's evaluation fields: the server's own, else the gateways' evaluation of the final model."""
+    gateway_eval = None
+    aggregated = any(r.get("aggregated") for r in run.log.rows[1:])
+    if not run.server_test and aggregated:
+        gateway_eval = _evaluate_on_gateways(run, final, final_round)
+    fields = headline(run.task.primary_metric, run.log.rows, run.server_test, gateway_eval)
+    if not run.server_test and not aggregated:
+        fields["evaluation_note"] = f"{NO_TEST_SET}, and no gateway update was aggregated in any round"
+    if gateway_eval is not None:
+        fields["gateway_evaluation"] = gateway_eval
+        run.ledger.record_evaluation(gateway_eval["per_gateway"])  # what left each plant for it
+    return fields
+
+
+def _finish(run: Run, final: ArrayRecord, client_eval: dict, num_rounds: int, notes: list[str],
+            evaluation: Mapping[str, Any] | None = None) -> None:
     """The final model and ``metrics.json``; a run that aggregated nothing or whose ε fails its check fails."""
     # encrypted and signed, keys outside the run directory (security/artefacts.py)
     save_checkpoint(run.out / FINAL_CHECKPOINT, final.to_torch_state_dict(), run.sums, num_rounds + run.resume,
@@ -213,6 +342,7 @@ def _finish(run: Run, final: ArrayRecord, client_eval: dict, num_rounds: int, no
         "gateways_connected": len(run.nodes),
         "rounds": run.log.rows,
         "client_evaluation": client_eval,
+        **(evaluation or {}),  # evaluation, final_metric, final_metrics, gateway_evaluation, evaluation_note
         "notes": notes,
         "privacy": accounting_check(run.cfg, load_ledger(run.out / "privacy_ledger.jsonl"), run.log.rows),
     }
@@ -234,7 +364,8 @@ def main(grid: Grid, context: Context) -> None:
         run = _prepare(grid, context, settings)
         num_rounds, notes = _rounds_to_run(run)
         final, client_eval = _train(run, grid, context, num_rounds)
-        _finish(run, final, client_eval, num_rounds, notes)
+        evaluation = _evaluation(run, final, num_rounds + run.resume)
+        _finish(run, final, client_eval, num_rounds, notes, evaluation)
     except Exception as err:  # `iiotfl run` shows it (server/events.py); Flower logs the traceback
         events.record(settings.output_dir, "error", f"{type(err).__name__}: {err}")
         raise

@@ -14,6 +14,9 @@ from typing import Any, Mapping, Protocol
 import numpy as np
 import torch
 
+# a table's optional column naming each record's place ("day-2.csv: row 14") for error messages
+ROW = "_row"
+
 # config name -> "module:Class"
 TASKS = {
     "predictive_maintenance": "iiotfl.tasks.predictive_maintenance:PredictiveMaintenance",
@@ -38,8 +41,18 @@ class Task(Protocol):
     def local_data(self, partition_id: int, node_config: Mapping[str, Any] | None = None) -> Any:
         """All records of gateway ``partition_id`` (generated, or read from its files)."""
 
-    def gateway_data(self, partition_id: int, node_config: Mapping[str, Any] | None = None) -> tuple[Any, Any]:
-        """(train, validation) of a gateway."""
+    def gateway_data(self, partition_id: int, node_config: Mapping[str, Any] | None = None,
+                     data: Any | None = None) -> tuple[Any, Any]:
+        """(train, validation) of a gateway: of ``data``, else of :meth:`local_data`."""
+
+    def table_columns(self) -> tuple[list[str], list[str]]:
+        """(required, optional) column names this run reads from a gateway's own table: what a
+        gateway's data description (``clients/sources``) must map, and may."""
+
+    def from_table(self, table: dict[str, list], partition_id: int, node_config: Mapping[str, Any] | None = None,
+                   source: str = "") -> Any:
+        """A gateway's records from columns named as :meth:`table_columns` says (values as text or
+        numbers); a missing or malformed column raises ValueError naming it and ``source``."""
 
     def server_test_data(self, num_plants: int) -> Any | None:
         """Held-out data for the server-side evaluation of the global model (None: none)."""

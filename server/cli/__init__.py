@@ -8,6 +8,8 @@ export     the run's final model as signed int8 TorchScript (export.py)
 keys       an HE key set for strategy=he (keys.py)
 certs      TLS CA, SuperLink certificate and gateway node keys; registration (certs.py)
 gateway    a plant's gateway joining a remote SuperLink (gateway.py)
+collect    a gateway's live data source into its local store, beside a plain SuperNode (collect.py)
+simulate   a simulated machine publishing over MQTT or serving OPC UA, to try a gateway (simulate.py)
 front      the gateway-facing front of a SuperLink: Fleet API only, mutual TLS (front.py)
 cleanup    remove what killed runs left (cleanup.py)
 =========  =========================================================================================
@@ -23,10 +25,23 @@ from __future__ import annotations
 import argparse
 import sys
 
-from iiotfl.server.cli import audit, certs, cleanup, export, front, gateway, keys, report, run
+from iiotfl.server.cli import (
+    audit,
+    certs,
+    cleanup,
+    collect,
+    export,
+    front,
+    gateway,
+    keys,
+    report,
+    run,
+    simulate,
+)
 from iiotfl.server.cli.base import CommandParser
 
-COMMANDS = (run, report, audit, export, keys, certs, gateway, front, cleanup)  # in the order `iiotfl --help` lists them
+# in the order `iiotfl --help` lists them
+COMMANDS = (run, report, audit, export, keys, certs, gateway, collect, simulate, front, cleanup)
 NAMES = tuple(command.__name__.rsplit(".", 1)[-1] for command in COMMANDS)  # a command's module bears its name
 
 DESCRIPTION = "Privacy-preserving federated learning for Industrial IoT on Flower."

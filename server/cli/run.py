@@ -2,7 +2,9 @@
 
 Composes configs/ with the Hydra overrides (e.g. ``engine=sim fleet.rounds=5 link=nb_iot``), checks the
 config, runs it on the chosen engine and writes the run directory (runs/<date>/<time>/ unless
-``hydra.run.dir=...``; report.md says what happened). A config the checks refuse is one line on stderr,
+``hydra.run.dir=...``; report.md says what happened). The last lines name the report and the run's
+metric with the evaluation it comes from (the server's held-out test set, or the gateways' own
+held-out data when there is none), or why there is none. A config the checks refuse is one line on stderr,
 exit 2, before anything starts.
 
 ``-m`` sweeps every combination (``-m codec=none,int8 link=lte_m,nb_iot``) into multirun/<date>/<time>/.
@@ -34,7 +36,7 @@ from iiotfl.compat.hydra import tolerate_sweep_composition_errors
 from iiotfl.configs import ConfigError
 from iiotfl.server.cli.base import description, summary
 from iiotfl.server.launch import check_data_files, launch, validate
-from iiotfl.server.report import write_report, write_summary
+from iiotfl.server.report import metric_line, run_summary, write_report, write_summary
 
 EPILOG = """Hydra's own flags work too, e.g. --cfg job (print the composed config), --info, --hydra-help."""
 HELP_FLAGS = ("-h", "--help")
@@ -134,6 +136,14 @@ def _launch(plain: dict, run_dir: Path, sweep: bool) -> dict | None:
         return None
 
 
+def _print_metric(run_dir: Path) -> None:
+    """The run's metric and which evaluation it comes from (without one: why), one line under the status."""
+    try:
+        print(f"  {metric_line(run_summary(run_dir))}")
+    except Exception as err:  # noqa: BLE001 - the run is over; its report.md has the figures
+        print(f"warning: the run's metric could not be read: {_one_line(err)}", file=sys.stderr)
+
+
 @hydra.main(config_path="pkg://iiotfl.configs", config_name="config", version_base="1.3")
 def run_job(cfg: DictConfig) -> str:
     hc = HydraConfig.get()
@@ -160,6 +170,7 @@ def run_job(cfg: DictConfig) -> str:
     if info is None:
         return "failed"
     print(f"{info['status']}: {run_dir / 'report.md'}" + (f" — {info['error']}" if info.get("error") else ""))
+    _print_metric(run_dir)
     if info["status"] != "completed":
         _failures.append(info.get("error", info["status"]))
         if sweep and info["status"] == "interrupted":

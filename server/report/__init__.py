@@ -6,7 +6,9 @@ wrote (:mod:`.runs` reads each file, tolerant of a run that stopped early).
 how far it got (:mod:`.run_report`, privacy part :mod:`.privacy`, figures :mod:`.plots`).
 
 Every task names its own primary metric and direction (``metrics.json``: ``primary_metric``,
-``higher_is_better``; :class:`tasks.Task`): reports headline that metric, never a fixed one.
+``higher_is_better``; :class:`tasks.Task`): reports headline that metric, never a fixed one, and
+say which evaluation it comes from (``metrics.json``'s ``evaluation``: the server's held-out test
+set, or the gateways' own held-out data when there is none; none: why).
 
 :func:`write_summary` collects every run directory below a directory into ``summary.md``,
 ``summary.csv`` and one ``sweep-<task>.png`` per task (:mod:`.sweep`); :class:`MultirunSummary`
@@ -19,9 +21,10 @@ Modules, imports one way: text <- runs <- plots, privacy <- run_report, sweep <-
 from iiotfl.server.report.plots import plot_classes, plot_rounds, plot_sweep
 from iiotfl.server.report.privacy import privacy_section
 from iiotfl.server.report.render import report
-from iiotfl.server.report.run_report import export_section, write_report
+from iiotfl.server.report.run_report import evaluation_text, export_section, metric_line, write_report
 from iiotfl.server.report.runs import (
     GATEWAY_FIGURES,
+    evaluation_of,
     find_runs,
     group_value,
     is_run_dir,
@@ -44,6 +47,8 @@ __all__ = [
     "SUMMARY_COLUMNS",
     "MultirunSummary",
     "direction",
+    "evaluation_of",
+    "evaluation_text",
     "export_section",
     "find_runs",
     "group_value",
@@ -53,6 +58,7 @@ __all__ = [
     "load_rounds",
     "metric_columns",
     "metric_label",
+    "metric_line",
     "metric_of",
     "per_class",
     "plot_classes",

@@ -2,7 +2,8 @@
 directory holds (:mod:`.runs`), so a failed run still gets a report that says how far it got.
 
 Sections, in order: what the launcher noted (links, transport, SuperLink restarts, notes), the
-headline figures (status, the task's primary metric, privacy spent, bytes), one row per round,
+headline figures (status, the task's primary metric and which evaluation it comes from
+(:func:`evaluation_text`; none: why), privacy spent, bytes), one row per round,
 the gateways by class (when the rounds recorded them), privacy (:mod:`.privacy`), the
 on-device model of ``iiotfl export``, and the logs.
 """
@@ -65,12 +66,68 @@ def _launch_notes(launch: dict[str, Any], links: str | None) -> list[str]:
     return lines
 
 
+EVALUATED_ON = {"server": "the server's held-out test set", "gateways": "the gateways' own held-out data"}
+
+
+def _who(failure: dict[str, Any]) -> str:
+    part = failure.get("partition")
+    return f"gateway {part}" if part is not None else f"gateway (node {failure.get('node')})"
+
+
+def _why_none(s: dict[str, Any]) -> str:
+    """Why a run has no metric."""
+    if s.get("evaluation_note"):
+        return str(s["evaluation_note"])
+    if s.get("status") not in (None, "completed"):
+        return "the run ended before the model was evaluated"
+    return "metrics.json records no evaluation"
+
+
+def _gateways_counted(s: dict[str, Any]) -> str:
+    n, asked = s.get("evaluation_gateways"), s.get("evaluation_asked")
+    return f"{fmt(n)} of {fmt(asked)} gateways" if asked is not None else f"{fmt(n)} gateways"
+
+
+def evaluation_text(s: dict[str, Any]) -> str:
+    """Which evaluation the run's metric comes from (:func:`run_summary`'s ``evaluation`` fields), one
+    sentence; without one, why."""
+    source = s.get("evaluation")
+    if source == "server" and s.get("final_metric") is not None:
+        return "the server's held-out test set, after every round"
+    if source == "gateways" and s.get("final_metric") is not None:
+        failed = "; ".join(f"{_who(f)}: {f.get('reason')}" for f in s.get("evaluation_failed") or [])
+        return ("the gateways' own held-out data (no server-side test set): the final model scored by "
+                f"{_gateways_counted(s)}, their mean weighted by held-out examples "
+                f"({fmt(s.get('evaluation_examples'))} in all)" + (f"; none from {failed}" if failed else ""))
+    return f"none — {_why_none(s)}"
+
+
+def metric_line(s: dict[str, Any]) -> str:
+    """The run's metric in one line (``iiotfl run`` prints it at the end): value, direction and which
+    evaluation it comes from; without one, why."""
+    metric, source, value = s.get("metric"), s.get("evaluation"), s.get("final_metric")
+    label = metric_label(metric) if metric else "metric"
+    if source not in EVALUATED_ON or value is None:
+        return f"no {label}: {_why_none(s)}"
+    how = f" ({direction(s['higher_is_better'])})" if s.get("higher_is_better") is not None else ""
+    where = EVALUATED_ON[source]
+    if source == "gateways":
+        where += (f" (no server-side test set; the mean of {_gateways_counted(s)}, weighted by held-out "
+                  "examples)")
+    return f"final {label}{how}: {fmt(value)}, on {where}"
+
+
 def _headline(s: dict[str, Any], final: dict[str, Any]) -> list[str]:
     """The figures the run is judged by (:func:`run_summary`), one bullet each."""
     metric = s["metric"]
-    headline = (f"- global {metric_label(metric)} ({direction(s['higher_is_better'])}): "
-                f"{fmt(s['initial_metric'])} (initial) → {fmt(s['final_metric'])} (final)") if metric else \
-        "- global metric: - (no server-side evaluation recorded)"
+    if not metric:
+        headline = "- global metric: - (not evaluated)"
+    elif s["evaluation"] in EVALUATED_ON and s["final_metric"] is not None:
+        initial = f"{fmt(s['initial_metric'])} (initial) → " if s["evaluation"] == "server" else ""
+        headline = (f"- global {metric_label(metric)} ({direction(s['higher_is_better'])}): "
+                    f"{initial}{fmt(s['final_metric'])} (final)")
+    else:
+        headline = f"- global {metric_label(metric)} ({direction(s['higher_is_better'])}): - (not evaluated)"
     if s["final_rmse_last"] is not None or s["final_phm_score"] is not None:  # predictive maintenance
         headline += (f"; RMSE at last cycle {fmt(s['final_rmse_last'])}, PHM08 score {fmt(s['final_phm_score'])}")
     return [
@@ -79,6 +136,7 @@ def _headline(s: dict[str, Any], final: dict[str, Any]) -> list[str]:
         f"- rounds completed: {s['rounds_done']}, wall time: {fmt(s['wall_s'])} s, "
         f"mean round: {fmt(s['mean_round_s'])} s",
         headline,
+        f"- evaluation: {evaluation_text(s)}",
         f"- privacy: {epsilon_text(s)}",
         f"- model: {fmt(final.get('parameters'))} parameters, {fmt(final.get('model_bytes'))} bytes",
         f"- bytes per gateway per round (model payload): up {fmt(s['bytes_up_per_client_round'])}, "
@@ -108,6 +166,10 @@ def _rounds_section(rounds: list[dict[str, Any]], s: dict[str, Any], run_dir: Pa
             + "".join(f"{fmt(sv.get(k))} | " for k in columns)
             + f"{r.get('aggregated', len(cl))} | {len(r.get('late') or [])} | {fmt(loss)} |"
         )
+    if rounds and not any(r["server"] for r in rounds):
+        lines += ["", "The rounds were not scored: the run had no server-side test set"
+                  + (" (its final model was scored by the gateways, above)." if s.get("evaluation") == "gateways"
+                     else ".")]
     hidden = metric_columns(rounds, metric, most=10**6)[len(columns):]
     if hidden:
         lines += ["", f"Also evaluated each round (in metrics.jsonl): {', '.join(hidden)}."]

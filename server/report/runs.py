@@ -10,6 +10,9 @@ that is missing or cut short; none raises on a failed run.
 
 Every task names its own primary metric and direction (``metrics.json``: ``primary_metric``,
 ``higher_is_better``; :class:`tasks.Task`): :func:`metric_of` reads them, never a fixed one.
+:func:`evaluation_of` says which evaluation the metric comes from (``metrics.json``'s
+``evaluation``: the server's held-out test set, or the gateways' own held-out data when the
+run had no server-side test set) and, when there is none, why.
 """
 
 from __future__ import annotations
@@ -98,6 +101,30 @@ def metric_of(final: dict[str, Any], task: str | None) -> tuple[str | None, bool
     return None, None
 
 
+def evaluation_of(final: dict[str, Any], rounds: list[dict[str, Any]], metric: str | None) -> dict[str, Any]:
+    """Which evaluation the run's metric comes from, and its initial and final value.
+
+    ``evaluation``: "server" (the server's held-out test set, every round), "gateways" (the final
+    model on the gateways' own held-out data: their mean weighted by held-out examples; no initial
+    value), "none" (``evaluation_note`` says why) or None (nothing recorded yet: a run that stopped
+    before its end). A run written before ``metrics.json`` had ``evaluation`` counts as "server"
+    when its rounds were scored."""
+    scored = [r["server"] for r in rounds if metric and r["server"].get(metric) is not None]
+    source = final.get("evaluation") or ("server" if scored else None)
+    gateway = final.get("gateway_evaluation") or {}
+    out: dict[str, Any] = {"evaluation": source, "initial_metric": None, "final_metric": None,
+                           "evaluation_gateways": gateway.get("gateways"), "evaluation_asked": gateway.get("asked"),
+                           "evaluation_examples": (gateway.get("metrics") or {}).get("num-examples"),
+                           "evaluation_failed": list(gateway.get("failed") or []),
+                           "evaluation_note": str(final.get("evaluation_note") or "")}
+    if source == "server" and scored:
+        out.update(initial_metric=scored[0][metric], final_metric=scored[-1][metric])
+    elif source == "gateways":
+        value = final.get("final_metric")
+        out["final_metric"] = value if value is not None else (gateway.get("metrics") or {}).get(metric or "")
+    return out
+
+
 def privacy_spent(mechanism: str, final: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Mechanism, epsilon and delta a run spent. The mechanism is the one ``metrics.json`` recorded,
     else ``mechanism`` (the configured one: a run that failed before the end). No DP: epsilon =
@@ -173,6 +200,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
     trained = [r for r in rounds if r["round"] > 0]
     first = scored[0]["server"] if scored else {}
     last = scored[-1]["server"] if scored else {}
+    evaluation = evaluation_of(final, rounds, metric)
     return {
         "status": launch.get("status", "completed" if (run_dir / "metrics.json").exists() else "unknown"),
         "engine": launch.get("engine", ""),
@@ -181,8 +209,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "rounds_done": len(trained),
         "metric": metric,
         "higher_is_better": higher,
-        "initial_metric": first.get(metric) if metric else None,
-        "final_metric": last.get(metric) if metric else None,
+        **evaluation,  # evaluation (where the metric comes from), initial_metric, final_metric, ...
         **privacy_spent(group_value("privacy", cfg, overrides), final, rounds),
         "initial_rmse": first.get("rmse"),
         "final_rmse": last.get("rmse"),

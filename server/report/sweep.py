@@ -25,8 +25,8 @@ GROUPS = ("task", "strategy", "privacy", "link", "codec")  # one column each in 
 
 SUMMARY_COLUMNS = (
     "run", *GROUPS, "overrides", "status", "metric", "higher_is_better", "initial_metric", "final_metric",
-    "epsilon", "delta", "bytes_up_per_client_round", "bytes_down_per_client_round", "wall_s", "mean_round_s",
-    "sim_round_s", "engine", "gateways", "rounds_done", "late_replies", "initial_rmse", "final_rmse",
+    "evaluation", "epsilon", "delta", "bytes_up_per_client_round", "bytes_down_per_client_round", "wall_s",
+    "mean_round_s", "sim_round_s", "engine", "gateways", "rounds_done", "late_replies", "initial_rmse", "final_rmse",
     "final_rmse_last", "final_phm_score", "error",
 )
 
@@ -35,9 +35,11 @@ NUMERIC_HEADS = ("initial", "final", "ε", "bytes up / gw / round", "bytes down 
 
 ABOUT_TABLE = (
     "Metric: each task's primary metric on the server's held-out data after the last round (**bold**: the "
-    "task's best completed run; ↓ lower is better, ↑ higher is better). ε: privacy spent (sample-level DP: the "
-    "largest per-gateway ε; client-level: the fleet's; ∞: no DP). Bytes: the model payload per gateway and "
-    "round. Round: mean measured round time; simulated: the engine=sim link clock.")
+    "task's best completed run; ↓ lower is better, ↑ higher is better); \"(gateways)\": a run without a "
+    "server-side test set, its final model scored by the gateways on their own held-out data (their mean "
+    "weighted by held-out examples, no initial value), ranked only against such runs. ε: privacy spent "
+    "(sample-level DP: the largest per-gateway ε; client-level: the fleet's; ∞: no DP). Bytes: the model payload "
+    "per gateway and round. Round: mean measured round time; simulated: the engine=sim link clock.")
 
 ABOUT_PLOTS = (
     "Completed runs only. Left: the metric against ε (runs without DP at the right edge, ∞, and the best of "
@@ -70,15 +72,17 @@ def sweep_rows(root: str | Path) -> list[dict[str, Any]]:
 
 
 def best_runs(rows: list[dict[str, Any]]) -> set[int]:
-    """Indices of the best completed run of each task (by that task's primary metric)."""
-    best: dict[str, tuple[float, int]] = {}
+    """Indices of the best completed run of each task (by that task's primary metric); runs scored by the
+    gateways on their own data (no server-side test set) are ranked among themselves."""
+    best: dict[tuple[str, bool], tuple[float, int]] = {}
     for i, r in enumerate(rows):
         v = r.get("final_metric")
         if r["status"] != "completed" or not finite(v):
             continue
         score = v if r.get("higher_is_better") else -v
-        if r["task"] not in best or score > best[r["task"]][0]:
-            best[r["task"]] = (score, i)
+        key = (r["task"], r.get("evaluation") == "gateways")
+        if key not in best or score > best[key][0]:
+            best[key] = (score, i)
     return {i for _, i in best.values()}
 
 
@@ -132,10 +136,11 @@ def _table_lines(rows: list[dict[str, Any]]) -> list[str]:
 def _row_cells(r: dict[str, Any], show_overrides: bool) -> list[Any]:
     """The cells of one run's row, before escaping."""
     arrow = "" if r.get("higher_is_better") is None else (" ↑" if r["higher_is_better"] else " ↓")
+    final = fmt(r.get("final_metric")) + (" (gateways)" if r.get("evaluation") == "gateways" else "")
     return [r["run"], r["task"] or "-", r["strategy"] or "-", r["privacy"] or "-", r["link"] or "-",
             r["codec"] or "-"] + ([r["overrides"] or "-"] if show_overrides else []) + [
         r["status"], (metric_label(r["metric"]) + arrow) if r["metric"] else "-", fmt(r.get("initial_metric")),
-        fmt(r.get("final_metric")), epsilon_cell(r), fmt(r.get("bytes_up_per_client_round")),
+        final, epsilon_cell(r), fmt(r.get("bytes_up_per_client_round")),
         fmt(r.get("bytes_down_per_client_round")), fmt(r.get("wall_s")), fmt(r.get("mean_round_s")),
         fmt(r.get("sim_round_s")), r.get("error") or ""]
 

@@ -41,6 +41,7 @@ from iiotfl.configs import ConfigError, choice, integer, number, require
 from iiotfl.tasks.energy_anomaly.data import (
     FLAG_KINDS,
     KINDS,
+    TIME_FEATURES,
     EnergySeries,
     Normaliser,
     concat,
@@ -48,6 +49,7 @@ from iiotfl.tasks.energy_anomaly.data import (
     make_windows,
     smooth,
 )
+from iiotfl.tasks.energy_anomaly.data import from_table as table_series
 from iiotfl.tasks.energy_anomaly.metrics import detection_delay, f1_at, pr_auc
 from iiotfl.tasks.energy_anomaly.model import ResidualMLP
 from iiotfl.tasks.energy_anomaly.scada import TURBINES, ScadaUnavailable, turbine_series, zip_path
@@ -122,12 +124,26 @@ class EnergyAnomaly:
         """This gateway's records: its training period and its evaluation period with labelled faults."""
         return self._series(partition_id, node_config)
 
+    def table_columns(self) -> tuple[list[str], list[str]]:
+        """(required, optional) columns this run reads from a gateway's own table (clients/sources);
+        time-of-day and day-of-week features come from the timestamp."""
+        return ["timestamp", "target", *[f for f in self.features if f not in TIME_FEATURES]], ["label"]
+
+    def from_table(self, table: dict[str, list], partition_id: int, node_config: Mapping[str, Any] | None = None,
+                   source: str = "") -> EnergySeries:
+        """A gateway's own series (a described CSV export or its local store), in steps of the source's
+        length (10 minutes for turbines' SCADA, an hour for metered sites)."""
+        step_s = 600.0 if self.source == "scada" else 3600.0
+        fraction = float(self.cfg["data"].get("local_val_fraction") or 0.2)
+        return table_series(table, self.features, step_s, fraction, site=partition_id, source=source)
+
     def gateway_data(
-        self, partition_id: int, node_config: Mapping[str, Any] | None = None
+        self, partition_id: int, node_config: Mapping[str, Any] | None = None, data: EnergySeries | None = None
     ) -> tuple[EnergySeries, EnergySeries]:
-        """(train, validation): normal rows of the training period; everything (the training
-        period calibrates the threshold, the evaluation period is scored)."""
-        data = self.local_data(partition_id, node_config)
+        """(train, validation) (``data``: its series, else :meth:`local_data`'s): normal rows of the
+        training period; everything (the training period calibrates the threshold, the evaluation
+        period is scored)."""
+        data = self.local_data(partition_id, node_config) if data is None else data
         return data.subset((data.period == 0) & (data.label == 0)), data
 
     def server_test_data(self, num_plants: int) -> EnergySeries:

@@ -15,6 +15,7 @@ it calibrate the alarm threshold) and 1 for the evaluation period.
 from __future__ import annotations
 
 from dataclasses import dataclass, fields, replace
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -144,3 +145,97 @@ def smooth(data: EnergySeries, ends: np.ndarray, values: np.ndarray, k: int) -> 
         total += np.where(ok, values[prev], 0.0)
         count += ok
     return total / count
+
+
+def _seconds(value: Any, where: str) -> float:
+    """A timestamp as epoch seconds: a number, or an ISO 8601 time (UTC when it names no zone)."""
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        try:
+            stamp = datetime.fromisoformat(str(value).strip())
+        except ValueError:
+            raise ValueError(f"{where}: {value!r} is neither epoch seconds nor an ISO 8601 time; fix the "
+                             "timestamp signal") from None
+        out = (stamp if stamp.tzinfo else stamp.replace(tzinfo=timezone.utc)).timestamp()
+    if not np.isfinite(out):
+        raise ValueError(f"{where}: timestamp {value!r} is not finite")
+    return out
+
+
+TIME_FEATURES = {"hour_sin": (86400.0, np.sin), "hour_cos": (86400.0, np.cos),
+                 "dow_sin": (7 * 86400.0, np.sin), "dow_cos": (7 * 86400.0, np.cos)}
+
+
+def from_table(table: dict[str, list], features: list[str], step_s: float, val_fraction: float, *,
+               site: int = 0, source: str = "") -> EnergySeries:
+    """A gateway's own series from columns: ``timestamp``, ``target`` (the monitored quantity), each of
+    ``features`` and optionally ``label`` (0 normal, k > 0 the fault kind KINDS[k-1] a plant's log
+    names). Readings are averaged per step of ``step_s`` seconds; the last ``val_fraction`` of the
+    time span is the evaluation period. Time-of-day and day-of-week features (``hour_sin``, ...) are
+    computed from the timestamp when the table has none."""
+    needed = ["timestamp", "target", *[f for f in features if f not in TIME_FEATURES]]
+    missing = [c for c in needed if c not in table]
+    if missing:
+        raise ValueError(f"{source}: no signal for {missing} (energy anomaly needs timestamp, target and the "
+                         f"run's features {features}); map them in the gateway's data description")
+    n = len(table["timestamp"])
+    ts = np.array([_seconds(v, f"{source}: record {i + 1}, signal 'timestamp'") for i, v in
+                   enumerate(table["timestamp"])])
+
+    def column(name: str) -> np.ndarray:
+        try:
+            return np.array([float(v) for v in table[name]], dtype=np.float64)
+        except (TypeError, ValueError):
+            bad = next(v for v in table[name] if not _is_number(v))
+            raise ValueError(f"{source}: signal {name!r} has value {bad!r}, not a number; fix the mapping or the "
+                             "source") from None
+
+    step_all = np.floor(ts / step_s).astype(np.int64)
+    steps, inverse = np.unique(step_all, return_inverse=True)
+    if len(steps) < 2:
+        raise ValueError(f"{source}: {n} record(s) in {len(steps)} step(s) of {step_s:g} s; a gateway needs at "
+                         "least two steps of history")
+
+    def per_step(values: np.ndarray) -> np.ndarray:
+        ok = np.isfinite(values)
+        total = np.bincount(inverse, np.where(ok, values, 0.0), len(steps))
+        count = np.bincount(inverse, ok.astype(float), len(steps))
+        return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+    def feature(name: str) -> np.ndarray:
+        if name not in table and name in TIME_FEATURES:  # of the step's start, UTC
+            period, fn = TIME_FEATURES[name]
+            return fn(2 * np.pi * (steps * step_s % period) / period)
+        return per_step(column(name))
+
+    inputs = np.column_stack([feature(f) for f in features]) if features else np.zeros((len(steps), 0))
+    label = np.zeros(len(steps), dtype=np.int8)
+    if "label" in table:
+        raw = np.nan_to_num(column("label"))
+        bad = raw[(raw != np.round(raw)) | (raw < 0) | (raw > len(KINDS))]
+        if len(bad):
+            raise ValueError(f"{source}: label {bad[0]:g} is not 0 (normal) or a fault kind 1..{len(KINDS)} "
+                             f"({', '.join(KINDS)}); fix the label signal")
+        label = np.maximum.reduceat(raw[np.argsort(inverse, kind="stable")].astype(np.int8),
+                                    np.r_[0, np.cumsum(np.bincount(inverse))[:-1]])
+    starts = np.flatnonzero((label > 0) & (np.r_[0, label[:-1]] != label))
+    event = np.full(len(steps), -1, dtype=np.int32)
+    for k, s in enumerate(starts):
+        e = s
+        while e < len(label) and label[e] == label[s]:
+            e += 1
+        event[s:e] = k
+    split = steps[0] + (steps[-1] - steps[0]) * (1.0 - float(val_fraction))
+    return EnergySeries(site=np.full(len(steps), site, dtype=np.int32), step=steps, inputs=inputs,
+                        target=per_step(column("target")), label=label, event=event,
+                        period=(steps > split).astype(np.int8) if val_fraction > 0 else np.zeros(len(steps), np.int8),
+                        feature_names=tuple(features), target_name="target", source=source)
+
+
+def _is_number(value: Any) -> bool:
+    try:
+        float(value)
+        return True
+    except (TypeError, ValueError):
+        return False

@@ -10,8 +10,8 @@ import torch
 from iiotfl.configs import ConfigError, choice, integer, number, require
 from iiotfl.tasks.predictive_maintenance.anonymise import anonymise, plant_key
 from iiotfl.tasks.predictive_maintenance.data import Normaliser, RunToFailure, condition_sums, make_windows
-from iiotfl.tasks.predictive_maintenance.generator import CONDITIONS, SENSORS, generate_plant, truncate_units
-from iiotfl.tasks.predictive_maintenance.loader import DataFormatError, load_cmapss, load_csv
+from iiotfl.tasks.predictive_maintenance.generator import CONDITIONS, SENSORS, SETTINGS, generate_plant, truncate_units
+from iiotfl.tasks.predictive_maintenance.loader import DataFormatError, from_table, load_cmapss, load_csv
 from iiotfl.tasks.predictive_maintenance.metrics import phm08_score, rmse
 from iiotfl.tasks.predictive_maintenance.model import RulCNN
 
@@ -81,11 +81,22 @@ class PredictiveMaintenance:
             data = anonymise(self._read(path), plant_key(node_config, partition_id))
         return data.select_sensors(self.features)
 
+    def table_columns(self) -> tuple[list[str], list[str]]:
+        """(required, optional) columns this run reads from a gateway's own table (clients/sources)."""
+        return ["unit", "cycle", *self.features], ["rul", "failed", *SETTINGS]
+
+    def from_table(self, table: dict[str, list], partition_id: int, node_config: Mapping[str, Any] | None = None,
+                   source: str = "") -> RunToFailure:
+        """A gateway's records from its own table (a described CSV export or its local store), anonymised."""
+        data = from_table(table, self.features, settings=SETTINGS, source=source)
+        return anonymise(data, plant_key(node_config or {}, partition_id)).select_sensors(self.features)
+
     def gateway_data(
-        self, partition_id: int, node_config: Mapping[str, Any] | None = None
+        self, partition_id: int, node_config: Mapping[str, Any] | None = None, data: RunToFailure | None = None
     ) -> tuple[RunToFailure, RunToFailure]:
-        """(train, validation) of a gateway: whole units held out for ClientApp-side evaluation."""
-        data = self.local_data(partition_id, node_config)
+        """(train, validation) of a gateway (``data``: its records, else :meth:`local_data`'s): whole
+        units held out for ClientApp-side evaluation."""
+        data = self.local_data(partition_id, node_config) if data is None else data
         fraction = float(self.cfg["data"]["local_val_fraction"])
         if fraction > 0 and data.n_units >= 2:
             return data.split_units(fraction, self.seed + partition_id)

@@ -266,6 +266,70 @@ def load_csv(
     return _assemble(path, units, times, sets, sens, ruls, tuple(sensors), tuple(settings), first_row=2)
 
 
+def _failed_units(table: dict[str, list], source: str) -> dict[str, list]:
+    """The records of the units that have failed (``failed`` non-zero), up to their first failure."""
+    rows = table.get("_row") or [f"{source}: record {i + 1}" for i in range(len(table["unit"]))]
+    units = [str(u).strip() for u in table["unit"]]
+    times = [_time_value(str(v), f"{rows[i]}, column 'cycle'") for i, v in enumerate(table["cycle"])]
+    failed = [_number(str(v), f"{rows[i]}, column 'failed'") for i, v in enumerate(table["failed"])]
+    end: dict[str, float] = {}
+    for u, t, f in zip(units, times, failed):
+        if f and t < end.get(u, math.inf):
+            end[u] = t
+    if not end:
+        raise DataFormatError(f"{source}: no unit has failed yet (signal 'failed' is 0 on all {len(units)} records); "
+                              "training starts once one has run to failure")
+    keep = [i for i, (u, t) in enumerate(zip(units, times)) if u in end and t <= end[u]]
+    counts = {u: sum(units[i] == u for i in keep) for u in end}
+    keep = [i for i in keep if counts[units[i]] >= 2]  # a unit the store saw only the failure of
+    return {c: [v[i] for i in keep] for c, v in table.items() if c != "failed"}
+
+
+def from_table(table: dict[str, list], sensors: list[str], *, settings: tuple[str, ...] = (),
+               source: str = "") -> RunToFailure:
+    """Run-to-failure records from columns (a gateway's CSV export or local store, already mapped to
+    this schema's names): ``unit``, ``cycle`` (number or ISO time), each of ``sensors``, optionally
+    ``rul``, ``failed`` and the ``settings`` present in ``table``.
+
+    Without ``rul`` each unit's last record is taken as its failure (a run-to-failure export). With
+    ``failed`` (non-zero on the record at which a unit failed: a live plant's units are still running)
+    only the units that have failed are kept, up to their failure."""
+    missing = [c for c in ("unit", "cycle", *sensors) if c not in table]
+    if missing:
+        raise DataFormatError(f"{source}: no signal for {missing} (predictive maintenance needs unit, cycle and "
+                              f"the run's sensors {sensors}); map them in the gateway's data description")
+    if "failed" in table and "rul" not in table:
+        table = _failed_units(table, source)
+    n = len(table["unit"])
+    if n < 2:
+        raise DataFormatError(f"{source}: only {n} record(s); need at least two cycles per unit")
+    rows = table.get("_row") or [f"{source}: record {i + 1}" for i in range(n)]  # tasks.ROW
+
+    def where(i: int, c: str) -> str:
+        return f"{rows[i]}, column {c!r}"
+
+    units = [str(u).strip() for u in table["unit"]]
+    times = np.array([_time_value(str(v), where(i, "cycle")) for i, v in enumerate(table["cycle"])])
+    settings = tuple(s for s in settings if s in table)
+
+    def numbers(cols) -> np.ndarray:
+        out = np.zeros((n, len(cols)))
+        for j, c in enumerate(cols):
+            for i, v in enumerate(table[c]):
+                out[i, j] = _number(str(v), where(i, c))
+        return out
+
+    rul = numbers(["rul"])[:, 0] if "rul" in table else None
+    if rul is not None and (rul < 0).any():
+        raise DataFormatError(f"{source}: record {int(np.argmax(rul < 0)) + 1}, signal 'rul': remaining useful life "
+                              "is negative; fix it or leave rul out to derive it")
+    places = [(Path(r.partition(": row ")[0]), int(r.rpartition(" ")[2]) if ": row " in r else i + 1)
+              for i, r in enumerate(rows)]
+    _no_repeated_cycles(units, times, [(Path(source), 1), *places], "unit", "cycle")
+    return _assemble(Path(source), units, times, numbers(settings), numbers(sensors), rul, tuple(sensors), settings,
+                     first_row=1)
+
+
 def load_cmapss(path: str | Path, rul_file: str | Path | None = None) -> RunToFailure:
     """Load a C-MAPSS ``train_FDxxx.txt`` / ``test_FDxxx.txt`` file."""
     path = Path(path)

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from iiotfl.configs import ConfigError, choice, flag, integer, number, require
+from iiotfl.tasks.quality_control import loader
 from iiotfl.tasks.quality_control.data import Normaliser, feature_sums, make_samples
 from iiotfl.tasks.quality_control.generator import (
     DERIVED,
@@ -144,12 +145,24 @@ class QualityControl:
             data = self._read(path, partition_id)
         return self._select(data)
 
+    export_names = loader.COLUMNS  # a plant's CSV export names the columns as the AI4I file does
+
+    def table_columns(self) -> tuple[list[str], list[str]]:
+        """(required, optional) columns this run reads from a gateway's own table (clients/sources)."""
+        return list(loader.REQUIRED), list(loader.OPTIONAL)
+
+    def from_table(self, table: dict[str, list], partition_id: int, node_config: Mapping[str, Any] | None = None,
+                   source: str = "") -> ProcessRecords:
+        """A gateway's process records from its own table (a described CSV export or its local store)."""
+        return self._select(loader.from_table(table, derived=self.derived, plant=partition_id, source=source))
+
     def gateway_data(
-        self, partition_id: int, node_config: Mapping[str, Any] | None = None
+        self, partition_id: int, node_config: Mapping[str, Any] | None = None, data: ProcessRecords | None = None
     ) -> tuple[ProcessRecords, ProcessRecords]:
-        """(train, validation): the plant's most recent processes are held out for ClientApp-side
-        evaluation; their F1 thresholds are chosen on the training records."""
-        data = self.local_data(partition_id, node_config)
+        """(train, validation) (``data``: its records, else :meth:`local_data`'s): the plant's most recent
+        processes are held out for ClientApp-side evaluation; their F1 thresholds are chosen on the
+        training records."""
+        data = self.local_data(partition_id, node_config) if data is None else data
         fraction = float(self.cfg["data"]["local_val_fraction"])
         if fraction > 0 and len(data) >= 4:
             train, val = data.split_recent(fraction)

@@ -66,34 +66,56 @@ def load_csv(path: str | Path, *, derived: bool = False, sep: str = ",", plant: 
         rows = [r for r in reader if any(c.strip() for c in r)]
     if len(rows) < 2:
         raise DataFormatError(f"{path}: {len(rows)} data row(s); a gateway needs at least 2 process records")
-    n = len(rows)
+    table = {k: [r[col[k]] if col[k] < len(r) else None for r in rows] for k in col}
+    short = next((i for i, r in enumerate(rows) if len(r) < len(header)), None)
+    if short is not None:
+        raise DataFormatError(f"{path}, row {short + 2}: {len(rows[short])} fields, header has {len(header)}; "
+                              "fix that row")
+    return from_table(table, derived=derived, plant=plant, source=str(path),
+                      where=lambda i, k: f"{path}, row {i + 2}, column {names[k]!r}")
+
+
+# the columns of a plant's process record, by their keys in COLUMNS (a gateway's data description maps them)
+REQUIRED = ("type", "air", "process", "speed", "torque", "wear")
+OPTIONAL = ("udi", "product_id", "machine_failure", *[m.lower() for m in MODES])
+
+
+def from_table(table: dict[str, list], *, derived: bool = False, plant: int = -1, source: str = "",
+               where=None) -> Any:
+    """ProcessRecords from columns keyed as in ``COLUMNS`` (values as text or numbers): a CSV file's or a
+    gateway's local store's. ``where(i, key)`` names row ``i``'s value in an error (default: the source)."""
+    rows = table.get("_row")  # tasks.ROW: each record's file and row
+    where = where or (lambda i, k: f"{rows[i] if rows else f'{source}: record {i + 1}'}, column {k!r}")
+    missing = [k for k in REQUIRED if k not in table]
+    if missing:
+        raise DataFormatError(f"{source}: no {missing} (quality control needs {list(REQUIRED)}); map them in the "
+                              "gateway's data description")
+    n = len(table["type"])
+    if n < 2:
+        raise DataFormatError(f"{source}: {n} process record(s); a gateway needs at least 2")
     ptype = np.zeros(n, dtype=np.int64)
     vals = {k: np.zeros(n) for k in ("air", "process", "speed", "torque", "wear", "machine_failure",
                                      *[m.lower() for m in MODES])}
-    for i, row in enumerate(rows):
-        where = f"{path}, row {i + 2}"
-        if len(row) < len(header):
-            raise DataFormatError(f"{where}: {len(row)} fields, header has {len(header)}; fix that row")
-        letter = row[col["type"]].strip().upper()
+    for i, raw in enumerate(table["type"]):
+        letter = str(raw).strip().upper()
         if letter not in TYPES:
-            raise DataFormatError(f"{where}, column {names['type']!r}: {letter!r} is not a product type L/M/H; "
-                                  "fix that row")
+            raise DataFormatError(f"{where(i, 'type')}: {letter!r} is not a product type L/M/H; fix that row")
         ptype[i] = TYPES.index(letter)
-        for k in vals:
-            if k in col:
-                vals[k][i] = _number(row[col[k]].strip(), f"{where}, column {names[k]!r}")
+    for k in vals:
+        for i, raw in enumerate(table.get(k) or ()):
+            vals[k][i] = _number(str(raw).strip(), where(i, k))
     modes = np.stack([vals[m.lower()] for m in MODES], axis=1) > 0
-    failure = vals["machine_failure"] > 0 if "machine_failure" in col else modes.any(axis=1)
+    failure = vals["machine_failure"] > 0 if "machine_failure" in table else modes.any(axis=1)
     sim: dict[str, np.ndarray] = {
         "type": ptype, "air": vals["air"], "process": vals["process"], "speed": vals["speed"],
         "torque": vals["torque"], "wear": vals["wear"], "modes": modes,
         "machine_failure": failure}  # type: ignore[dict-item]  # numpy's stub: any(axis=) may be a scalar
-    out = records(sim, derived=derived, plant=plant, source=str(path))
-    if "udi" in col:
-        out.udi = np.array([int(_number(r[col["udi"]], f"{path}, row {i + 2}, column {names['udi']!r}"))
-                            for i, r in enumerate(rows)], dtype=np.int64)
-    if "product_id" in col:
-        out.product_id = np.array([r[col["product_id"]].strip() for r in rows])
+    out = records(sim, derived=derived, plant=plant, source=source)
+    if "udi" in table:
+        out.udi = np.array([int(_number(str(v), where(i, "udi"))) for i, v in enumerate(table["udi"])],
+                           dtype=np.int64)
+    if "product_id" in table:
+        out.product_id = np.array([str(v).strip() for v in table["product_id"]])
     return out
 
 

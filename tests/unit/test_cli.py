@@ -16,7 +16,7 @@ import pytest
 # at collection and hide the one test that says what moved.
 BIN = Path(sys.executable).parent
 IIOTFL = BIN / "iiotfl"
-COMMANDS = ("run", "report", "audit", "export", "keys", "certs", "gateway", "front", "cleanup")
+COMMANDS = ("run", "report", "audit", "export", "keys", "certs", "gateway", "collect", "simulate", "front", "cleanup")
 
 
 def iiotfl(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -76,7 +76,7 @@ OTHER_FENCES = {"text", "toml", "yaml", "json", "python"}  # a fence must name i
 
 # Commands the test does not check, by name: Ray's own CLI, run on a cluster's machines. Add a system
 # tool here (cp, ssh, ...) when a page needs one; test_allowed_commands_are_used keeps the list exact.
-ALLOWED = {"ray"}
+ALLOWED = {"ray", "mosquitto"}
 
 SHELL_SPECIAL = set("{}[]*?;<>|()!`")
 FLOWER_TOOLS = {"flower-superlink", "flower-supernode", "flwr"}
