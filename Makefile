@@ -45,6 +45,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python bench/use_cases.py
 	$(VENV)/bin/python bench/scale.py
 	$(VENV)/bin/python bench/security.py --front
+	$(VENV)/bin/python bench/gateway.py
 	$(VENV)/bin/python bench/compose.py  # root, Docker engine (docker/engine), debootstrap
 
 clean:

@@ -29,6 +29,7 @@ import importlib
 import threading
 from typing import Any, Callable, Mapping
 
+from iiotfl.clients.sources import store
 from iiotfl.clients.sources.intake import RETRY_MAX_S, Intake
 from iiotfl.clients.sources.spec import DataSpec, SpecError, load
 from iiotfl.clients.sources.store import Store, StoreError
@@ -147,11 +148,8 @@ def _numeric(text: str) -> bool:
 
 
 def _store_table(spec: DataSpec, columns: list[str], required: list[str]) -> dict[str, list]:
-    store = open_store(spec)
-    try:
-        records = store.records()
-    finally:
-        store.close()
+    assert spec.store_path is not None, f"a {spec.kind} source has a store"
+    records = store.read(spec.store_path, spec.task)
     identity = IDENTITY.get(spec.task, ())
     latest: dict[Any, int] = {}
     kept: list[dict[str, Any]] = []
