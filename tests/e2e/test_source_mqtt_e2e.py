@@ -32,7 +32,7 @@ from iiotfl.configs import compose  # noqa: E402
 from iiotfl.tasks import get_task  # noqa: E402
 from iiotfl.tasks.predictive_maintenance.generator import SENSORS, generate_plant  # noqa: E402
 
-pytestmark = [pytest.mark.timeout(120), pytest.mark.slow]  # a real broker: with the end-to-end tests
+pytestmark = pytest.mark.timeout(120)
 
 # the plant's names: nested under "sensors" (flattened to sensors.<name>), T24 published in degC
 PLANT = {s: f"sensors.{s.lower()}_raw" for s in SENSORS} | {"T24": "sensors.t24_degC"}

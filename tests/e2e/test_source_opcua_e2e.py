@@ -34,7 +34,7 @@ from tests.opcua_machine import (
     plant_rows,
 )
 
-pytestmark = [pytest.mark.timeout(60), pytest.mark.slow]  # real OPC UA servers: with the end-to-end tests
+pytestmark = pytest.mark.timeout(60)
 
 
 # -- helpers ------------------------------------------------------------------------------------
