@@ -125,7 +125,14 @@ def check_client_cert(cert: str | Path, key: str | Path, ca: str | Path | None) 
 def data_spec(args: argparse.Namespace) -> sources.DataSpec | None:
     """This gateway's data description: ``--source FILE``, or ``--data DIR`` with ``--task``, ``--sep``
     and ``--column`` (written as JSON under ``--state-dir`` or ``~/.iiotfl/gateway`` for the ClientApp);
-    None when it has neither (the ClientApp then uses the run config's data or ``--node-config``)."""
+    None when it has neither (the ClientApp then uses the run config's data or ``--node-config``).
+    Made once per gateway (the checks, each SuperNode start and the collector use it)."""
+    if not hasattr(args, "data_spec"):
+        args.data_spec = _data_spec(args)
+    return args.data_spec
+
+
+def _data_spec(args: argparse.Namespace) -> sources.DataSpec | None:
     if getattr(args, "source", None):
         if args.data:
             raise GatewayError("--source and --data both describe the data; give one (a CSV export goes into the "

@@ -24,7 +24,6 @@ exist) for ``iiotfl gateway --check``.
 
 from __future__ import annotations
 
-import csv
 import importlib
 import threading
 from typing import Any, Callable, Mapping
@@ -34,6 +33,7 @@ from iiotfl.clients.sources.intake import RETRY_MAX_S, Intake
 from iiotfl.clients.sources.spec import DataSpec, SpecError, load
 from iiotfl.clients.sources.store import Store, StoreError
 from iiotfl.tasks import ROW
+from iiotfl.tasks.predictive_maintenance.loader import csv_lines, unsplit_header
 
 LIVE = {"opcua": "iiotfl.clients.sources.opcua", "mqtt": "iiotfl.clients.sources.mqtt"}
 # the columns that name one record of a task: a repeated one (a redelivered message, a replayed
@@ -105,18 +105,17 @@ def _csv_table(spec: DataSpec, columns: list[str], required: list[str]) -> dict[
     names = {s.column: s for s in spec.signals}
     table: dict[str, list] = {}
     for file in files:
-        try:
-            with file.open(newline="", encoding=spec.source.get("encoding", "utf-8")) as fh:
-                rows = [r for r in csv.reader(fh, delimiter=sep) if any(c.strip() for c in r)]
-        except (UnicodeDecodeError, csv.Error) as err:
-            raise SpecError(f"{file}: not readable CSV text ({type(err).__name__}); save it as UTF-8 or set "
-                            "source.encoding") from None
-        if not rows:
+        lines = csv_lines(file, sep, spec.source.get("encoding", "utf-8"), f"source.sep of {spec.path}")
+        if not lines:
             continue
-        header = [h.strip() for h in rows[0]]
-        if len(header) == 1 and any(s in header[0] for s in ",;\t|") and sep not in header[0]:
-            raise SpecError(f"{file}: header {header[0]!r} was not split by separator {sep!r}; set source.sep in "
+        header = [h.strip() for h in lines[0][1]]
+        if unsplit_header(lines[0][1], sep):
+            raise SpecError(f"{file}: header {lines[0][1][0]!r} was not split by separator {sep!r}; set source.sep in "
                             f"{spec.path} (or --sep)")
+        for n, r in lines[1:]:
+            if len(r) != len(header):
+                raise SpecError(f"{file}: row {n} has {len(r)} fields, the header {len(header)}; fix that row or "
+                                "source.sep")
         for column in columns:
             signal = names.get(column)
             if signal is None or signal.name not in header:
@@ -126,16 +125,11 @@ def _csv_table(spec: DataSpec, columns: list[str], required: list[str]) -> dict[
                                     f"signals.{column} in {spec.path} or pass --column {column}=<your column>")
                 continue
             j = header.index(signal.name)
-            values = []
-            for n, r in enumerate(rows[1:], 2):
-                if len(r) != len(header):
-                    raise SpecError(f"{file}: row {n} has {len(r)} fields, the header {len(header)}; fix that row or "
-                                    "source.sep")
-                text = r[j].strip()
-                scaled = signal.fn or signal.scale != 1.0 or signal.offset
-                values.append(signal.convert(float(text)) if scaled and _numeric(text) else text)
-            table.setdefault(column, []).extend(values)
-        table.setdefault(ROW, []).extend(f"{file}: row {n}" for n in range(2, len(rows) + 1))
+            scaled = signal.fn or signal.scale != 1.0 or signal.offset
+            table.setdefault(column, []).extend(
+                signal.convert(float(r[j].strip())) if scaled and _numeric(r[j].strip()) else r[j].strip()
+                for _, r in lines[1:])
+        table.setdefault(ROW, []).extend(f"{file}: row {n}" for n, _ in lines[1:])
     return table
 
 

@@ -250,7 +250,7 @@ def load(path: str | Path) -> DataSpec:
     """Read and check a gateway's data description (YAML or JSON)."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"data description {path} not found; write one (docs/deployment.md, \"Your plant's data\") "
+        raise SpecError(f"data description {path} not found; write one (docs/plant-pilot.md) "
                         "or pass --data DIR for a CSV export")
     try:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))

@@ -147,17 +147,24 @@ def _csv_files(path: Path) -> list[Path]:
     raise DataFormatError(f"{path}: file not found; check task.data.path")
 
 
-def _csv_lines(file: Path, sep: str) -> list[tuple[int, list[str]]]:
-    """The non-blank rows of one CSV file as (line, fields); a file that is not UTF-8 text or has a field
-    beyond csv's limit (131,072 characters) is one line naming it."""
+def csv_lines(file: Path, sep: str, encoding: str = "utf-8", sep_key: str = "task.data.csv.sep",
+              ) -> list[tuple[int, list[str]]]:
+    """The non-blank rows of one CSV file as (line, fields); a file that is not text in ``encoding`` or has
+    a field beyond csv's limit (131,072 characters) is one line naming it (``sep_key``: where the
+    separator is set, for the fix)."""
     try:
-        with file.open(newline="", encoding="utf-8") as fh:
+        with file.open(newline="", encoding=encoding) as fh:
             return [(n, r) for n, r in enumerate(csv.reader(fh, delimiter=sep), 1) if any(c.strip() for c in r)]
     except UnicodeDecodeError as err:
-        raise DataFormatError(f"{file}: not UTF-8 text (it holds byte {err.object[err.start:err.start + 1]!r}); "
-                              "save it as UTF-8") from None
+        raise DataFormatError(f"{file}: not {encoding.upper()} text (it holds byte "
+                              f"{err.object[err.start:err.start + 1]!r}); save it as {encoding.upper()}") from None
     except csv.Error as err:
-        raise DataFormatError(f"{file}: not a readable CSV file ({err}); fix the file or task.data.csv.sep") from None
+        raise DataFormatError(f"{file}: not a readable CSV file ({err}); fix the file or {sep_key}") from None
+
+
+def unsplit_header(fields: list[str], sep: str) -> bool:
+    """Whether a header row is one field that another separator would have split: ``sep`` is wrong."""
+    return len(fields) == 1 and sep not in fields[0] and any(s in fields[0] for s in ",;\t|")
 
 
 def _read_rows(path: Path, sep: str) -> tuple[list[str], list[list[str]], list[tuple[Path, int]]]:
@@ -167,11 +174,11 @@ def _read_rows(path: Path, sep: str) -> tuple[list[str], list[list[str]], list[t
     rows: list[list[str]] = [[]]
     where: list[tuple[Path, int]] = [(path, 1)]  # (file, line) of every row, for error messages
     for file in files:
-        lines = _csv_lines(file, sep)
+        lines = csv_lines(file, sep)
         if not lines:
             raise DataFormatError(f"{file}: file is empty; it needs a header row and at least two rows per unit")
         first = [h.strip() for h in lines[0][1]]
-        if len(first) == 1 and sep not in lines[0][1][0] and any(s in lines[0][1][0] for s in ",;\t"):
+        if unsplit_header(lines[0][1], sep):
             raise DataFormatError(
                 f"{file}: header {lines[0][1][0]!r} was not split by separator {sep!r}; set task.data.csv.sep"
             )

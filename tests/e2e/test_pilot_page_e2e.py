@@ -21,7 +21,6 @@ import json
 import re
 import shlex
 import socket
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from iiotfl.clients.processes import bin_env, spawn, stop_group
+from iiotfl.clients.sources.store import read as read_store
 from tests.brokers import have_mosquitto
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -79,8 +79,7 @@ def _ports(line: str, cwd: Path) -> list[int]:
 
 def _cycles_contiguous(store: Path) -> tuple[int, list[str]]:
     """Records in the store, and the units whose stored cycles have a gap."""
-    with sqlite3.connect(store) as db:
-        records = [json.loads(r) for (r,) in db.execute("SELECT record FROM records")]
+    records = [r for _, _, r in read_store(store, "predictive_maintenance")]
     cycles: dict[str, set[int]] = {}
     for r in records:
         if "unit" in r and "cycle" in r:
