@@ -1,7 +1,8 @@
-"""Link and device profiles of each gateway, and the link-bound clock.
+"""Link and device profiles of each gateway, the link-bound clock and the energy estimate.
 
-A profile is one file of ``configs/link/`` (rate up/down in kbit/s, RTT, jitter, loss)
-or ``configs/device/`` (CPU share, torch threads, memory). The run's ``link`` and
+A profile is one file of ``configs/link/`` (rate up/down in kbit/s, RTT, jitter, loss; radio
+energy per byte and per connection) or ``configs/device/`` (CPU share, torch threads, memory;
+power while training). The run's ``link`` and
 ``device`` groups are what every gateway gets; ``fleet.link_mix`` /
 ``fleet.device_mix`` split the fleet by shares (in gateway order: with
 ``{lte_m: 0.7, nb_iot: 0.3}`` and 10 gateways, 0-6 are LTE-M and 7-9 NB-IoT), and
@@ -11,6 +12,9 @@ or ``configs/device/`` (CPU share, torch threads, memory). The run's ``link`` an
 messages need. :func:`link_time` is the clock of ``engine=sim`` (printed beside the
 measured time on a shaped fleet too): the link bound plus what Flower's deployment
 engine itself adds per exchange (:func:`flower_overhead`) plus outage waiting.
+:func:`round_energy` estimates what one gateway's round costs in joules: the radio (bytes each
+way and one connection per message exchange, from the link profile's constants) and the
+compute (the device's power while training times its compute seconds).
 """
 
 from __future__ import annotations
@@ -37,6 +41,9 @@ class LinkProfile:
     jitter_ms: float = 0.0
     loss_pct: float = 0.0
     idle_poll_s: float = 3.0  # longest wait between an idle gateway's pulls (Flower's own: 3 s)
+    tx_uj_per_byte: float = 0.0  # radio energy per byte sent, µJ (0: not counted; sources in configs/link/)
+    rx_uj_per_byte: float = 0.0  # per byte received, µJ
+    connect_mj: float = 0.0      # per connection (wake-up, RRC set-up and release), mJ
 
     @property
     def shaped(self) -> bool:
@@ -64,6 +71,7 @@ class DeviceProfile:
     torch_threads: int = 1
     memory_mb: int | None = None
     startup_s: float = 3.5  # start of one ClientApp process on one core (interpreter, flwr, torch)
+    power_w: float = 0.0    # power drawn while training, W (0: not counted; sources in configs/device/)
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,20 @@ def _load(group: str, name: str) -> dict[str, Any]:
     return yaml.safe_load(path.read_text()) or {}
 
 
+# The energy keys of a profile: each a number >= 0, 0 (the default of a file without it) = not counted.
+LINK_ENERGY = {"tx_uj_per_byte": "microjoules per byte sent", "rx_uj_per_byte": "microjoules per byte received",
+               "connect_mj": "millijoules per connection"}
+DEVICE_ENERGY = {"power_w": "watts while training"}
+
+
+def _energy_checked(prof: LinkProfile | DeviceProfile, what: str, keys: Mapping[str, str]) -> None:
+    for key, unit in keys.items():
+        value = getattr(prof, key)
+        if not math.isfinite(value) or value < 0:
+            raise ProfileError(f"config: {what} profile {prof.name!r}: {key}={value!r} is invalid; it must be a "
+                               f"number >= 0 ({unit}; 0: not counted)")
+
+
 def _link(values: Mapping[str, Any]) -> LinkProfile:
     name = str(values.get("name"))
     try:
@@ -97,10 +119,12 @@ def _link(values: Mapping[str, Any]) -> LinkProfile:
             down_kbit=None if values.get("down_kbit") is None else float(values["down_kbit"]),
             rtt_ms=float(values.get("rtt_ms") or 0), jitter_ms=float(values.get("jitter_ms") or 0),
             loss_pct=float(values.get("loss_pct") or 0), idle_poll_s=float(values.get("idle_poll_s") or 3.0),
+            **{key: float(values.get(key) or 0) for key in LINK_ENERGY},
         )
     except (TypeError, ValueError):
-        raise ProfileError(f"config: link profile {name!r} has a non-numeric value; rates, rtt, jitter, loss are "
-                           "numbers") from None
+        raise ProfileError(f"config: link profile {name!r} has a non-numeric value; rates, rtt, jitter, loss and "
+                           "the energy figures are numbers") from None
+    _energy_checked(prof, "link", LINK_ENERGY)
     if prof.shaped and not (prof.up_kbit and prof.down_kbit and prof.up_kbit > 0 and prof.down_kbit > 0):
         raise ProfileError(f"config: link profile {name!r} needs up_kbit and down_kbit > 0 (kbit/s)")
     if not 0.5 <= prof.idle_poll_s <= 600:
@@ -124,9 +148,11 @@ def _device(values: Mapping[str, Any]) -> DeviceProfile:
             torch_threads=int(values.get("torch_threads") or 1),
             memory_mb=None if values.get("memory_mb") is None else int(values["memory_mb"]),
             startup_s=float(values.get("startup_s", 3.5)),
+            power_w=float(values.get("power_w") or 0),
         )
     except (TypeError, ValueError):
         raise ProfileError(f"config: device profile {name!r} has a non-numeric value") from None
+    _energy_checked(prof, "device", DEVICE_ENERGY)
     if (prof.cpu_share is not None and prof.cpu_share <= 0) or (prof.memory_mb is not None and prof.memory_mb < 256):
         raise ProfileError(f"config: device profile {name!r}: cpu_share > 0 and memory_mb >= 256 (or null) please")
     return prof
@@ -236,7 +262,31 @@ def link_time(link: LinkProfile, device: DeviceProfile, compute_s: float, bytes_
     """Simulated round time of one gateway: compute (rescaled to the device's CPU share
     when it was measured on another), transfer and round trips, Flower's own overhead,
     and waiting for the link to come back from an outage."""
-    if measured_on_share is not None and device.cpu_share:
-        compute_s = compute_s * measured_on_share / min(device.cpu_share, measured_on_share)
-    return (link_bound(link, compute_s, bytes_down, bytes_up, objects_down, objects_up)
+    return (link_bound(link, device_compute(device, compute_s, measured_on_share), bytes_down, bytes_up,
+                       objects_down, objects_up)
             + flower_overhead(device) + outage_wait_s)
+
+
+def device_compute(device: DeviceProfile, compute_s: float, measured_on_share: float | None = None) -> float:
+    """Compute seconds on the device: as measured, or rescaled to its CPU share when they were measured on
+    another (``engine=sim`` measures on whole cores of this machine)."""
+    if measured_on_share is not None and device.cpu_share:
+        return compute_s * measured_on_share / min(device.cpu_share, measured_on_share)
+    return compute_s
+
+
+# -- the energy estimate ----------------------------------------------------------------
+def round_energy(link: LinkProfile, device: DeviceProfile, bytes_up: float, bytes_down: float,
+                 exchanges: int, compute_s: float) -> dict[str, float]:
+    """Estimated energy of one gateway's round, in joules; a pure function of the profiles' constants.
+
+    ``radio_j`` = ``bytes_up`` x ``tx_uj_per_byte`` + ``bytes_down`` x ``rx_uj_per_byte`` + ``exchanges`` x
+    ``connect_mj``: one connection per message exchange (the message down and its reply up), each paying the
+    wake-up, RRC connection set-up and release the link's ``connect_mj`` stands for. ``compute_j`` =
+    ``power_w`` x ``compute_s``. ``total_j`` is their sum. Not counted: idle listening, PSM/eDRX sleep between
+    rounds, retransmissions other than those in the bytes given (pass the wire bytes where they were counted).
+    """
+    radio = ((bytes_up * link.tx_uj_per_byte + bytes_down * link.rx_uj_per_byte) / 1e6
+             + exchanges * link.connect_mj / 1e3)
+    compute = device.power_w * compute_s
+    return {"radio_j": radio, "compute_j": compute, "total_j": radio + compute}

@@ -16,7 +16,8 @@
    the run's metric (:func:`gateway_mean`). Failed gateways are named (``events.jsonl``) and
    left out; the run goes on.
 5. Write the final model and ``metrics.json`` into the output directory, which says which
-   evaluation its metric comes from (:func:`headline`); the launcher renders the report from
+   evaluation its metric comes from (:func:`headline`) and what each gateway class spent, estimated
+   (``energy_per_class``, ``server/roundlog.py``); the launcher renders the report from
    them (``iiotfl report DIR`` does the same for any run). Every global model
    (``checkpoints/round-N.ckpt``, the final ``model.ckpt``) is written encrypted and signed
    (``security/artefacts.py``).
@@ -50,7 +51,7 @@ from iiotfl.privacy.ledger import load as load_ledger
 from iiotfl.security.artefacts import FINAL_CHECKPOINT, load_checkpoint, model_fingerprint, save_checkpoint
 from iiotfl.server import events
 from iiotfl.server.checks import validate
-from iiotfl.server.roundlog import RoundLog
+from iiotfl.server.roundlog import RoundLog, energy_per_class
 from iiotfl.server.rounds import DeadlineGrid
 from iiotfl.server.statistics import federated_feature_sums, wait_for_nodes
 from iiotfl.strategies import build_strategy, strategy_spec, wire
@@ -343,6 +344,7 @@ def _finish(run: Run, final: ArrayRecord, client_eval: dict, num_rounds: int, no
         "rounds": run.log.rows,
         "client_evaluation": client_eval,
         **(evaluation or {}),  # evaluation, final_metric, final_metrics, gateway_evaluation, evaluation_note
+        "energy_per_class": energy_per_class(run.log.rows),  # estimated, from the profiles (server/roundlog.py)
         "notes": notes,
         "privacy": accounting_check(run.cfg, load_ledger(run.out / "privacy_ledger.jsonl"), run.log.rows),
     }

@@ -9,7 +9,14 @@ from typing import Any, Callable, Mapping
 
 from iiotfl.links.counters import read_wire
 from iiotfl.links.outages import Outages
-from iiotfl.links.profiles import GatewayProfile, gateway_profiles, link_time, transfer_time
+from iiotfl.links.profiles import (
+    GatewayProfile,
+    device_compute,
+    gateway_profiles,
+    link_time,
+    round_energy,
+    transfer_time,
+)
 from iiotfl.privacy.ledger import keep_rounds, unpadded
 from iiotfl.server.rounds import DeadlineGrid, RoundTrace
 from iiotfl.strategies import strategy_spec, wire
@@ -23,7 +30,8 @@ class RoundLog:
     and the round time split into compute (the ClientApp's handler), transfer (bytes over the
     link rates plus round trips, ``links/profiles.py``) and waiting (the rest: Flower's polling, process start-up,
     queueing behind other gateways, outages). ``bound_s`` = compute + transfer;
-    ``sim_s`` is the simulated clock (bound + Flower's overhead + outage waiting).
+    ``sim_s`` is the simulated clock (bound + Flower's overhead + outage waiting). ``radio_j``,
+    ``compute_j``, ``total_j``: the round's estimated energy on the gateway (:meth:`_energy`).
     """
 
     def __init__(self, path: Path, cfg: dict[str, Any], grid: DeadlineGrid, simulated: bool,
@@ -120,7 +128,21 @@ class RoundLog:
         if part in counters and part in self.counters:
             row["wire_up"] = counters[part]["up"] - self.counters[part]["up"]
             row["wire_down"] = counters[part]["down"] - self.counters[part]["down"]
+        if prof is not None:
+            row.update(self._energy(prof, row))
         return row
+
+    def _energy(self, prof: GatewayProfile, row: dict[str, Any]) -> dict[str, Any]:
+        """The round's estimated energy on one gateway (``links/profiles.py``: round_energy): its wire bytes
+        where its link counted them, else the application bytes (``energy_bytes`` says which); one connection
+        per message exchange it answered (the train exchange and the strategy's extra ones); its compute
+        seconds, on engine=sim rescaled to the device's CPU share as the simulated clock does."""
+        wire_counted = "wire_up" in row
+        up, down = (row["wire_up"], row["wire_down"]) if wire_counted else (row.get("bytes_up"), row.get("bytes_down"))
+        exchanges = 1 + self.extra_exchanges if row.get("bytes_up") is not None else 0
+        compute = device_compute(prof.device, row.get("compute_s") or 0.0, 1.0 if self.simulated else None)
+        energy = round_energy(prof.link, prof.device, up or 0, down or 0, exchanges, compute)
+        return {**energy, "energy_bytes": "wire" if wire_counted else "application"}
 
     def _gateways(self) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         trace = self.grid.train_trace
@@ -173,3 +195,29 @@ class RoundLog:
         self.rows.append(row)
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
+
+
+def energy_per_class(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The estimated energy of each gateway class (link/device) over the rounds of ``metrics.jsonl``: per
+    sampled gateway and round (``*_per_round``), over the run for the whole class (``radio_j``, ``compute_j``,
+    ``total_j``) and per gateway of the class (``total_j_per_gateway``); ``updates``: its aggregated replies;
+    ``bytes``: the bytes it counts (``wire``, ``application`` or both). metrics.json's ``energy_per_class``."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        for g in r.get("gateways") or []:
+            if "radio_j" in g:
+                groups.setdefault(g.get("class") or "?", []).append(g)
+    out = {}
+    for cls, gs in sorted(groups.items()):
+        radio, compute = sum(g["radio_j"] for g in gs), sum(g["compute_j"] for g in gs)
+        gateways = len({g.get("partition") for g in gs})
+        out[cls] = {
+            "gateways": gateways, "gateway_rounds": len(gs),
+            "updates": sum(g.get("status") == "aggregated" for g in gs),
+            "bytes": " and ".join(sorted({str(g.get("energy_bytes")) for g in gs})),
+            "radio_j_per_round": radio / len(gs), "compute_j_per_round": compute / len(gs),
+            "total_j_per_round": (radio + compute) / len(gs),
+            "radio_j": radio, "compute_j": compute, "total_j": radio + compute,
+            "total_j_per_gateway": (radio + compute) / gateways,
+        }
+    return out

@@ -4,7 +4,7 @@ directory holds (:mod:`.runs`), so a failed run still gets a report that says ho
 Sections, in order: what the launcher noted (links, transport, SuperLink restarts, notes), the
 headline figures (status, the task's primary metric and which evaluation it comes from
 (:func:`evaluation_text`; none: why), privacy spent, bytes), one row per round,
-the gateways by class (when the rounds recorded them), privacy (:mod:`.privacy`), the
+the gateways by class (when the rounds recorded them) and their estimated energy, privacy (:mod:`.privacy`), the
 on-device model of ``iiotfl export``, and the logs.
 """
 
@@ -20,11 +20,13 @@ from iiotfl.server.report.runs import (
     load_outages,
     load_rounds,
     metric_columns,
+    offline_per_class,
     per_class,
     read_json,
     run_summary,
 )
 from iiotfl.server.report.text import direction, fmt, metric_label
+from iiotfl.server.roundlog import energy_per_class
 
 
 def write_report(run_dir: str | Path) -> Path:
@@ -39,6 +41,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += _headline(s, final)
     lines += _rounds_section(rounds, s, run_dir)
     lines += _classes_section(rounds, run_dir)
+    lines += _energy_section(rounds, run_dir)
     lines += privacy_section(run_dir, final)
     lines += export_section(run_dir)
     if launch.get("logs"):
@@ -222,6 +225,39 @@ def _classes_section(rounds: list[dict[str, Any]], run_dir: Path) -> list[str]:
         lines += ["", "Outages: " + "; ".join(
             f"gateway {e['gateway']} {e['state']} at {e['t']:.1f}s (round {e['round']})" for e in events)]
     return lines
+
+
+ENERGY_MODEL = (
+    "An estimate from the link and device profiles, not a measurement. Radio: bytes sent × `tx_uj_per_byte` + "
+    "bytes received × `rx_uj_per_byte` + `connect_mj` per connection, one connection per message exchange (the "
+    "train message down and its reply up, and each exchange more a strategy needs); the wire bytes where the link "
+    "counted them, else the application bytes (column \"bytes\"). Compute: `power_w` × the gateway's compute time "
+    "(on engine=sim rescaled to the device's CPU share, as the simulated clock is). Not counted: idle listening "
+    "and PSM/eDRX sleep between rounds, the round-0 statistics query, retransmissions other than those in the wire "
+    "bytes. The constants and their sources: `configs/link/*.yaml`, `configs/device/*.yaml`."
+)
+
+
+def _energy_section(rounds: list[dict[str, Any]], run_dir: Path) -> list[str]:
+    """Estimated energy per gateway class (``energy_per_class``, also in metrics.json): per gateway and round, over
+    the run, and the time each class's links were online and offline."""
+    energy = energy_per_class(rounds)
+    if not energy:
+        return []
+    span, offline = offline_per_class(rounds, load_outages(run_dir))
+    lines = ["", "### Energy per round, estimated", "",
+             "Per round: the mean per sampled gateway and round; run: per gateway of the class, and the whole "
+             "class. Online / offline: per gateway, the rounds' wall time less the outages its link recorded "
+             "(outages.jsonl; none recorded: online all along).", "",
+             "| class | gateways | updates | bytes | radio [J/round] | compute [J/round] | total [J/round] "
+             "| run [J/gateway] | run, class [J] | online [s] | offline [s] |",
+             "|---|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for cls, e in energy.items():
+        off = offline.get(cls, 0.0)
+        lines.append(f"| {cls} | {e['gateways']} | {e['updates']} | {e['bytes']} | {fmt(e['radio_j_per_round'])} | "
+                     f"{fmt(e['compute_j_per_round'])} | {fmt(e['total_j_per_round'])} | "
+                     f"{fmt(e['total_j_per_gateway'])} | {fmt(e['total_j'])} | {fmt(span - off)} | {fmt(off)} |")
+    return lines + ["", ENERGY_MODEL]
 
 
 def export_section(run_dir: Path) -> list[str]:

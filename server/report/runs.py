@@ -244,6 +244,28 @@ def per_class(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def offline_per_class(rounds: list[dict[str, Any]], events: list[dict[str, Any]]) -> tuple[float, dict[str, float]]:
+    """(seconds the rounds ran, from the initial evaluation to the last round; each gateway class's mean seconds
+    offline in them): the link down/up events of ``outages.jsonl`` (seconds since the first round), a link still
+    down at the end counting until then. No recorded outage: 0 for every class."""
+    span = rounds[-1]["time"] - rounds[0]["time"] if rounds else 0.0
+    down: dict[Any, float] = {}
+    since: dict[Any, float] = {}
+    for e in sorted(events, key=lambda e: float(e.get("t") or 0.0)):
+        gw, t = e.get("gateway"), min(float(e.get("t") or 0.0), span)
+        if e.get("state") == "down":
+            since.setdefault(gw, t)
+        elif gw in since:
+            down[gw] = down.get(gw, 0.0) + t - since.pop(gw)
+    for gw, t in since.items():
+        down[gw] = down.get(gw, 0.0) + span - t
+    members: dict[str, set] = {}
+    for r in rounds:
+        for g in r.get("gateways") or []:
+            members.setdefault(g.get("class") or "?", set()).add(g.get("partition"))
+    return span, {cls: sum(down.get(gw, 0.0) for gw in gws) / len(gws) for cls, gws in members.items()}
+
+
 def is_run_dir(path: Path) -> bool:
     """A run directory: what ``iiotfl run`` (one run or one point of a sweep) writes."""
     path = Path(path)

@@ -13,6 +13,7 @@ import pytest
 
 from iiotfl.clients.processes import processes_with_env
 from iiotfl.links import namespaces
+from iiotfl.links.profiles import link_profile
 from iiotfl.security.artefacts import load_model_state
 from iiotfl.tasks.predictive_maintenance.model import RulCNN
 from tests.conftest import IIOTFL, ROOT, run_cli
@@ -89,12 +90,22 @@ def test_fleet_run_leaves_no_process(fleet_run):
 def test_sim_engine_with_more_virtual_gateways(tmp_path):
     run_dir = tmp_path / "sim"
     ray_dirs = set(Path("/tmp").glob("iiotfl-*"))
-    proc = run_cli("run", "engine=sim", "fleet.gateways=8", "fleet.rounds=2", f"hydra.run.dir={run_dir}")
+    proc = run_cli("run", "engine=sim", "fleet.gateways=8", "fleet.rounds=2", "fleet.link_mix={lte_m:0.5,nb_iot:0.5}",
+                   f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows = rounds_of(run_dir)
     assert len(rows) == 3 and all(len(r["clients"]) == 8 for r in rows[1:])
     assert rows[-1]["server"]["rmse"] < 0.4 * rows[0]["server"]["rmse"]
     assert json.loads((run_dir / "launch.json").read_text())["engine"] == "sim"
+    # the estimated energy per class (tests/unit/test_energy.py): in metrics.json and in the report
+    energy = json.loads((run_dir / "metrics.json").read_text())["energy_per_class"]
+    assert set(energy) == {"lte_m/gateway", "nb_iot/gateway"} and energy["nb_iot/gateway"]["updates"] == 8
+    nb, link = [g for r in rows[1:] for g in r["gateways"] if g["class"] == "nb_iot/gateway"], link_profile("nb_iot")
+    assert energy["nb_iot/gateway"]["radio_j"] == pytest.approx(sum(
+        (g["bytes_up"] * link.tx_uj_per_byte + g["bytes_down"] * link.rx_uj_per_byte) / 1e6 + link.connect_mj / 1e3
+        for g in nb))
+    report = (run_dir / "report.md").read_text().split("### Energy per round, estimated")[1]
+    assert "| nb_iot/gateway | 4 | 8 | application |" in report and "| lte_m/gateway | 4 | 8 |" in report
     assert_nothing_left(run_dir)
     assert set(Path("/tmp").glob("iiotfl-*")) == ray_dirs, "Ray's temporary directory was left behind"
 
