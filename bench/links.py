@@ -1,10 +1,13 @@
-"""Links benchmark: codec sizes and metric loss, shaped round time against the link bound.
+"""Links benchmark: bytes against metric per codec and task, shaped round time against the link bound.
 
 Prints one JSON line per configuration:
 
-  {"config": "codec=<name>", ...}  on engine=sim (the same ServerApp/ClientApp maths as
-      the fleet, faster): bytes per client per round up and down relative to float32,
-      final RMSE and its loss relative to the float32 run (same seed, same rounds).
+  {"config": "codec=<name> ...", "task": ...}  on engine=sim (the same ServerApp/ClientApp maths
+      as the fleet, faster), per task: bytes per gateway and round up and down relative to float32
+      (Adam, the default), the final metric and its loss relative to that float32 run
+      ("metric_loss": positive = worse, whichever way the task's metric points), and the same
+      against float32 with the codec's own local optimiser ("loss_vs_float32_same_optimiser").
+      Same seed, same rounds; the rows of one task are its bytes <-> metric curve.
   {"config": "shaped <link>", ...}  on a shaped fleet (engine=fleet) and on engine=sim
       with the same profiles:
       round_over_bound       measured round time of a gateway / (compute + bytes/rate + RTTs)
@@ -13,8 +16,8 @@ Prints one JSON line per configuration:
       and imports), after_reply_s (uplink, push, the server's poll)
       sim_over_measured      the simulated clock on engine=sim / measured round time on the fleet
 
-Usage: python bench/links.py [--quick] [--codecs-only | --shaped-only]
-(--quick: fewer rounds, two codecs, one link)
+Usage: python bench/links.py [--quick] [--codecs-only | --shaped-only] [--task NAME]
+(--quick: fewer rounds, fewer codecs, one task, one link)
 """
 
 from __future__ import annotations
@@ -29,6 +32,23 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 IIOTFL = Path(sys.executable).parent / "iiotfl"
 GATEWAYS = 2
+TASKS = ("predictive_maintenance", "energy_anomaly", "quality_control")
+# The local SGD learning rate each task trains well with (train.optimizer=sgd, momentum 0.9), picked on
+# float32 runs of the default fleet; Adam's train.lr=0.001 is the default of every task.
+SGD_LR = {"predictive_maintenance": 0.01, "energy_anomaly": 0.02, "quality_control": 0.05}
+# (name, overrides, local optimiser): the float32 reference first, then the curve
+CODECS = [
+    ("codec=none", [], "adam"),
+    ("codec=none", [], "sgd"),
+    ("codec=int8", ["codec=int8"], "adam"),
+    ("codec=int4", ["codec=int4"], "adam"),
+    ("codec=topk", ["codec=topk"], "adam"),
+    ("codec=sparse k=0.08", ["codec=sparse", "codec.k_fraction=0.08"], "sgd"),
+    ("codec=sparse k=0.04", ["codec=sparse"], "sgd"),
+    ("codec=sparse k=0.02", ["codec=sparse", "codec.k_fraction=0.02"], "sgd"),
+    ("codec=sparse k=0.04 bits=1", ["codec=sparse", "codec.bits=1"], "sgd"),
+    ("codec=sparse k=0.04 adam", ["codec=sparse"], "adam"),
+]
 
 
 def run(run_dir: Path, *overrides: str) -> list[dict]:
@@ -48,28 +68,53 @@ def gateways(rows: list[dict]) -> list[dict]:
     return [g for r in rows[1:] for g in r["gateways"] if g.get("status") == "aggregated"]
 
 
+def optimiser(task: str, name: str) -> list[str]:
+    return [] if name == "adam" else ["train.optimizer=sgd", "train.momentum=0.9", f"train.lr={SGD_LR[task]}"]
+
+
+def codec_rows(tmp: Path, task: str, rounds: str, codecs: list) -> None:
+    """One task's curve: every codec against float32 with Adam and with the codec's own optimiser."""
+    from iiotfl.tasks import task_class
+
+    cls = task_class(task)
+    metric, higher = cls.primary_metric, cls.higher_is_better
+    ref: dict[str, tuple[float, float, float]] = {}  # optimiser -> float32's (up, down, metric)
+
+    def loss(value: float, against: float) -> float:
+        return round((against - value) / against if higher else (value - against) / against, 4)
+
+    for name, overrides, opt in codecs:
+        rows = run(tmp / f"{task}-{name}-{opt}".replace(" ", "_"), "engine=sim", f"task={task}",
+                   f"fleet.rounds={rounds}", *overrides, *optimiser(task, opt))
+        gws = gateways(rows)
+        up, down = mean(g["bytes_up"] for g in gws), mean(g["bytes_down"] for g in gws)
+        value = rows[-1]["server"][metric]
+        if name == "codec=none":
+            ref[opt] = (up, down, value)
+        base = ref["adam"]
+        same = ref.get(opt)
+        print(json.dumps({
+            "config": name, "task": task, "optimiser": opt, "rounds": int(rounds), "metric": metric,
+            "bytes_up_per_client_round": up, "up_vs_float32": round(up / base[0], 4),
+            "bytes_down_per_client_round": down, "down_vs_float32": round(down / base[1], 4),
+            "up_smaller_x": round(base[0] / up, 1), "down_smaller_x": round(base[1] / max(down, 1e-9), 1),
+            "final": round(value, 4), "float32": round(base[2], 4), "metric_loss": loss(value, base[2]),
+            "loss_vs_float32_same_optimiser": loss(value, same[2]) if same else None,
+        }), flush=True)
+
+
 def main() -> None:
     quick = "--quick" in sys.argv
     do_codecs, do_shaped = "--shaped-only" not in sys.argv, "--codecs-only" not in sys.argv
     rounds = "3" if quick else "8"
-    codecs = ["none", "int8"] if quick else ["none", "fp16", "int8", "int4", "topk"]
+    codecs = [c for c in CODECS if c[0] in ("codec=none", "codec=sparse k=0.04")] if quick else CODECS
+    tasks = [sys.argv[sys.argv.index("--task") + 1]] if "--task" in sys.argv else (
+        TASKS[:1] if quick else TASKS)
     links = [("lte_m", [])] if quick else [("lte_m", []), ("lte_m+nb_iot", ["fleet.link_mix={lte_m:0.5,nb_iot:0.5}"])]
     with tempfile.TemporaryDirectory(prefix="bench-iiotfl-") as tmp:
         tmp = Path(tmp)
-        base = None
-        for codec in codecs if do_codecs else []:
-            rows = run(tmp / f"codec-{codec}", "engine=sim", f"fleet.rounds={rounds}", f"codec={codec}")
-            gws = gateways(rows)
-            up, down = mean(g["bytes_up"] for g in gws), mean(g["bytes_down"] for g in gws)
-            rmse = rows[-1]["server"]["rmse"]
-            if base is None:
-                base = (up, down, rmse)
-            print(json.dumps({
-                "config": f"codec={codec}", "rounds": int(rounds),
-                "bytes_up_per_client_round": up, "up_vs_float32": round(up / base[0], 4),
-                "bytes_down_per_client_round": down, "down_vs_float32": round(down / base[1], 4),
-                "final_rmse": round(rmse, 4), "rmse_loss_vs_float32": round(rmse / base[2] - 1, 4),
-            }), flush=True)
+        for task in tasks if do_codecs else []:
+            codec_rows(tmp, task, rounds, codecs)
         shaped_rounds = "3" if quick else "4"
         for name, extra in links if do_shaped else []:
             link = name.split("+")[0]

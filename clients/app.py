@@ -48,7 +48,7 @@ from iiotfl.privacy.modes import privacy_mode
 from iiotfl.strategies import he, strategy_spec, wire
 from iiotfl.strategies.client_dp import client_level
 from iiotfl.strategies.codec_fedavg import encoded_record, record_arrays
-from iiotfl.strategies.codecs import ErrorFeedback, flatten, get_codec, unflatten
+from iiotfl.strategies.codecs import ErrorFeedback, flatten, get_codec, unflatten, weights_digest
 from iiotfl.strategies.he_fedavg import Sent, Unbound, bound_sum, checked_slots, digest
 from iiotfl.strategies.mask_fedavg import key_reply, unmask_reply
 from iiotfl.tasks import get_task
@@ -196,18 +196,26 @@ def _he_update(settings: RunSettings, context: Context, config: ConfigRecord, up
     return records, {wire.HE_SATURATED: saturated, **extra}
 
 
-def _start_view(msg: Message, context: Context, codec) -> dict[str, np.ndarray]:
-    """The model this round starts from: the full model sent, or last round's plus the delta."""
+def _start_view(msg: Message, context: Context, codec, build) -> dict[str, np.ndarray]:
+    """The model this round starts from: the full model sent, the task's seeded model (``build``) the server
+    named by its digest, or last round's plus the delta."""
     state = context.state
+    config = wire.config_record(msg.content, "config")
     if "arrays" in msg.content:
         view = record_arrays(wire.array_record(msg.content, "arrays"))
+    elif wire.SEEDED_START in config:
+        view = {k: v.detach().numpy().astype(np.float32) for k, v in build().state_dict().items()}
+        if weights_digest(view) != wire.as_str(config[wire.SEEDED_START]):
+            raise RuntimeError("this gateway's seeded initial model differs from the server's (another torch or "
+                               "iiotfl version?); install the fleet's versions (pyproject.toml pins torch)")
     else:
         base_round = wire.as_int(wire.config_record(msg.content, "config")[wire.BASE_ROUND])
         held = wire.as_int(wire.config_record(state, "view-meta")["round"]) if "view-meta" in state else -1
         if held != base_round:
             raise RuntimeError(f"delta against round {base_round}, but this gateway holds round {held}")
         base = record_arrays(wire.array_record(state, "view"))
-        diff = codec.decode(record_arrays(wire.array_record(msg.content, "delta")), sum(v.size for v in base.values()))
+        diff = codec.for_downlink().decode(record_arrays(wire.array_record(msg.content, "delta")),
+                                           sum(v.size for v in base.values()))
         view = unflatten(flatten(base) + diff, base)
     state["view"] = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in view.items()})
     server_round = wire.as_int(wire.config_record(msg.content, "config")[wire.SERVER_ROUND])
@@ -282,7 +290,9 @@ def _secagg_fit(msg: Message, context: Context, started: float) -> Message:
     server_round = wire.as_int(config[wire.SERVER_ROUND])
     stats = train_local(model, x, task.target(y), epochs=wire.as_int(config[wire.LOCAL_EPOCHS]),
                         batch_size=wire.as_int(config[wire.BATCH_SIZE]), lr=wire.as_float(config["lr"]),
-                        seed=hash((cfg["seed"], partition, server_round)) % 2**31, loss_fn=task.loss())
+                        seed=hash((cfg["seed"], partition, server_round)) % 2**31, loss_fn=task.loss(),
+                        optimizer=wire.as_str(config.get(wire.OPTIMIZER, "adam")),
+                        momentum=wire.as_float(config.get(wire.MOMENTUM, 0.0)))
     stats.update(poison(model, view, cfg, context, partition))
     base = flatten(view)
     update = flatten({k: v.detach().numpy() for k, v in model.state_dict().items()}) - base
@@ -365,13 +375,19 @@ def _objects_down(msg: Message) -> int:
 
 def _encoded_reply(msg: Message, context: Context, cfg, codec, update: np.ndarray, rng, metrics: dict) -> Message:
     """The update encoded by the run's codec (with error feedback when the codec keeps a residual)."""
+    codec = codec.for_round(wire.as_int(wire.config_record(msg.content, "config")[wire.SERVER_ROUND]))
     if cfg["codec"].get("error_feedback"):
         state = context.state
-        residual = wire.array_record(state, "residual").to_numpy_ndarrays()[0] if "residual" in state else None
-        feedback = ErrorFeedback(codec, residual)
+
+        def kept(key: str) -> np.ndarray | None:
+            return wire.array_record(state, key).to_numpy_ndarrays()[0] if key in state else None
+
+        feedback = ErrorFeedback(codec, kept("residual"), kept("velocity"), float(cfg["codec"].get("momentum") or 0.0))
         enc = feedback.encode(update, rng)
         assert feedback.residual is not None, "ErrorFeedback.encode sets the residual"
         context.state["residual"] = ArrayRecord(numpy_ndarrays=[feedback.residual])
+        if feedback.velocity is not None:
+            context.state["velocity"] = ArrayRecord(numpy_ndarrays=[feedback.velocity])
         residual_norm = float(np.linalg.norm(feedback.residual))
     else:
         enc = codec.encode(update, rng)
@@ -428,14 +444,16 @@ def train(msg: Message, context: Context) -> Message:
     config = wire.config_record(msg.content, "config")
     codec = get_codec(cfg["codec"])
     bytes_down = sum(rec.count_bytes() for key, rec in msg.content.array_records.items())
-    view = _start_view(msg, context, codec)
+    view = _start_view(msg, context, codec, task.build_model)
     model = task.build_model()
     model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in view.items()})
     x, y = task.windows(data, _normaliser(task, config))
     server_round = wire.as_int(config[wire.SERVER_ROUND])
     seed = hash((cfg["seed"], partition, server_round)) % 2**31
     common = dict(epochs=wire.as_int(config[wire.LOCAL_EPOCHS]), batch_size=wire.as_int(config[wire.BATCH_SIZE]),
-                  lr=wire.as_float(config["lr"]), seed=seed, loss_fn=task.loss())
+                  lr=wire.as_float(config["lr"]), seed=seed, loss_fn=task.loss(),
+                  optimizer=wire.as_str(config.get(wire.OPTIMIZER, "adam")),
+                  momentum=wire.as_float(config.get(wire.MOMENTUM, 0.0)))
     dp: dict[str, float] = {}
     if privacy_mode(cfg).on_device:  # privacy=sample: DP-SGD within this device's budget
         stats, dp = _train_dp(settings, context, model, x, y, task, config, partition, common)

@@ -1,4 +1,5 @@
-"""Local training on a gateway: mini-batch Adam on the task's loss (MSE unless it says otherwise)."""
+"""Local training on a gateway: mini-batch Adam (or SGD with momentum, ``train.optimizer``) on the task's loss
+(MSE unless it says otherwise)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,19 @@ import time
 import numpy as np
 import torch
 from torch import nn
+
+OPTIMIZERS = ("adam", "sgd")
+
+
+def optimiser(params, name: str, lr: float, momentum: float) -> torch.optim.Optimizer:
+    """``adam``: the default. ``sgd``: SGD with momentum, whose update follows the gradient's magnitudes (a few
+    weights move far, most little), where Adam moves every weight by about the same step; sparse codecs keep
+    more of the former (docs/links-and-codecs.md)."""
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum)
+    if name != "adam":
+        raise ValueError(f"train.optimizer={name!r}; pick one of {list(OPTIMIZERS)}")
+    return torch.optim.Adam(params, lr=lr)
 
 
 def train_local(
@@ -19,12 +33,14 @@ def train_local(
     lr: float,
     seed: int,
     loss_fn: nn.Module | None = None,
+    optimizer: str = "adam",
+    momentum: float = 0.0,
 ) -> dict[str, float]:
     """Train ``model`` in place on (x, y); return mean loss of the last epoch and seconds spent."""
     start = time.perf_counter()
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = optimiser(model.parameters(), optimizer, lr, momentum)
     loss_fn = loss_fn or nn.MSELoss()
     model.train()
     last = 0.0
@@ -55,6 +71,8 @@ def train_local_dp(
     noise_multiplier: float,
     max_grad_norm: float,
     loss_fn: nn.Module | None = None,
+    optimizer: str = "adam",
+    momentum: float = 0.0,
 ) -> dict[str, float]:
     """DP-SGD with Opacus: Poisson-sampled batches of expected size ``batch_size``,
     per-sample gradients clipped to ``max_grad_norm``, Gaussian noise of
@@ -68,7 +86,7 @@ def train_local_dp(
     gen = torch.Generator().manual_seed(seed)
     data = TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.float32)))
     loader = DataLoader(data, batch_size=batch_size, shuffle=True, generator=gen)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = optimiser(model.parameters(), optimizer, lr, momentum)
     engine = PrivacyEngine(accountant="rdp", secure_mode=False)
     # ghost clipping: per-sample gradient norms without materialising per-sample gradients
     # (same clipping and noise as the hooks mode, ~1.5x faster on this model)

@@ -56,6 +56,7 @@ from iiotfl.server.rounds import DeadlineGrid
 from iiotfl.server.statistics import federated_feature_sums, wait_for_nodes
 from iiotfl.strategies import build_strategy, strategy_spec, wire
 from iiotfl.strategies.client_dp import client_level, rounds_within_budget
+from iiotfl.strategies.codecs import weights_digest
 from iiotfl.strategies.spec import BuiltStrategy
 from iiotfl.tasks import Task, get_task
 
@@ -129,6 +130,8 @@ def _prepare(grid: Grid, context: Context, settings: RunSettings) -> Run:
         model.load_state_dict(ckpt.model)
         if ckpt.norm_sums is not None:  # the normalisation the model was trained with
             sums = ckpt.norm_sums
+    elif hasattr(strategy, "seeded_start"):  # a fresh run starts from the task's seeded model, which gateways build
+        strategy.seeded_start = weights_digest({k: v.numpy() for k, v in model.state_dict().items()})
     simulated = cfg["engine"]["name"] == "sim"  # the simulated clock times the rounds
     log = RoundLog(out / "metrics.jsonl", cfg, rounds, simulated, keep_upto=resume or None)
     log.node_partition = partitions
@@ -199,7 +202,8 @@ def _train(run: Run, grid: Grid, context: Context, num_rounds: int) -> tuple[Arr
     train = run.cfg["train"]
     train_config: dict[str, ConfigRecordValues] = {
         wire.LOCAL_EPOCHS: int(train["local_epochs"]), wire.BATCH_SIZE: int(train["batch_size"]),
-        "lr": float(train["lr"]), **norm}
+        "lr": float(train["lr"]), wire.OPTIMIZER: str(train.get("optimizer") or "adam"),
+        wire.MOMENTUM: float(train.get("momentum") or 0.0), **norm}
     spec = strategy_spec(run.cfg)
     if spec.runner is not None:  # a strategy with a workflow of its own (SecAgg+)
         return spec.runner(run.rounds, context, run.cfg, run.model, train_config, evaluate, num_rounds,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any, Mapping
 
 from iiotfl.clients.poison import validate_poison
+from iiotfl.clients.training import OPTIMIZERS
 from iiotfl.configs import ConfigError, choice, integer, number, require
 from iiotfl.links.outages import OUTAGE_MODES
 from iiotfl.links.profiles import ProfileError, gateway_profiles
@@ -41,6 +42,8 @@ def _validate_run(cfg: Mapping[str, Any]) -> int:
     integer(cfg, "train.local_epochs", 1)
     integer(cfg, "train.batch_size", 1)
     number(cfg, "train.lr", 0.0, 10.0, low_open=True)
+    choice(cfg, "train.optimizer", OPTIMIZERS)
+    number(cfg, "train.momentum", 0.0, 0.99)
     integer(cfg, "train.torch_threads", 1)
     return gateways
 

@@ -6,8 +6,11 @@ Contract with the ClientApp (``clients/app.py``):
   start from, float32 — or ``delta`` — the change since the model the gateway got last
   round, encoded with the codec, plus ``config["base-round"]``, the round of that model.
   A gateway only gets a delta if it answered the previous round (so it holds the
-  base); everyone else gets the full model. Server and gateways reconstruct the same
-  ``view`` (base + decoded delta) bit for bit, so a lossy downlink never drifts apart.
+  base); everyone else gets the full model. In the first round of a fresh run with the
+  delta downlink, gateways get no model at all but ``config["seeded-start"]``, the digest
+  of the task's seeded initial model: each builds it (``task.build_model``) and checks it.
+  Server and gateways reconstruct the same ``view`` (base + decoded delta) bit for bit, so a
+  lossy downlink never drifts apart: what it left out is in the next round's delta.
 * **Up** (reply). ``update``: the gateway's new weights minus the view it started from,
   encoded with the codec (after any privacy noise), and ``metrics`` with
   ``num-examples``. The server decodes, adds the view back and hands the weights to
@@ -36,16 +39,35 @@ from flwr.serverapp.strategy import FedAvg
 from iiotfl.compat.flower import message_with_metadata
 from iiotfl.configs import no_checks
 from iiotfl.strategies import wire
-from iiotfl.strategies.codecs import DOWNLINKS, Codec, flatten, unflatten
+from iiotfl.strategies.codecs import DOWNLINKS, Codec, flatten, unflatten, weights_digest
 from iiotfl.strategies.spec import BuildContext, StrategySpec
+
+RAW = "raw-bytes"  # an Array's serialisation type for a byte stream sent as it is (no numpy header)
+
+
+def _array(v: np.ndarray) -> Array:
+    """A codec's byte stream (1-D uint8) travels as its raw bytes; other arrays as numpy arrays."""
+    if v.dtype == np.uint8 and v.ndim == 1:
+        return Array(dtype="uint8", shape=(int(v.size),), stype=RAW, data=v.tobytes())
+    return Array(np.ascontiguousarray(v))
 
 
 def encoded_record(enc: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in enc.items()})
+    return ArrayRecord({k: _array(v) for k, v in enc.items()})
 
 
 def record_arrays(record: ArrayRecord) -> dict[str, np.ndarray]:
-    return {k: v.numpy() for k, v in record.items()}
+    """The arrays of a record; ValueError for one whose serialisation this project does not send."""
+    out = {}
+    for k, v in record.items():
+        if v.stype == RAW:
+            out[k] = np.frombuffer(v.data, dtype=np.uint8)
+        else:
+            try:
+                out[k] = v.numpy()
+            except (TypeError, OSError) as err:  # another serialisation, or not a numpy array
+                raise ValueError(f"array {k!r} cannot be read: {err}") from None
+    return out
 
 
 class CodecFedAvg(FedAvg):
@@ -78,6 +100,9 @@ class CodecFedAvg(FedAvg):
         self.view: dict[str, np.ndarray] | None = None  # the model every up-to-date gateway holds
         self.view_round = 0
         self.current: set[int] = set()  # gateways that answered the last round
+        # the digest of the task's seeded initial model when the run starts from it (not a resumed run): with the
+        # delta downlink the first round sends this instead of the model, and each gateway builds it itself
+        self.seeded_start: str | None = None
         self.sent_round = 0
 
     # -- who trains --------------------------------------------------------------------
@@ -107,17 +132,22 @@ class CodecFedAvg(FedAvg):
         model = {k: v.numpy().astype(np.float32) for k, v in arrays.items()}
         delta_record = None
         if self.downlink == "delta" and self.view is not None:
-            base = flatten(self.view)
-            enc = self.codec.encode(flatten(model) - base, self.down_rng)
+            base, down = flatten(self.view), self.codec.for_downlink()
+            enc = down.encode(flatten(model) - base, self.down_rng)
             delta_record = encoded_record(enc)
-            new_view = unflatten(base + self.codec.decode(enc, base.size), model)
+            new_view = unflatten(base + down.decode(enc, base.size), model)
         else:
             new_view = model
         full_record = ArrayRecord({k: Array(v) for k, v in new_view.items()})
+        seeded = (self.downlink == "delta" and self.view is None and self.seeded_start is not None
+                  and weights_digest(new_view) == self.seeded_start)
         messages = []
         for node in node_ids:
             cfg = ConfigRecord(dict(config))
-            if delta_record is not None and node in self.current:
+            if seeded:  # round 1 of a fresh run: the gateway builds the seeded model and checks the digest
+                cfg[wire.SEEDED_START] = str(self.seeded_start)
+                content = RecordDict({self.configrecord_key: cfg})
+            elif delta_record is not None and node in self.current:
                 cfg[wire.BASE_ROUND] = self.view_round
                 content = RecordDict({"delta": delta_record, self.configrecord_key: cfg})
             else:

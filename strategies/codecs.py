@@ -36,8 +36,9 @@ registry entry; nothing else compares codec names.
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar, Mapping
 
 import numpy as np
@@ -67,6 +68,11 @@ def unflatten(vector: np.ndarray, like: Mapping[str, np.ndarray]) -> dict[str, n
     if pos != vector.size:
         raise ValueError(f"update has {vector.size} values, the model {pos}; the sender uses another model")
     return out
+
+
+def weights_digest(tensors: Mapping[str, np.ndarray]) -> str:
+    """A digest of the values themselves (the seeded start: gateway and server built the same model)."""
+    return hashlib.sha256(flatten(tensors).tobytes()).hexdigest()[:32]
 
 
 # -- stochastic quantisation (shared with encrypted aggregation) ------------------------
@@ -151,6 +157,14 @@ class Codec(ABC):
     @abstractmethod
     def describe(self) -> str:
         """What goes on the wire, in a few words (reports, ledger)."""
+
+    def for_round(self, server_round: int) -> Codec:  # noqa: ARG002
+        """The codec a gateway encodes this round's update with (a warm-up may change it by round)."""
+        return self
+
+    def for_downlink(self) -> Codec:
+        """The codec of the server's delta downlink."""
+        return self
 
     @classmethod
     def from_config(cls, codec_cfg: Mapping[str, Any]) -> Codec:
@@ -360,7 +374,186 @@ class TopKCodec(Codec):
         return np.where(np.abs(x) >= kth, scale * (1 + 1e-5), np.maximum(np.abs(x), scale * (1 + 1e-5)))
 
 
-CODECS: dict[str, type[Codec]] = {c.name: c for c in (NoneCodec, Fp16Codec, Int8Codec, Int4Codec, TopKCodec)}
+
+# -- bit streams: Rice codes of position gaps, fixed-width value codes --------------------
+def _put_bits(values: np.ndarray, width: int) -> np.ndarray:
+    """``values`` (non-negative, < 2^width) as ``width`` bits each, most significant first: a 0/1 uint8 array."""
+    if width == 0 or values.size == 0:
+        return np.zeros(0, np.uint8)
+    shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
+    return ((values.astype(np.int64)[:, None] >> shifts) & 1).astype(np.uint8).ravel()
+
+
+def _get_bits(bits: np.ndarray, count: int, width: int) -> np.ndarray:
+    """The inverse of :func:`_put_bits` for ``count`` values."""
+    if width == 0:
+        return np.zeros(count, np.int64)
+    shifts = np.arange(width - 1, -1, -1, dtype=np.int64)
+    return (bits[: count * width].reshape(count, width).astype(np.int64) << shifts).sum(axis=1)
+
+
+def rice_encode(gaps: np.ndarray, param: int) -> np.ndarray:
+    """Golomb-Rice code of non-negative ``gaps``: ``gap >> param`` ones, a zero, then the low ``param`` bits.
+    Near the entropy of geometric gaps (top-k positions of a dense vector) for ``param`` ≈ log2(mean gap).
+    Returns 0/1 bits (uint8)."""
+    gaps = gaps.astype(np.int64)
+    quot = gaps >> param
+    lengths = quot + 1 + param
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    bits = np.zeros(int(lengths.sum()), np.uint8)
+    if quot.any():  # the unary parts
+        first = np.repeat(starts, quot)
+        bits[first + np.arange(first.size) - np.repeat(np.cumsum(quot) - quot, quot)] = 1
+    if param:
+        low = _put_bits(gaps & ((1 << param) - 1), param).reshape(-1, param)
+        bits[(starts + quot + 1)[:, None] + np.arange(param)] = low
+    return bits
+
+
+def rice_decode(bits: np.ndarray, count: int, param: int, limit: int) -> tuple[np.ndarray, int]:
+    """``count`` gaps from the front of ``bits``; (gaps, bits read). ValueError when the stream ends early
+    or a gap exceeds ``limit`` (a position outside the model)."""
+    zeros = np.flatnonzero(bits == 0)
+    gaps = np.empty(count, np.int64)
+    pos = 0
+    for i in range(count):
+        j = int(np.searchsorted(zeros, pos))
+        if j >= zeros.size or zeros[j] + 1 + param > bits.size:
+            raise ValueError(f"the position stream ends after {i} of {count} positions")
+        end = int(zeros[j])
+        gap = ((end - pos) << param) | int(_get_bits(bits[end + 1 :], 1, param)[0])
+        if gap > limit:
+            raise ValueError("a position falls outside the model")
+        gaps[i], pos = gap, end + 1 + param
+    return gaps, pos
+
+
+SPARSE_HEADER = 8  # bytes: kept values (uint32), Rice parameter, value bits, two reserved
+
+
+@dataclass(frozen=True)
+class SparseCodec(Codec):
+    """Top-k sparsification with entropy-coded positions and low-bit values, one byte stream.
+
+    Keeps the ``k_fraction`` largest |x|. Positions: Golomb-Rice codes of the gaps between
+    them (about log2(1/k_fraction) + 1.5 bits each). Values, per chunk of ``chunk`` kept
+    values with one float32 scale: ``bits=1`` the sign, decoded as ± the chunk's mean
+    magnitude (as in sparse ternary compression; biased, which the device's error feedback
+    corrects); ``bits`` 2-8 unbiased stochastic rounding to ``2^(bits-1) - 1`` levels either
+    side. The whole update is one array of raw bytes (no numpy header on the wire).
+
+    The downlink (``downlink=delta``) is the server's change since the model the gateways
+    hold, encoded by :meth:`for_downlink` (``down_k_fraction``, ``down_bits``); what it
+    leaves out stays in the next round's change (the server's view, ``codec_fedavg.py``), so
+    nothing is lost, only delayed. ``warmup_rounds``: the first rounds keep 4×, 16×, ...
+    more values (capped at all of them), as deep gradient compression warms up its sparsity.
+    """
+
+    name: ClassVar[str] = "sparse"
+    form: ClassVar[str] = "top-k sparsified, low-bit"
+    k_fraction: float = 0.04
+    bits: int = 4
+    chunk: int = DEFAULT_CHUNK
+    down_k_fraction: float = 0.15
+    down_bits: int = 8
+    warmup_rounds: int = 0
+
+    @classmethod
+    def from_config(cls, codec_cfg: Mapping[str, Any]) -> Codec:
+        return cls(**{f: type(getattr(cls, f))(codec_cfg[f]) for f in
+                      ("k_fraction", "bits", "chunk", "down_k_fraction", "down_bits", "warmup_rounds")
+                      if codec_cfg.get(f) is not None})
+
+    @classmethod
+    def validate(cls, codec_cfg: Mapping[str, Any], path: str = "codec") -> None:
+        super().validate(codec_cfg, path)
+        root = _section(path, codec_cfg)
+        for key in ("k_fraction", "down_k_fraction"):
+            number(root, f"{path}.{key}", 0.0, 1.0, low_open=True)
+        for key in ("bits", "down_bits"):
+            integer(root, f"{path}.{key}", 1, 8)
+        integer(root, f"{path}.chunk", 8)
+        integer(root, f"{path}.warmup_rounds", 0, 100)
+        if codec_cfg.get("error_feedback") is not None:
+            flag(root, f"{path}.error_feedback")
+        number(root, f"{path}.momentum", 0.0, 0.99)
+
+    def describe(self) -> str:
+        values = "sign × chunk mean" if self.bits == 1 else f"{self.bits}-bit stochastic"
+        return (f"top {self.k_fraction * 100:g}% of values: Rice-coded positions + {values} values, fp32 scale per "
+                f"{self.chunk} kept")
+
+    def for_round(self, server_round: int) -> SparseCodec:
+        """This round's codec: ``k_fraction`` × 4^(rounds of warm-up left), at most every value."""
+        left = self.warmup_rounds - server_round + 1
+        if left <= 0:
+            return self
+        return replace(self, k_fraction=min(1.0, self.k_fraction * 4.0**left))
+
+    def for_downlink(self) -> SparseCodec:
+        return replace(self, k_fraction=self.down_k_fraction, bits=self.down_bits, warmup_rounds=0)
+
+    def _levels(self) -> int:
+        return max(1, 2 ** (self.bits - 1) - 1)
+
+    def _encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded:
+        k = min(x.size, max(1, int(np.ceil(self.k_fraction * x.size))))
+        idx = np.sort(np.argpartition(np.abs(x), -k)[-k:]).astype(np.int64)
+        gaps = np.diff(idx, prepend=-1) - 1
+        param = int(max(0, np.floor(np.log2(max(float(gaps.mean()), 1.0)))))
+        vals = x[idx]
+        pad = (-k) % self.chunk
+        vp = np.concatenate([vals, np.zeros(pad, np.float32)]).reshape(-1, self.chunk)
+        if self.bits == 1:
+            counts = np.minimum(self.chunk, k - self.chunk * np.arange(vp.shape[0]))
+            scales = (np.abs(vp).sum(axis=1) / counts).astype(np.float32)
+            codes = (vals >= 0).astype(np.int64)
+        else:
+            q, scales = quantise(vals, self._levels(), self.chunk, rng)
+            codes = q[:k].astype(np.int64) + self._levels()
+        header = np.array([k], "<u4").view(np.uint8)
+        meta = np.array([param, self.bits, 0, 0], np.uint8)
+        stream = np.packbits(np.concatenate([rice_encode(gaps, param), _put_bits(codes, self.bits)]))
+        return {"sparse": np.concatenate([header, meta, scales.astype("<f4").view(np.uint8), stream])}
+
+    def _decode(self, enc: Mapping[str, np.ndarray], size: int) -> np.ndarray:
+        raw = np.asarray(enc["sparse"]).astype(np.uint8, copy=False).ravel()
+        if raw.size < SPARSE_HEADER:
+            raise ValueError(f"{raw.size} bytes, shorter than the {SPARSE_HEADER}-byte header")
+        k, param, bits = int(raw[:4].view("<u4")[0]), int(raw[4]), int(raw[5])
+        if not 0 < k <= size or param > 40:
+            raise ValueError(f"header says {k} values with Rice parameter {param} for a model of {size}")
+        if bits != self.bits:
+            raise ValueError(f"values of {bits} bits, this run's codec uses {self.bits}")
+        nscales = -(-k // self.chunk)
+        body = SPARSE_HEADER + 4 * nscales
+        if raw.size < body:
+            raise ValueError(f"{raw.size} bytes cannot hold {nscales} scales")
+        scales = raw[SPARSE_HEADER:body].view("<f4").astype(np.float32)
+        stream = np.unpackbits(raw[body:])
+        gaps, used = rice_decode(stream, k, param, size)
+        idx = np.cumsum(gaps + 1) - 1
+        if idx[-1] >= size:
+            raise ValueError("a position falls outside the model")
+        if stream.size - used < k * bits:
+            raise ValueError(f"the value stream holds fewer than {k} values")
+        codes = _get_bits(stream[used:], k, bits)
+        per = np.repeat(scales, self.chunk)[:k]
+        out = np.zeros(size, np.float32)
+        out[idx] = (np.where(codes == 1, per, -per) if bits == 1 else (codes - self._levels()) * per)
+        return out
+
+    def _error_bound(self, x: np.ndarray) -> np.ndarray:
+        k = min(x.size, max(1, int(np.ceil(self.k_fraction * x.size))))
+        kth = np.partition(np.abs(x), -k)[-k]
+        # kept: within one step of the largest kept magnitude (sign codes: of the kept mean and the largest);
+        # dropped: their own magnitude (the device's error feedback keeps it)
+        step = np.abs(x).max() * (2.0 if self.bits == 1 else 1.0 / self._levels())
+        return np.where(np.abs(x) >= kth, step * (1 + 1e-5), np.maximum(np.abs(x), step * (1 + 1e-5)))
+
+
+CODECS: dict[str, type[Codec]] = {c.name: c for c in (NoneCodec, Fp16Codec, Int8Codec, Int4Codec, TopKCodec,
+                                                       SparseCodec)}
 
 
 def wire_bytes(enc: Mapping[str, np.ndarray]) -> int:
@@ -372,20 +565,36 @@ class ErrorFeedback:
     """Device-side error feedback: what the codec dropped is added to the next update.
 
     ``residual`` is the running difference between what the gateway wanted to send and
-    what the server could decode; it never leaves the device.
+    what the server could decode; it never leaves the device. With ``momentum`` (deep gradient
+    compression's momentum correction) the gateway accumulates a velocity of its updates,
+    ``v = momentum * v + update``, adds it to the residual instead of the bare update, and
+    clears the velocity where values were sent (momentum-factor masking), so a value that
+    waited several rounds is sent with the momentum it would have had.
     """
 
-    def __init__(self, codec: Codec, residual: np.ndarray | None = None) -> None:
+    def __init__(self, codec: Codec, residual: np.ndarray | None = None, velocity: np.ndarray | None = None,
+                 momentum: float = 0.0) -> None:
         self.codec = codec
         self.residual = residual
+        self.velocity = velocity
+        self.momentum = momentum
 
     def encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded:
         x = np.asarray(x, dtype=np.float32).ravel()
         if self.residual is None or self.residual.size != x.size:
             self.residual = np.zeros_like(x)
+        if self.momentum:
+            if self.velocity is None or self.velocity.size != x.size:
+                self.velocity = np.zeros_like(x)
+            self.velocity = (self.momentum * self.velocity + x).astype(np.float32)
+            x = self.velocity
         target = x + self.residual
         enc = self.codec.encode(target, rng)
-        self.residual = target - self.codec.decode(enc, x.size)
+        sent = self.codec.decode(enc, x.size)
+        self.residual = target - sent
+        if self.momentum:
+            assert self.velocity is not None
+            self.velocity[sent != 0] = 0.0
         return enc
 
 

@@ -69,9 +69,12 @@ STATS_ROUND = 0            # the server-round the feature statistics are bound t
 # -- server -> gateway: the train config ------------------------------------------------------
 SERVER_ROUND = "server-round"
 LOCAL_EPOCHS = "local-epochs"
+OPTIMIZER = "optimizer"      # train message: the local optimiser, adam | sgd (absent: adam)
+MOMENTUM = "momentum"        # train message: sgd's momentum
 BATCH_SIZE = "batch-size"
 NORM_SUMS = "norm-sums"                  # the fleet's feature sums, flattened
 NORM_COLS = "norm-cols"                  # ... and their number of columns
+SEEDED_START = "seeded-start"          # first round: build the task's seeded initial model, this digest
 BASE_ROUND = "base-round"                # a delta downlink is against the model of this round
 HE_RANGES = "he-ranges"                  # strategy=he / mask: per-tensor clipping ranges
 HE_WEIGHT = "he-weight"                  # strategy=he / mask: this gateway's FedAvg weight

