@@ -84,7 +84,7 @@ def codec_rows(tmp: Path, task: str, rounds: str, codecs: list) -> None:
         return round((against - value) / against if higher else (value - against) / against, 4)
 
     for name, overrides, opt in codecs:
-        rows = run(tmp / f"{task}-{name}-{opt}".replace(" ", "_"), "engine=sim", f"task={task}",
+        rows = run(tmp / f"{task}-{name}-{opt}".replace(" ", "_").replace("=", "-"), "engine=sim", f"task={task}",
                    f"fleet.rounds={rounds}", *overrides, *optimiser(task, opt))
         gws = gateways(rows)
         up, down = mean(g["bytes_up"] for g in gws), mean(g["bytes_down"] for g in gws)

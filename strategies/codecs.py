@@ -133,6 +133,7 @@ class Codec(ABC):
 
     name: ClassVar[str]  # the config name (codec.name), the key in CODECS
     form: ClassVar[str]  # what the values are, in the privacy ledger's words ("int8-quantised")
+    sparsifies: ClassVar[bool] = False  # sends a subset of the values (each gateway its own largest)
 
     def encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded:
         return self._encode(np.asarray(x, dtype=np.float32).ravel(), rng)
@@ -321,6 +322,7 @@ class TopKCodec(Codec):
 
     name: ClassVar[str] = "topk"
     form: ClassVar[str] = "top-k sparsified"
+    sparsifies: ClassVar[bool] = True
     k_fraction: float = DEFAULT_K_FRACTION
     chunk: int = DEFAULT_CHUNK
 
@@ -451,6 +453,7 @@ class SparseCodec(Codec):
 
     name: ClassVar[str] = "sparse"
     form: ClassVar[str] = "top-k sparsified, low-bit"
+    sparsifies: ClassVar[bool] = True
     k_fraction: float = 0.04
     bits: int = 4
     chunk: int = DEFAULT_CHUNK

@@ -25,13 +25,14 @@ by :func:`validate`; docs: "Robust aggregation and poisoned gateways"):
   updates (sensitivity C/n); Krum's selection or a median changes by up to ~C when one
   gateway changes, so the reported epsilon would be false. ``privacy=sample`` (DP-SGD on
   the gateways) composes: the server-side rule is post-processing.
-* ``codec=topk``: each gateway sends its own largest changes (codec.k_fraction), on mostly different
-  coordinates. Distances between such sparse vectors measure their norms, not whether they
-  agree (Krum then keeps the smallest update, not the typical one), and a coordinate-wise
-  median or trimmed mean is zero wherever fewer than half the gateways sent that
-  coordinate, discarding what error feedback promised to deliver later. ``fp16`` and
-  ``int8``/``int4`` (unbiased, per-gateway independent rounding) keep every coordinate
-  and only add small noise, so the rules still see the updates.
+* ``codec=topk`` and ``codec=sparse``: each gateway sends its own largest changes
+  (codec.k_fraction), on mostly different coordinates. Distances between such sparse
+  vectors measure their norms, not whether they agree (Krum then keeps the smallest
+  update, not the typical one), and a coordinate-wise median or trimmed mean is zero
+  wherever fewer than half the gateways sent that coordinate, discarding what error
+  feedback promised to deliver later. ``fp16`` and ``int8``/``int4`` (unbiased, per-gateway
+  independent rounding) keep every coordinate and only add small noise, so the rules still
+  see the updates.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
 from iiotfl.configs import ConfigError, integer, number
 from iiotfl.strategies.codec_fedavg import CodecFedAvg
+from iiotfl.strategies.codecs import CODECS
 from iiotfl.strategies.spec import BuildContext, StrategySpec
 
 
@@ -127,8 +129,9 @@ def _refuse_unsuitable(cfg: Mapping[str, Any]) -> None:
         raise ConfigError(f"config: strategy={name} with privacy=client: Flower's DP wrappers calibrate the noise "
                           f"to a mean of clipped updates, which {name} is not, so the reported epsilon would be "
                           "false; use privacy=sample (DP-SGD on the gateways) with it, or strategy=fedavg")
-    if cfg["codec"]["name"] == "topk":
-        raise ConfigError(f"config: strategy={name} with codec=topk: every gateway sends its own largest "
+    codec = cfg["codec"]["name"]
+    if CODECS[codec].sparsifies:
+        raise ConfigError(f"config: strategy={name} with codec={codec}: every gateway sends its own largest "
                           f"changes, so {name} would judge sparsity patterns, not outliers (and drop what error "
                           "feedback holds back); use codec=int8, int4, fp16 or none with it")
 

@@ -28,6 +28,8 @@ FIVE = ["fleet.gateways=5"]
         (["strategy=krum", *FIVE, "strategy.num_nodes_to_keep=5"], r"num_nodes_to_keep=5 would keep poisoned "
                                                                    r"updates.*keep at most 4"),
         (["strategy=median", "fleet.gateways=2"], r"strategy=median needs >= 3 updates per round"),
+        (["strategy=median", "codec=sparse"], r"strategy=median with codec=sparse: every gateway sends its own "
+                                              r"largest changes"),
         (["strategy=trimmed_mean"], r"trims int\(beta x 4\) = 0 updates per end, which is plain FedAvg; raise "
                                     r"strategy.beta to >= 0.25"),
         (["strategy=trimmed_mean", *FIVE, "strategy.beta=0.5"], r"strategy.beta=0.5 would trim everything"),
