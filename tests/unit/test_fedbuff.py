@@ -1,0 +1,211 @@
+"""strategy=fedbuff: the staleness weight, the buffer's aggregation against a hand-computed case, duplicates
+and stale replies dropped, the per-version model store, the delta catch-up with a lossy downlink (the
+ClientApp's own ``_start_view`` on the other side), and the discrete-event order on the simulated clock."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+
+from iiotfl.clients.app import _start_view
+from iiotfl.configs import ConfigError, compose
+from iiotfl.strategies import validate_strategy, wire
+from iiotfl.strategies.codec_fedavg import encoded_record
+from iiotfl.strategies.codecs import Int8Codec, NoneCodec, flatten
+from iiotfl.strategies.fedbuff import FedBuff, Job, Loop, ModelStore, SimClock, _sim_loop, aggregate, staleness_weight
+
+
+def _reply(job: Job, update: np.ndarray, examples: int, codec=None, msg_id: str = "", **metrics) -> Message:
+    enc = (codec or NoneCodec()).encode(update.astype(np.float32), np.random.default_rng(0))
+    md = Metadata(run_id=1, message_id=f"r{msg_id}", src_node_id=job.node, dst_node_id=0,
+                  reply_to_message_id=msg_id, group_id="", created_at=time.time(), ttl=60,
+                  message_type=MessageType.TRAIN)
+    content = RecordDict({wire.UPDATE: encoded_record(enc),
+                          "metrics": MetricRecord({wire.NUM_EXAMPLES: examples, **metrics})})
+    return Message(content, metadata=md)
+
+
+def _fedbuff(model: np.ndarray, **kwargs) -> FedBuff:
+    fb = FedBuff(codec=kwargs.pop("codec", NoneCodec()), **kwargs)
+    fb.begin({"w": model.astype(np.float32)})
+    return fb
+
+
+def test_staleness_weight_is_fedbuffs_polynomial():
+    assert staleness_weight(0) == 1.0
+    assert staleness_weight(3) == pytest.approx(0.5)
+    assert staleness_weight(1, exponent=1.0) == pytest.approx(0.5)
+    assert staleness_weight(5, exponent=0.0) == 1.0
+    with pytest.raises(ValueError):
+        staleness_weight(-1)
+
+
+def test_three_updates_with_staleness_and_examples_give_the_hand_computed_model():
+    # staleness 0, 3, 8 -> w = 1, 1/2, 1/3; examples 10, 20, 30 -> every weight w*n is 10
+    # mean update = ([1, 0] + [0, 1] + [2, 2]) / 3 = [1, 1]; server_lr 0.5 -> [1, 2] + [0.5, 0.5]
+    fb = _fedbuff(np.array([1.0, 2.0]), buffer_size=3, server_lr=0.5, max_staleness=10)
+    fb.version = 8
+    cases = [(1, 8, [1.0, 0.0], 10), (2, 5, [0.0, 1.0], 20), (3, 0, [2.0, 2.0], 30)]
+    for node, base, u, n in cases:
+        job = Job(node=node, seq=1, base=base, sent=0.0)
+        job.reply = _reply(job, np.array(u), n)
+        assert fb.accept(job)
+    row = fb.flush(12.5)
+    np.testing.assert_array_equal(fb.global_, np.array([1.5, 2.5], dtype=np.float32))
+    assert fb.version == 9 and row["version"] == 9 and row["time_s"] == 12.5
+    assert [a["staleness"] for a in row["applied"]] == [0, 3, 8]
+    assert [a["weight"] for a in row["applied"]] == pytest.approx([1 / 3] * 3)
+    assert row["staleness_max"] == 8 and row["staleness_mean"] == pytest.approx(11 / 3)
+    assert aggregate(np.array([1.0], dtype=np.float32), [(np.array([2.0]), 1.0), (np.array([4.0]), 3.0)], 1.0)[0] \
+        == pytest.approx(1.0 + (2.0 + 12.0) / 4.0)
+
+
+def test_a_duplicated_or_replayed_reply_is_applied_once():
+    fb = _fedbuff(np.zeros(2), buffer_size=2)
+    job = Job(node=7, seq=1, base=0, sent=0.0)
+    job.reply = _reply(job, np.ones(2), 5)
+    assert fb.accept(job)
+    assert not fb.accept(job)  # the same (node, seq) again
+    assert len(fb.buffer) == 1 and fb.dropped[-1]["reason"].startswith("duplicate")
+    assert fb.dropped[-1]["node"] == 7 and fb.dropped[-1]["seq"] == 1
+
+
+def test_a_reply_nobody_waits_for_is_dropped_by_the_loop():
+    class Replays:
+        def pull_messages(self, ids):  # noqa: ARG002
+            job = Job(node=3, seq=9, base=0, sent=0.0)
+            return [_reply(job, np.ones(2), 1, msg_id="gone")]
+
+    fb = _fedbuff(np.zeros(2))
+    fb.jobs["live"] = Job(node=4, seq=1, base=0, sent=time.time(), msg_id="live")
+    loop = Loop(Replays(), fb, compose(["strategy=fedbuff"]), {}, lambda *a: None, 1)  # type: ignore[arg-type]
+    assert loop.pull() == [] and list(fb.jobs) == ["live"]
+
+
+def test_a_reply_staler_than_max_staleness_is_dropped_and_named():
+    fb = _fedbuff(np.zeros(2), max_staleness=2)
+    fb.version = 5
+    ok, stale = Job(node=1, seq=1, base=3, sent=0.0), Job(node=2, seq=1, base=2, sent=0.0)
+    ok.reply, stale.reply = _reply(ok, np.ones(2), 1), _reply(stale, np.ones(2), 1)
+    assert fb.accept(ok) and not fb.accept(stale)
+    assert fb.dropped == [{"node": 2, "seq": 1, "base": 2, "metrics": {wire.NUM_EXAMPLES: 1},
+                           "reason": "stale: 3 versions old > strategy.max_staleness=2"}]
+    assert fb.flush(0.0)["dropped"][0]["node"] == 2 and fb.dropped == []
+
+
+def test_the_model_store_keeps_only_versions_someone_holds():
+    store = ModelStore(np.zeros(2))
+    store.hold(1, 0, np.zeros(2))
+    store.add(1, np.ones(2))
+    store.add(2, np.full(2, 2.0))
+    assert sorted(store.models) == [0, 2]  # 1: nobody holds it, and it is not current
+    store.hold(1, 2, np.full(2, 2.0))
+    assert sorted(store.models) == [2]
+    store.hold(2, 2, np.full(2, 2.5))  # a lossy view: kept per gateway
+    assert store.view(2)[1][0] == 2.5 and store.view(1)[1][0] == 2.0  # type: ignore[index]
+    store.forget(2)
+    assert store.view(2) is None
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_delta_catch_up_with_a_lossy_downlink_rebuilds_the_same_view_on_both_sides():
+    rng = np.random.default_rng(1)
+    model = rng.normal(size=300).astype(np.float32)
+    fb = _fedbuff(model, codec=Int8Codec(), downlink="delta", buffer_size=1, server_lr=0.7)
+    ctx = Context(run_id=1, node_id=5, node_config={}, state=RecordDict(), run_config={})
+
+    def deliver(msg: Message) -> np.ndarray:
+        return flatten(_start_view(msg, ctx, Int8Codec(), None))
+
+    msg, job = fb.message(5, {}, 0.0)
+    assert "arrays" in msg.content  # first message: the full model
+    np.testing.assert_array_equal(deliver(msg), model)
+    for step in range(3):  # other gateways move the model on; this one catches up with a lossy delta
+        for _ in range(step + 1):
+            other = Job(node=9, seq=len(fb.applied) + 1, base=fb.version, sent=0.0)
+            other.reply = _reply(other, rng.normal(size=300), 1, codec=Int8Codec())
+            assert fb.accept(other)
+            fb.flush(0.0)
+        msg, job = fb.message(5, {}, 0.0)
+        assert "delta" in msg.content and "arrays" not in msg.content
+        assert wire.config_record(msg.content, "config")[wire.BASE_ROUND] == job.base + 1 - (step + 1)
+        client = deliver(msg)
+        server = fb.store.view(5)[1]  # type: ignore[index]
+        np.testing.assert_array_equal(client, server)  # bit for bit
+        assert not np.array_equal(client, fb.global_)  # the downlink is lossy: the view is not the global model
+        assert np.abs(client - fb.global_).max() < 0.05
+
+
+class SimGrid:
+    """Every pushed message is answered at once, the replies in the reverse of the order pushed; each
+    gateway's reply reports a fixed compute time (its simulated duration) and an update of its own."""
+
+    def __init__(self, compute: dict[int, float]) -> None:
+        self.compute = compute
+        self.pushed: dict[str, Message] = {}
+        self.waiting: list[str] = []
+
+    def get_node_ids(self):
+        return list(self.compute)
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = f"m{len(self.pushed)}"
+            self.pushed[mid] = m
+            self.waiting.append(mid)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        out = []
+        for mid in reversed([m for m in self.waiting if m in set(ids)]):
+            node = self.pushed[mid].metadata.dst_node_id
+            job = Job(node=node, seq=0, base=0, sent=0.0)
+            out.append(_reply(job, np.full(2, float(node)), 1, msg_id=mid, partition=node - 1,
+                              **{wire.T_START: 0.0, wire.T_END: self.compute[node], wire.BYTES_DOWN: 0,
+                                 wire.BYTES_UP: 0}))
+            self.waiting.remove(mid)
+        return out
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_the_simulated_clock_not_the_real_order_decides_which_update_comes_first():
+    cfg = compose(["engine=sim", "strategy=fedbuff", "fleet.gateways=3", "strategy.buffer_size=1",
+                   "strategy.max_staleness=100", "link=lte_m"])
+    fb = _fedbuff(np.zeros(2), buffer_size=1, max_staleness=100)
+    rows: list[dict] = []
+    grid = SimGrid({1: 25.0, 2: 1.0, 3: 7.0})
+    loop = Loop(grid, fb, cfg, {}, lambda v, a: rows.append(dict(fb.version_row or {})), 16)  # type: ignore[arg-type]
+    _sim_loop(loop, SimClock(cfg), poll_s=0.0)
+    order = [r["applied"][0]["node"] for r in rows]
+    assert order[0] == 2  # the fastest on the simulated clock, though its reply was pulled last
+    times = [r["time_s"] for r in rows]
+    assert times == sorted(times) and len(rows) == 16
+    slow = [r["applied"][0] for r in rows if r["applied"][0]["node"] == 1]
+    assert slow and slow[0]["staleness"] > 0  # gateway 1 (25 s) came back to a model many versions on
+    keys = [(r["applied"][0]["node"], r["applied"][0]["seq"]) for r in rows]
+    assert len(keys) == len(set(keys))
+
+
+@pytest.mark.parametrize("override, key", [
+    ("strategy.buffer_size=0", "strategy.buffer_size"),
+    ("strategy.buffer_size=9", "strategy.buffer_size"),
+    ("strategy.server_lr=0", "strategy.server_lr"),
+    ("strategy.max_staleness=-1", "strategy.max_staleness"),
+    ("strategy.staleness_exponent=-1", "strategy.staleness_exponent"),
+    ("privacy=client", "privacy=client"),
+])
+def test_config_checks_name_the_key(override, key):
+    cfg = compose(["strategy=fedbuff", "fleet.gateways=4", override])
+    with pytest.raises(ConfigError, match=key) as err:
+        validate_strategy(cfg)
+    assert "\n" not in str(err.value)
+
+
+def test_the_default_config_is_valid():
+    validate_strategy(compose(["strategy=fedbuff"]))
+    assert ConfigRecord({wire.SERVER_ROUND: 1})  # the wire's round is version + 1
