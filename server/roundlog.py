@@ -199,10 +199,14 @@ class RoundLog:
         for d in info.get("dropped") or []:
             part = self.node_partition.get(d["node"], d.get("metrics", {}).get("partition"))
             prof = self.profiles.get(part) if part is not None else None
+            reason = str(d["reason"])
+            status = ("error" if reason.startswith("error") else "budget-spent" if "budget" in reason
+                      else "rejected")
             rows.append({"partition": part, "node": d["node"], "class": prof.label if prof else None,
-                         "status": "error" if str(d["reason"]).startswith("error") else "rejected",
+                         "status": status,
                          "reason": d["reason"], "seq": d["seq"], "base_version": d["base"],
-                         "bytes_up": d.get("metrics", {}).get(wire.BYTES_UP),
+                         "bytes_up": 0 if status == "budget-spent" else d.get("metrics", {}).get(wire.BYTES_UP),
+                         "epsilon": d.get("metrics", {}).get(wire.DP_EPSILON),
                          "metrics": {k: v for k, v in unpadded(d.get("metrics") or {}).items() if k.startswith("dp-")}})
         previous = self.sim_clock if self.simulated else (self.rows[-1].get("time_s", 0.0) if self.rows else 0.0)
         if self.simulated:
