@@ -42,9 +42,10 @@ def test_fedbuff_on_the_simulated_clock_with_a_satellite_gateway_and_sample_dp(t
     _applied_once(versions)
     satellite = [g for r in versions for g in r["gateways"]
                  if g["status"] == "aggregated" and g["class"].startswith("satellite")]
-    # the first version is made without the satellite gateway (the slowest on the simulated clock): its
-    # first update is applied to a later version than the one it trained from
-    assert satellite and satellite[0]["staleness"] > 0
+    # the satellite gateway is the slowest on the simulated clock: versions are made while it trains, so its
+    # updates are applied to later versions than the ones they trained from (the measured compute of a
+    # gateway's first job, a fresh process, can make another gateway slower once)
+    assert satellite and any(g["staleness"] > 0 for g in satellite)
     lte = [g["staleness"] for r in versions for g in r["gateways"]
            if g["status"] == "aggregated" and g["class"].startswith("lte_m")]
     assert sum(g["staleness"] for g in satellite) / len(satellite) >= sum(lte) / len(lte)

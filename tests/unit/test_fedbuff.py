@@ -8,14 +8,25 @@ import time
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Error, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from iiotfl.clients.app import _start_view
 from iiotfl.configs import ConfigError, compose
 from iiotfl.strategies import validate_strategy, wire
 from iiotfl.strategies.codec_fedavg import encoded_record
 from iiotfl.strategies.codecs import Int8Codec, NoneCodec, flatten
-from iiotfl.strategies.fedbuff import FedBuff, Job, Loop, ModelStore, SimClock, _sim_loop, aggregate, staleness_weight
+from iiotfl.strategies.fedbuff import (
+    FedBuff,
+    Job,
+    Loop,
+    ModelStore,
+    SimClock,
+    _fleet_loop,
+    _sim_loop,
+    aggregate,
+    staleness_weight,
+)
 
 
 def _reply(job: Job, update: np.ndarray, examples: int, codec=None, msg_id: str = "", **metrics) -> Message:
@@ -209,3 +220,62 @@ def test_config_checks_name_the_key(override, key):
 def test_the_default_config_is_valid():
     validate_strategy(compose(["strategy=fedbuff"]))
     assert ConfigRecord({wire.SERVER_ROUND: 1})  # the wire's round is version + 1
+
+
+class FleetGrid:
+    """Real time, scaled down: gateway n answers ``delay[n]`` s after its message was pushed; gateway 3 is
+    offline from ``down[0]`` to ``down[1]`` s (not connected; its outstanding message answered as undelivered)."""
+
+    def __init__(self, delay: dict[int, float], down: tuple[float, float]) -> None:
+        self.delay, self.down, self.t0 = delay, down, time.time()
+        self.pushed: dict[str, tuple[Message, float]] = {}
+        self.waiting: list[str] = []
+
+    def offline(self, node: int) -> bool:
+        return node == 3 and self.down[0] <= time.time() - self.t0 < self.down[1]
+
+    def get_node_ids(self):
+        return [n for n in self.delay if not self.offline(n)]
+
+    def push_messages(self, messages):
+        ids = []
+        for m in messages:
+            mid = f"m{len(self.pushed)}"
+            self.pushed[mid], ids = (m, time.time()), [*ids, mid]
+            self.waiting.append(mid)
+        return ids
+
+    def pull_messages(self, ids):
+        out = []
+        for mid in [m for m in self.waiting if m in set(ids)]:
+            msg, at = self.pushed[mid]
+            node = msg.metadata.dst_node_id
+            job = Job(node=node, seq=0, base=0, sent=0.0)
+            if self.offline(node):
+                md = Metadata(run_id=1, message_id=f"r{mid}", src_node_id=0, dst_node_id=0, reply_to_message_id=mid,
+                              group_id="", created_at=time.time(), ttl=60, message_type=MessageType.TRAIN)
+                out.append(Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="offline"), metadata=md))
+            elif time.time() >= at + self.delay[node]:
+                out.append(_reply(job, np.full(2, float(node)), 1, msg_id=mid, partition=node - 1))
+            else:
+                continue
+            self.waiting.remove(mid)
+        return out
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_the_fleet_loop_gives_a_returning_gateway_the_full_model_and_applies_it_with_its_staleness():
+    cfg = compose(["strategy=fedbuff", "fleet.gateways=3", "strategy.buffer_size=2"])
+    fb = _fedbuff(np.zeros(2), buffer_size=2, max_staleness=100, downlink="delta")
+    rows: list[dict] = []
+    grid = FleetGrid({1: 0.02, 2: 0.03, 3: 0.12}, down=(0.05, 0.4))
+    loop = Loop(grid, fb, cfg, {}, lambda v, a: rows.append(dict(fb.version_row or {})), 40)  # type: ignore[arg-type]
+    _fleet_loop(loop, poll_s=0.005)
+    keys = [(a["node"], a["seq"]) for r in rows for a in r["applied"]]
+    assert len(rows) == 40 and len(keys) == len(set(keys))
+    gw3 = [a for r in rows for a in r["applied"] if a["node"] == 3]
+    assert gw3 and all(a["staleness"] > 0 for a in gw3)  # the slowest: versions were made while it trained
+    assert gw3[0]["seq"] >= 2  # its first message was lost to the outage; a later one was applied
+    sent = [m for m, _ in grid.pushed.values() if m.metadata.dst_node_id == 3]
+    assert "arrays" in sent[1].content  # after the outage: the full model, not a delta ...
+    assert "delta" in sent[2].content  # ... and deltas again once it is known what it holds
