@@ -463,6 +463,12 @@ def validate(cfg: Mapping[str, Any]) -> None:
     if cfg["privacy"]["name"] == "client":
         raise ConfigError("config: strategy=fedbuff cannot carry privacy=client: Flower's DP wrappers clip and "
                           "noise the mean of one synchronous round; use privacy=sample (DP-SGD on each gateway)")
+    fleet = cfg["fleet"]
+    sampling = fleet.get("clients_per_round"), float(fleet.get("over_selection") or 0.0), float(fleet["fraction_train"])
+    if sampling[0] or sampling[1] or sampling[2] != 1.0:
+        raise ConfigError("config: strategy=fedbuff trains every connected gateway and strategy.buffer_size sets how "
+                          "many updates a version takes; keep fleet.clients_per_round=null, fleet.over_selection=0 "
+                          "and fleet.fraction_train=1.0")
     if cfg["engine"]["name"] not in ("sim", "fleet", "remote"):
         raise ConfigError(f"config: strategy=fedbuff runs on engine=sim, fleet or remote, not {cfg['engine']['name']}")
 

@@ -209,6 +209,8 @@ def test_the_simulated_clock_not_the_real_order_decides_which_update_comes_first
     ("strategy.max_staleness=-1", "strategy.max_staleness"),
     ("strategy.staleness_exponent=-1", "strategy.staleness_exponent"),
     ("privacy=client", "privacy=client"),
+    ("fleet.clients_per_round=2", "fleet.clients_per_round"),
+    ("fleet.over_selection=0.5", "fleet.over_selection"),
 ])
 def test_config_checks_name_the_key(override, key):
     cfg = compose(["strategy=fedbuff", "fleet.gateways=4", override])
