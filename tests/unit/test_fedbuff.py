@@ -13,6 +13,7 @@ from flwr.common.constant import ErrorCode
 
 from iiotfl.clients.app import _start_view
 from iiotfl.configs import ConfigError, compose
+from iiotfl.server.report.run_report import versions_section
 from iiotfl.strategies import validate_strategy, wire
 from iiotfl.strategies.codec_fedavg import encoded_record
 from iiotfl.strategies.codecs import Int8Codec, NoneCodec, flatten
@@ -281,3 +282,23 @@ def test_the_fleet_loop_gives_a_returning_gateway_the_full_model_and_applies_it_
     sent = [m for m, _ in grid.pushed.values() if m.metadata.dst_node_id == 3]
     assert "arrays" in sent[1].content  # after the outage: the full model, not a delta ...
     assert "delta" in sent[2].content  # ... and deltas again once it is known what it holds
+
+
+def test_the_report_shows_the_version_history_and_staleness_per_class():
+    def gw(cls, s):
+        return {"class": cls, "status": "aggregated", "staleness": s}
+
+    rows = [{"round": 0, "server": {"rmse": 50.0}},
+            {"round": 1, "version": 1, "time_s": 10.0, "clock": "simulated", "server": {"rmse": 20.0},
+             "applied": [{}, {}], "staleness_mean": 0.0, "staleness_max": 0, "dropped": [],
+             "gateways": [gw("lte_m/gateway", 0), gw("lte_m/gateway", 0)]},
+            {"round": 2, "version": 2, "time_s": 18.5, "clock": "simulated", "server": {"rmse": 15.0},
+             "applied": [{}, {}], "staleness_mean": 1.5, "staleness_max": 3,
+             "dropped": [{"node": 9, "seq": 2, "base": 0, "reason": "duplicate: this update was already applied"}],
+             "gateways": [gw("lte_m/gateway", 0), gw("satellite/gateway", 3)]}]
+    text = "\n".join(versions_section(rows, "rmse"))
+    assert "## Global model versions" in text and "simulated seconds" in text
+    assert "| 2 | 18.5 | 2 | 1.5 | 3 | 1 | 15 |" in text
+    assert "| lte_m/gateway | 3 | 0 | 0 |" in text and "| satellite/gateway | 1 | 3 | 3 |" in text
+    assert "version 2: node 9 (seq 2): duplicate" in text
+    assert versions_section(rows[:1], "rmse") == []  # synchronous rounds: no such section
