@@ -68,12 +68,12 @@ def test_fedbuff_on_a_real_fleet_with_a_gateway_offline_for_several_versions(tmp
     if _superlink_running():
         pytest.skip("another flower-superlink is running on this machine")
     run_dir = tmp_path / "fedbuff-fleet"
-    proc = run_cli("run", "strategy=fedbuff", "fleet.gateways=3", "fleet.rounds=6", "strategy.buffer_size=2",
+    proc = run_cli("run", "strategy=fedbuff", "fleet.gateways=3", "fleet.rounds=12", "strategy.buffer_size=2",
                    "fleet.round_timeout=60", "fleet.outage.mode=rounds", "fleet.outage.rounds=[2,3,4]",
                    "fleet.outage.gateways=[1]", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     versions = _versions(run_dir)
-    assert [r["version"] for r in versions] == list(range(1, 7)) and versions[0]["clock"] == "measured"
+    assert [r["version"] for r in versions] == list(range(1, 13)) and versions[0]["clock"] == "measured"
     _applied_once(versions)
     by_part = {(r["version"], a["partition"]): a for r in versions for a in r["applied"]}
     assert not [v for (v, p) in by_part if p == 1 and v in (3, 4)]  # offline: nothing of it applied
