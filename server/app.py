@@ -136,6 +136,7 @@ def _prepare(grid: Grid, context: Context, settings: RunSettings) -> Run:
     log = RoundLog(out / "metrics.jsonl", cfg, rounds, simulated, keep_upto=resume or None)
     log.node_partition = partitions
     log.rejected = lambda: getattr(strategy, "rejected", {})
+    log.version_info = lambda: getattr(strategy, "version_row", None)  # strategy=fedbuff: the version just made
     ledger = Ledger(out / "privacy_ledger.jsonl", cfg, keep_upto=resume or None)
     if not resume:
         ledger.record_statistics(partitions, stats_bytes, encrypted=keys is not None)

@@ -47,6 +47,8 @@ class RoundLog:
         self.profiles = {p.index: p for p in gateway_profiles(cfg)}
         self.node_partition: dict[int, int] = {}
         self.rejected: Callable[[], Mapping[int, str]] = dict  # the strategy's left-out updates of the round
+        # strategy=fedbuff: the version just made (what it applied and dropped, its clock); None: a round
+        self.version_info: Callable[[], Mapping[str, Any] | None] = lambda: None
         self.run_dir = path.parent
         self.counters = self.read_counters()
         # engine=sim: a simulated clock that also knows the outage schedule
@@ -174,9 +176,63 @@ class RoundLog:
         }
         return sorted(rows, key=lambda r: (r["partition"] is None, r["partition"])), summary
 
+    def _version_gateways(self, info: Mapping[str, Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        """strategy=fedbuff: a version's rows — each applied update as an aggregated gateway (bytes, times,
+        energy, its DP metrics for the ledger) with its sequence number, base version, staleness and weight;
+        each dropped reply as rejected (or error), with why."""
+        applied = list(info.get("applied") or [])
+        trace = RoundTrace(sent={a["node"]: a["sent"] for a in applied},
+                           replied={a["node"]: a["arrived"] for a in applied},
+                           metrics={a["node"]: dict(a["metrics"]) for a in applied})
+        now_counters = self.read_counters()
+        self.clients = [unpadded(a["metrics"]) for a in applied]
+        by_node = {a["node"]: a for a in applied}
+        rows = []
+        for node, pushed in trace.sent.items():
+            row = self._gateway_row(node, pushed, trace, now_counters)
+            a = by_node[node]
+            row.update(seq=a["seq"], base_version=a["base"], staleness=a["staleness"], weight=a["weight"])
+            if self.simulated and a.get("sim_done") is not None:
+                row["sim_s"] = a["sim_done"] - a["sim_sent"]
+            rows.append(row)
+        self.counters = now_counters
+        for d in info.get("dropped") or []:
+            part = self.node_partition.get(d["node"], d.get("metrics", {}).get("partition"))
+            prof = self.profiles.get(part) if part is not None else None
+            reason = str(d["reason"])
+            status = ("error" if reason.startswith("error") else "budget-spent" if "budget" in reason
+                      else "rejected")
+            rows.append({"partition": part, "node": d["node"], "class": prof.label if prof else None,
+                         "status": status,
+                         "reason": d["reason"], "seq": d["seq"], "base_version": d["base"],
+                         "bytes_up": 0 if status == "budget-spent" else d.get("metrics", {}).get(wire.BYTES_UP),
+                         "epsilon": d.get("metrics", {}).get(wire.DP_EPSILON),
+                         "metrics": {k: v for k, v in unpadded(d.get("metrics") or {}).items() if k.startswith("dp-")}})
+        previous = self.sim_clock if self.simulated else (self.rows[-1].get("time_s", 0.0) if self.rows else 0.0)
+        if self.simulated:
+            self.sim_clock = float(info["time_s"])
+        summary = {
+            "version": info["version"],
+            "time_s": info["time_s"],  # when the version was made: simulated (engine=sim) or measured seconds
+            "clock": "simulated" if self.simulated else "measured",
+            "sampled": len(rows), "aggregated": len(applied), "late": [], "extra": [], "skipped": not applied,
+            "train_s": time.time() - self.last, "push_s": 0.0,
+            "sim_round_s": float(info["time_s"]) - previous,
+            "bound_round_s": max((r.get("bound_s", 0.0) for r in rows), default=0.0), "sim_late": [],
+            "applied": [{k: a[k] for k in ("node", "seq", "base", "staleness", "weight")}
+                        | {"partition": self.node_partition.get(a["node"])} for a in applied],
+            "dropped": [{k: d[k] for k in ("node", "seq", "base", "reason")} for d in info.get("dropped") or []],
+            "staleness_mean": info.get("staleness_mean"), "staleness_max": info.get("staleness_max"),
+        }
+        return sorted(rows, key=lambda r: (r["partition"] is None, r["partition"] or 0)), summary
+
     def write(self, server_round: int, evaluation: dict[str, float], privacy: dict[str, float] | None = None) -> None:
         now = time.time()
-        gateways, summary = self._gateways() if server_round else ([], {})
+        info = self.version_info() if server_round else None
+        if info is not None:
+            gateways, summary = self._version_gateways(info)
+        else:
+            gateways, summary = self._gateways() if server_round else ([], {})
         device_eps = [g["metrics"][wire.DP_EPSILON] for g in gateways if wire.DP_EPSILON in g.get("metrics", {})]
         if device_eps:
             privacy = {**(privacy or {}), "device_epsilon_max": max(device_eps)}

@@ -25,7 +25,7 @@ from typing import Any, Callable, Mapping
 
 from iiotfl.compat.flower import RdpAccountant
 from iiotfl.configs import ConfigError, choice
-from iiotfl.strategies import codec_fedavg, he_fedavg, mask_fedavg, robust, secagg
+from iiotfl.strategies import codec_fedavg, fedbuff, he_fedavg, mask_fedavg, robust, secagg
 from iiotfl.strategies.client_dp import build_client_dp, client_level, fleet_delta, noise_multiplier, privacy_config
 from iiotfl.strategies.codecs import get_codec
 from iiotfl.strategies.he_fedavg import HEDP
@@ -41,6 +41,7 @@ STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (
     he_fedavg.SPEC,
     secagg.SPEC,
     mask_fedavg.SPEC,
+    fedbuff.SPEC,
 )}
 
 DP_MIN_FRACTION = 0.7  # distributed DP noise still meets its target when 30% of the gateways drop out

@@ -40,6 +40,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines += _launch_notes(launch, s["links"])  # links.json, else what the launcher said
     lines += _headline(s, final)
     lines += _rounds_section(rounds, s, run_dir)
+    lines += versions_section(rounds, s["metric"])
     lines += _classes_section(rounds, run_dir)
     lines += _energy_section(rounds, run_dir)
     lines += privacy_section(run_dir, final)
@@ -178,6 +179,39 @@ def _rounds_section(rounds: list[dict[str, Any]], s: dict[str, Any], run_dir: Pa
         lines += ["", f"Also evaluated each round (in metrics.jsonl): {', '.join(hidden)}."]
     if plot_rounds(rounds, run_dir / "metrics.png", metric, s["higher_is_better"]):
         lines += ["", "![metrics per round](metrics.png)"]
+    return lines
+
+
+def versions_section(rounds: list[dict[str, Any]], metric: str) -> list[str]:
+    """strategy=fedbuff: the global model's version history (when each version was made, the updates it
+    applied, their staleness, the metric) and, per gateway class, the updates it contributed and their mean
+    staleness. Nothing for a run of synchronous rounds."""
+    versions = [r for r in rounds if r.get("version") is not None]
+    if not versions:
+        return []
+    clock = "simulated" if versions[0].get("clock") == "simulated" else "measured"
+    lines = ["", "## Global model versions", "",
+             f"Buffered asynchronous aggregation (strategy=fedbuff): a version each time the buffer was applied. "
+             f"Time: {clock} seconds since the first train message was sent. Staleness: versions made between the "
+             "one an update was trained from and the one it was applied to.", "",
+             f"| version | time [s] | updates applied | mean staleness | max staleness | dropped | "
+             f"{metric_label(metric)} |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in versions:
+        lines.append(f"| {r['version']} | {fmt(r.get('time_s'))} | {len(r.get('applied') or [])} | "
+                     f"{fmt(r.get('staleness_mean'))} | {fmt(r.get('staleness_max'))} | "
+                     f"{len(r.get('dropped') or [])} | {fmt((r.get('server') or {}).get(metric))} |")
+    dropped = [(r["version"], d) for r in versions for d in r.get("dropped") or []]
+    if dropped:
+        lines += ["", "Dropped replies: " + "; ".join(f"version {v}: node {d['node']} (seq {d['seq']}): "
+                                                      f"{d['reason']}" for v, d in dropped)]
+    classes: dict[str, list[int]] = {}
+    for r in versions:
+        for g in r.get("gateways") or []:
+            if g.get("status") == "aggregated" and g.get("staleness") is not None:
+                classes.setdefault(g.get("class") or "?", []).append(int(g["staleness"]))
+    lines += ["", "| class | updates applied | mean staleness | max staleness |", "|---|---:|---:|---:|"]
+    for cls, stale in sorted(classes.items()):
+        lines.append(f"| {cls} | {len(stale)} | {fmt(sum(stale) / len(stale))} | {max(stale)} |")
     return lines
 
 
