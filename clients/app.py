@@ -375,7 +375,6 @@ def _objects_down(msg: Message) -> int:
 
 def _encoded_reply(msg: Message, context: Context, cfg, codec, update: np.ndarray, rng, metrics: dict) -> Message:
     """The update encoded by the run's codec (with error feedback when the codec keeps a residual)."""
-    codec = codec.for_round(wire.as_int(wire.config_record(msg.content, "config")[wire.SERVER_ROUND]))
     if cfg["codec"].get("error_feedback"):
         state = context.state
 
@@ -466,7 +465,7 @@ def train(msg: Message, context: Context) -> Message:
     stats.update(poison(model, view, cfg, context, partition))  # fleet.poison: a poisoned gateway's update
     metrics = {**stats, **dp, "partition": partition, wire.T_PROC: started_at(), wire.T_START: started,
                **_pull_times(), wire.NUM_EXAMPLES: len(y), wire.BYTES_DOWN: bytes_down}
-    return _reply(msg, context, settings, model, view, config, metrics, codec)
+    return _reply(msg, context, settings, model, view, config, metrics, codec.for_round(server_round))
 
 
 @app.evaluate()

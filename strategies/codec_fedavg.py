@@ -132,15 +132,13 @@ class CodecFedAvg(FedAvg):
         model = {k: v.numpy().astype(np.float32) for k, v in arrays.items()}
         delta_record = None
         if self.downlink == "delta" and self.view is not None:
-            base, down = flatten(self.view), self.codec.for_downlink()
-            enc = down.encode(flatten(model) - base, self.down_rng)
+            enc, view = self.encode_delta(flatten(model), flatten(self.view))
             delta_record = encoded_record(enc)
-            new_view = unflatten(base + down.decode(enc, base.size), model)
+            new_view = unflatten(view, model)
         else:
             new_view = model
         full_record = ArrayRecord({k: Array(v) for k, v in new_view.items()})
-        seeded = (self.downlink == "delta" and self.view is None and self.seeded_start is not None
-                  and weights_digest(new_view) == self.seeded_start)
+        seeded = self.view is None and self.seeded(new_view)
         messages = []
         for node in node_ids:
             cfg = ConfigRecord(dict(config))
@@ -157,6 +155,17 @@ class CodecFedAvg(FedAvg):
         log(INFO, "configure_train: %d gateways sampled for %d needed (%s downlink)", len(node_ids), need,
             self.downlink)
         return messages
+
+    def encode_delta(self, target: np.ndarray, base: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """``target - base`` encoded by the codec's downlink, and the view a gateway holding ``base`` rebuilds
+        from it (the server keeps that view, so a lossy downlink never drifts apart)."""
+        down = self.codec.for_downlink()
+        enc = down.encode(target - base, self.down_rng)
+        return enc, (base + down.decode(enc, base.size)).astype(np.float32)
+
+    def seeded(self, model: Mapping[str, np.ndarray]) -> bool:
+        """Whether gateways can build ``model`` themselves: the delta downlink and the task's seeded initial model."""
+        return self.downlink == "delta" and self.seeded_start is not None and weights_digest(model) == self.seeded_start
 
     # -- up ----------------------------------------------------------------------------
     def aggregate_train(

@@ -305,6 +305,19 @@ class Int4Codec(QuantCodec):
         return _unpack4(q.astype(np.uint8), size)
 
 
+def _top_k(x: np.ndarray, k_fraction: float) -> np.ndarray:
+    """Sorted positions (int64) of the ``k_fraction`` largest |x|: at least one, at most all."""
+    k = min(x.size, max(1, int(np.ceil(k_fraction * x.size))))
+    return np.sort(np.argpartition(np.abs(x), -k)[-k:]).astype(np.int64)
+
+
+def _top_k_bound(x: np.ndarray, k_fraction: float, step: np.floating) -> np.ndarray:
+    """Per-element error bound of a top-k codec: a kept value is off by under ``step``; a dropped one by its own
+    magnitude (what the device's error feedback keeps). ``step`` in x's dtype keeps the bound in it."""
+    kth = np.abs(x[_top_k(x, k_fraction)]).min()
+    return np.where(np.abs(x) >= kth, step * (1 + 1e-5), np.maximum(np.abs(x), step * (1 + 1e-5)))
+
+
 def _gaps(idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Sorted positions as gaps to the previous one, a gap over 255 bridged by zero-valued filler entries."""
     gaps = np.diff(idx, prepend=-1)
@@ -346,12 +359,8 @@ class TopKCodec(Codec):
         return (f"top {self.k_fraction * 100:g}% of values: uint8 position gap + int8 value per "
                 f"{self.chunk}-element chunk + fp32 scale")
 
-    def _k(self, size: int) -> int:
-        return max(1, int(np.ceil(self.k_fraction * size)))
-
     def _encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded:
-        k = self._k(x.size)
-        idx, gaps = _gaps(np.sort(np.argpartition(np.abs(x), -k)[-k:]).astype(np.int64))
+        idx, gaps = _gaps(_top_k(x, self.k_fraction))
         q, scales = quantise(x[idx], 127, self.chunk, rng)
         return {"gaps": gaps.astype(np.uint8), "q": q, "scales": scales}
 
@@ -368,12 +377,9 @@ class TopKCodec(Codec):
         return out
 
     def _error_bound(self, x: np.ndarray) -> np.ndarray:
-        k = self._k(x.size)
-        kth = np.partition(np.abs(x), -k)[-k]
         # kept values are int8-quantised against the largest kept magnitude of their chunk;
         # bound it by the largest overall (chunks of kept values are not the input's chunks)
-        scale = np.abs(x).max() / 127
-        return np.where(np.abs(x) >= kth, scale * (1 + 1e-5), np.maximum(np.abs(x), scale * (1 + 1e-5)))
+        return _top_k_bound(x, self.k_fraction, np.abs(x).max() / 127)
 
 
 
@@ -500,8 +506,8 @@ class SparseCodec(Codec):
         return max(1, 2 ** (self.bits - 1) - 1)
 
     def _encode(self, x: np.ndarray, rng: np.random.Generator) -> Encoded:
-        k = min(x.size, max(1, int(np.ceil(self.k_fraction * x.size))))
-        idx = np.sort(np.argpartition(np.abs(x), -k)[-k:]).astype(np.int64)
+        idx = _top_k(x, self.k_fraction)
+        k = idx.size
         gaps = np.diff(idx, prepend=-1) - 1
         param = int(max(0, np.floor(np.log2(max(float(gaps.mean()), 1.0)))))
         vals = x[idx]
@@ -547,12 +553,9 @@ class SparseCodec(Codec):
         return out
 
     def _error_bound(self, x: np.ndarray) -> np.ndarray:
-        k = min(x.size, max(1, int(np.ceil(self.k_fraction * x.size))))
-        kth = np.partition(np.abs(x), -k)[-k]
-        # kept: within one step of the largest kept magnitude (sign codes: of the kept mean and the largest);
-        # dropped: their own magnitude (the device's error feedback keeps it)
+        # kept: within one step of the largest kept magnitude (sign codes: of the kept mean and the largest)
         step = np.abs(x).max() * (2.0 if self.bits == 1 else 1.0 / self._levels())
-        return np.where(np.abs(x) >= kth, step * (1 + 1e-5), np.maximum(np.abs(x), step * (1 + 1e-5)))
+        return _top_k_bound(x, self.k_fraction, step)
 
 
 CODECS: dict[str, type[Codec]] = {c.name: c for c in (NoneCodec, Fp16Codec, Int8Codec, Int4Codec, TopKCodec,

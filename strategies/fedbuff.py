@@ -60,7 +60,7 @@ from iiotfl.links.outages import Outages
 from iiotfl.links.profiles import gateway_profiles, link_time
 from iiotfl.strategies import wire
 from iiotfl.strategies.codec_fedavg import CodecFedAvg, encoded_record, record_arrays
-from iiotfl.strategies.codecs import flatten, unflatten, weights_digest
+from iiotfl.strategies.codecs import flatten, unflatten
 from iiotfl.strategies.spec import BuildContext, StrategySpec
 
 # What the SuperLink answers for a message that expired or whose gateway went offline
@@ -194,13 +194,10 @@ class FedBuff(CodecFedAvg):
             self.store.forget(node)
         if self.downlink == "delta" and held is not None:
             base_version, base = held
-            down = self.codec.for_downlink()
-            enc = down.encode(self.global_ - base, self.down_rng)
-            view = (base + down.decode(enc, base.size)).astype(np.float32)
+            enc, view = self.encode_delta(self.global_, base)
             cfg[wire.BASE_ROUND] = base_version + 1
             content = RecordDict({"delta": encoded_record(enc), "config": cfg})
-        elif (self.downlink == "delta" and self.version == 0 and self.seeded_start is not None
-              and weights_digest(self.template) == self.seeded_start):
+        elif self.version == 0 and self.seeded(self.template):
             view = self.global_
             cfg[wire.SEEDED_START] = str(self.seeded_start)
             content = RecordDict({"config": cfg})
