@@ -209,14 +209,17 @@ def _start_view(msg: Message, context: Context, codec, build) -> dict[str, np.nd
             raise RuntimeError("this gateway's seeded initial model differs from the server's (another torch or "
                                "iiotfl version?); install the fleet's versions (pyproject.toml pins torch)")
     else:
-        base_round = wire.as_int(wire.config_record(msg.content, "config")[wire.BASE_ROUND])
+        base_round = wire.as_int(config[wire.BASE_ROUND])
         held = wire.as_int(wire.config_record(state, "view-meta")["round"]) if "view-meta" in state else -1
-        if held != base_round:
+        base = record_arrays(wire.array_record(state, "view")) if "view" in state else {}
+        if held == wire.as_int(config[wire.SERVER_ROUND]) and held > base_round:
+            view = base  # this round's message sent again after an outage: its delta is already applied
+        elif held != base_round:
             raise RuntimeError(f"delta against round {base_round}, but this gateway holds round {held}")
-        base = record_arrays(wire.array_record(state, "view"))
-        diff = codec.for_downlink().decode(record_arrays(wire.array_record(msg.content, "delta")),
-                                           sum(v.size for v in base.values()))
-        view = unflatten(flatten(base) + diff, base)
+        else:
+            diff = codec.for_downlink().decode(record_arrays(wire.array_record(msg.content, "delta")),
+                                               sum(v.size for v in base.values()))
+            view = unflatten(flatten(base) + diff, base)
     state["view"] = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in view.items()})
     server_round = wire.as_int(wire.config_record(msg.content, "config")[wire.SERVER_ROUND])
     state["view-meta"] = ConfigRecord({"round": server_round})

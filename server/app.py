@@ -115,6 +115,9 @@ def _prepare(grid: Grid, context: Context, settings: RunSettings) -> Run:
     timeout = float(fleet["round_timeout"])
     nodes = wait_for_nodes(grid, int(fleet["min_gateways"] or fleet["gateways"]), timeout)
     rounds = DeadlineGrid(grid, deadline_s=timeout, min_replies=int(fleet["min_replies"]))
+    # a gateway back from an outage mid-round is sent its message again; the secure modes' exchanges are not
+    rounds.resend_offline = strategy_spec(cfg).uplink == "plaintext"
+    rounds.resend_silent_s = fleet.get("resend_after_s") if rounds.resend_offline else None
     strategy = build_strategy(cfg, on_sampled=rounds.on_sampled, keys=settings.he_keys)
     keys = getattr(strategy, "keys", None)  # server.he: public material only
     sums, partitions, stats_bytes, examples = federated_feature_sums(

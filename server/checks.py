@@ -36,6 +36,8 @@ def _validate_run(cfg: Mapping[str, Any]) -> int:
     if require(cfg, "fleet.min_gateways") is not None:
         integer(cfg, "fleet.min_gateways", 1, gateways)
     number(cfg, "fleet.round_timeout", 0.0, 1e7, low_open=True)
+    if cfg["fleet"].get("resend_after_s") is not None:
+        number(cfg, "fleet.resend_after_s", 0.0, 1e7, low_open=True)
     if cfg["fleet"].get("resume_attempts") is not None:
         integer(cfg, "fleet.resume_attempts", 0, 100)
     number(cfg, "engine.startup_timeout", 0.0, 1e5, low_open=True)

@@ -127,6 +127,8 @@ class RoundLog:
                              else "error" if node in trace.errors else "unknown")
             if node in trace.reasons:
                 row["reason"] = trace.reasons[node]
+        if node in trace.resent:  # the SuperLink saw it offline mid-round; its message went again when it was back
+            row["resent"] = trace.resent[node]
         if part in counters and part in self.counters:
             row["wire_up"] = counters[part]["up"] - self.counters[part]["up"]
             row["wire_down"] = counters[part]["down"] - self.counters[part]["down"]

@@ -11,7 +11,17 @@
 Fewer than ``min_replies`` replies: none are returned, the round aggregates nothing
 and the global model stays as it was. Every sampled gateway that did not make it is
 listed as late. Messages carry the deadline as their TTL, so a gateway that comes back
-after an outage does not train on a stale round; it simply gets the next one.
+after the deadline does not train on a stale round; it simply gets the next one.
+
+A gateway the SuperLink declares offline mid-round (heartbeats lost in an outage) has its
+message deleted there, and a reply it sends later is refused. With ``resend_offline``
+(plaintext-uplink strategies) such a gateway is sent the same message again as soon as
+the SuperLink sees it online, while the round lasts: a short outage costs the round the
+outage, as on the simulated clock, not the whole deadline. A message can also be lost
+without the SuperLink noticing (pulled just as the link went down: the SuperLink counts it
+delivered, the gateway never got it); ``resend_silent_s`` (``fleet.resend_after_s``) sends it
+again to a gateway that is online and silent that long. The first reply counts; the other
+copy's reply is ignored.
 """
 
 from __future__ import annotations
@@ -20,10 +30,12 @@ import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from logging import INFO
 from typing import Any
 
 from flwr.app import ConfigRecord, Message, MessageType
 from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from iiotfl.compat.flower import RECORD_KEY_CONFIGS
@@ -37,6 +49,8 @@ class RoundTrace:
     push_s: float = 0.0                                       # how long the ServerApp's push took
     replied: dict[int, float] = field(default_factory=dict)   # node -> reply arrival time (kept)
     extra: list[int] = field(default_factory=list)            # replied after the first K
+    resent: dict[int, int] = field(default_factory=dict)      # node -> times its message was sent again
+    sent_again: dict[int, float] = field(default_factory=dict)  # node -> when it was last sent again
     late: list[int] = field(default_factory=list)             # no reply by the deadline
     errors: list[int] = field(default_factory=list)           # replied with an error
     reasons: dict[int, str] = field(default_factory=dict)    # node -> why its reply was an error
@@ -49,6 +63,7 @@ class RoundTrace:
 
 # What the SuperLink answers for a gateway that did not reply: its message expired with the deadline,
 # or the node went offline. Such a gateway is late, not in error.
+RESEND_CHECK_S = 1.0  # how often a round asks the SuperLink whether an offline gateway is back
 UNDELIVERED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
 
 
@@ -76,6 +91,9 @@ class DeadlineGrid(Grid):
         self.min_replies = int(min_replies)
         self.poll_s = poll_s
         self.need: int | None = None  # set by the strategy's sampling hook for the next call
+        self.resend_offline = False   # send a gateway declared offline its message again once it is back
+        self.resend_silent_s: float | None = None  # ... and one online but silent this long (a message lost in
+                                                   # an outage: pulled just as its link went down)
         self.trace = RoundTrace()
         self.train_trace = RoundTrace()  # the last train round's trace
 
@@ -107,6 +125,21 @@ class DeadlineGrid(Grid):
         """The gateway a reply is about: the SuperLink answers for an offline node under its own id."""
         return self.trace.nodes.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
+    def _send_again(self, nodes: list[int], by_node: dict[int, Message], trace: RoundTrace, end: float,
+                    why: str) -> dict[str, int]:
+        """Send ``nodes`` their round's message anew (the same content, the rest of the deadline as TTL);
+        returns new message id -> node."""
+        again = [Message(content=by_node[n].content, dst_node_id=n, message_type=by_node[n].metadata.message_type,
+                         group_id=by_node[n].metadata.group_id, ttl=max(end - time.time(), 1.0)) for n in nodes]
+        new_ids = list(self.grid.push_messages(again))
+        for node in nodes:
+            trace.resent[node] = trace.resent.get(node, 0) + 1
+            trace.sent_again[node] = time.time()
+        log(INFO, "gateway(s) %s %s: their message sent again", ", ".join(map(str, nodes)), why)
+        sent = {mid: m.metadata.dst_node_id for mid, m in zip(new_ids, again)}
+        trace.nodes.update(sent)
+        return sent
+
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         trace = RoundTrace(started=time.time())
@@ -126,16 +159,28 @@ class DeadlineGrid(Grid):
         trace.push_s = time.time() - pushing
         trace.sent = {m.metadata.dst_node_id: pushing for m in messages}
         trace.nodes = {mid: m.metadata.dst_node_id for mid, m in zip(pushed_ids, messages)}
-        ids = set(pushed_ids)
+        ids = dict(trace.nodes)  # outstanding message id -> node (a gateway sent its message again has two)
         end = trace.started + limit
         kept: list[Message] = []
-        while ids:
-            for reply in self.grid.pull_messages(ids):
-                ids.discard(reply.metadata.reply_to_message_id)
+        by_node = {m.metadata.dst_node_id: m for m in messages}
+        offline: dict[int, Message] = {}  # node -> the SuperLink's NODE_UNAVAILABLE answer, until it is back
+        checked = 0.0
+        while ids or offline:
+            for reply in self.grid.pull_messages(set(ids)) if ids else []:
                 node = self.sender(reply)
+                ids.pop(reply.metadata.reply_to_message_id, None)
+                if reply.has_error() and reply.error.code in UNDELIVERED and node in ids.values():
+                    continue  # another copy of its message is still out
+                if node in trace.replied or node in trace.extra or node in trace.errors:
+                    continue  # a second copy answered too: counted once
+                for mid in [m for m, n in ids.items() if n == node]:
+                    del ids[mid]
                 if not reply.has_error() and "metrics" in reply.content:
                     trace.metrics[node] = dict(reply.content["metrics"])
                 if reply.has_error():
+                    if reply.error.code == ErrorCode.NODE_UNAVAILABLE and self.resend_offline:
+                        offline[node] = reply  # kept as the answer only if the gateway does not come back
+                        continue
                     if reply.error.code not in UNDELIVERED:  # the gateway's own error; undelivered: late
                         trace.errors.append(node)
                         trace.reasons[node] = error_reason(reply)
@@ -147,7 +192,21 @@ class DeadlineGrid(Grid):
                     trace.extra.append(node)
             if len(trace.replied) >= need or time.time() >= end:
                 break
+            if self.resend_offline and time.time() - checked >= RESEND_CHECK_S:
+                checked = time.time()
+                online = set(self.grid.get_node_ids())
+                back = [n for n in offline if n in online]
+                for node in back:
+                    del offline[node]
+                if back:
+                    ids.update(self._send_again(back, by_node, trace, end, "back after the SuperLink saw them offline"))
+                silent = sorted({n for n in ids.values() if n in online and self.resend_silent_s
+                                 and checked - trace.sent_again.get(n, trace.sent[n]) >= self.resend_silent_s})
+                if silent:
+                    ids.update(self._send_again(silent, by_node, trace, end,
+                                                f"silent for fleet.resend_after_s ({self.resend_silent_s:g} s)"))
             time.sleep(self.poll_s)
+        kept.extend(offline.values())  # never back within the round: late, as before
         trace.late = sorted(set(trace.sent) - set(trace.replied) - set(trace.extra) - set(trace.errors))
         trace.ended = time.time()
         if len(trace.replied) < self.min_replies:

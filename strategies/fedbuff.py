@@ -293,6 +293,8 @@ class Loop:
         self.train_config = dict(train_config)
         self.evaluate, self.num_rounds = evaluate, num_rounds
         self.ttl = float(cfg["fleet"]["round_timeout"])
+        silent = cfg["fleet"].get("resend_after_s")  # a job silent this long is taken as lost in an outage
+        self.silent_s = float(silent) if silent else self.ttl + 5.0
         self.t0 = time.time()
         self.sim_now = 0.0
         self.last_version_at = 0.0  # the clock at the last version (deadline for the next one)
@@ -369,7 +371,7 @@ def _fleet_loop(loop: Loop, poll_s: float = 0.1) -> None:
         for job in loop.pull():
             loop.take(job)
         now = time.time()
-        for job in [j for j in fb.jobs.values() if now - j.sent > loop.ttl + 5.0]:  # never answered
+        for job in [j for j in fb.jobs.values() if now - j.sent > min(loop.silent_s, loop.ttl + 5.0)]:  # no answer
             loop.expire(job)
         if len(fb.buffer) >= fb.buffer_size or loop.clock() - loop.last_version_at > loop.ttl:
             consumed = loop.apply(loop.clock())

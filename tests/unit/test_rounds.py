@@ -106,3 +106,88 @@ def test_an_expired_message_is_late_and_a_clientapp_error_is_named():
     trace = grid.train_trace
     assert trace.late == [2] and trace.errors == [3] and list(trace.replied) == [1]
     assert trace.reasons == {3: 'ValueError: no column "T30"'}
+
+
+class OutageGrid(ScriptedGrid):
+    """Gateway 2 is offline (the SuperLink answers NODE_UNAVAILABLE for its first message, which it deleted) and
+    online again ``back_s`` after the round starts (None: never); a message sent to it after that is answered."""
+
+    def __init__(self, delays, back_s):
+        super().__init__(delays)
+        self.back_at = None if back_s is None else time.time() + back_s
+        self.to_two: list[Message] = []
+
+    def get_node_ids(self):
+        online = self.back_at is not None and time.time() >= self.back_at
+        return [n for n in self.delays if n != 2 or online]
+
+    def push_messages(self, messages):
+        messages = list(messages)
+        self.to_two += [m for m in messages if m.metadata.dst_node_id == 2]
+        return super().push_messages(messages)
+
+    def pull_messages(self, ids):
+        from flwr.app import Error
+        from flwr.common.constant import ErrorCode
+
+        out = []
+        for reply in super().pull_messages(ids):
+            mid = reply.metadata.reply_to_message_id
+            if self.pushed[mid][0] == 2 and mid == next(i for i, (n, _) in self.pushed.items() if n == 2):
+                md = Metadata(run_id=1, message_id=f"r{mid}", src_node_id=0, dst_node_id=0, reply_to_message_id=mid,
+                              group_id="", created_at=time.time(), ttl=60, message_type=MessageType.TRAIN)
+                out.append(Message(Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable"), metadata=md))
+            else:
+                out.append(reply)
+        return out
+
+
+@pytest.mark.usefixtures("serverapp_identity")  # the message sent again is made as in a ServerApp
+def test_a_gateway_back_from_an_outage_is_sent_its_message_again_within_the_round():
+    grid = DeadlineGrid(OutageGrid({1: 0.0, 2: 0.0}, back_s=0.3), deadline_s=5, poll_s=0.02)
+    grid.resend_offline = True
+    start = time.time()
+    replies = list(grid.send_and_receive(_messages([1, 2]), timeout=600))
+    assert time.time() - start < 2.5  # not the whole deadline
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2] and not any(r.has_error() for r in replies)
+    trace = grid.train_trace
+    assert trace.resent == {2: 1} and trace.late == [] and sorted(trace.replied) == [1, 2]
+    first, again = grid.grid.to_two
+    assert again.content is first.content and again.metadata.ttl <= 5  # the same message, the rest of the deadline
+
+
+def test_a_gateway_that_stays_offline_is_late_and_without_resend_is_not_asked_again():
+    grid = DeadlineGrid(OutageGrid({1: 0.0, 2: 0.0}, back_s=None), deadline_s=1.0, poll_s=0.02)
+    grid.resend_offline = True
+    replies = list(grid.send_and_receive(_messages([1, 2]), timeout=600))
+    assert grid.train_trace.late == [2] and grid.train_trace.resent == {}
+    assert [r.error.code for r in replies if r.has_error()] == [5]  # the SuperLink's answer is kept
+    off = DeadlineGrid(OutageGrid({1: 0.0, 2: 0.0}, back_s=0.0), deadline_s=1.0, poll_s=0.02)
+    start = time.time()
+    off.send_and_receive(_messages([1, 2]), timeout=600)
+    assert time.time() - start < 0.9  # every message answered: the round ends without waiting for gateway 2
+    assert off.train_trace.late == [2] and len(off.grid.to_two) == 1
+
+
+class LostPullGrid(ScriptedGrid):
+    """Gateway 2 never answers its first message (the SuperLink counted it delivered as the link went down) but
+    stays online; a copy sent later is answered. Gateway 3 answers every copy, slowly."""
+
+    def pull_messages(self, ids):
+        first_to_two = next(i for i, (n, _) in self.pushed.items() if n == 2)
+        return [r for r in super().pull_messages(ids) if r.metadata.reply_to_message_id != first_to_two]
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_a_gateway_silent_past_resend_after_s_is_sent_its_message_again_and_counted_once():
+    grid = DeadlineGrid(LostPullGrid({1: 0.0, 2: 0.0, 3: 0.9}), deadline_s=5, poll_s=0.02)
+    grid.resend_offline, grid.resend_silent_s = True, 0.5
+    start = time.time()
+    replies = list(grid.send_and_receive(_messages([1, 2, 3]), timeout=600))
+    assert time.time() - start < 2.5
+    assert sorted(r.metadata.src_node_id for r in replies) == [1, 2, 3]  # gateway 3's second copy: not counted
+    assert grid.train_trace.resent.get(2) == 1 and grid.train_trace.late == []
+    unset = DeadlineGrid(LostPullGrid({1: 0.0, 2: 0.0}), deadline_s=1.0, poll_s=0.02)
+    unset.resend_offline = True  # fleet.resend_after_s null: a silent gateway is waited for until the deadline
+    unset.send_and_receive(_messages([1, 2]), timeout=600)
+    assert unset.train_trace.late == [2] and unset.train_trace.resent == {}

@@ -204,6 +204,39 @@ def test_the_first_round_sends_the_seeded_models_digest_and_the_gateway_builds_i
     assert all("arrays" in m.content.array_records for m in full)
 
 
+def test_a_delta_message_sent_again_after_an_outage_starts_from_the_same_view(serverapp_identity):
+    """The round's message comes twice (the first reply was lost while the SuperLink saw the gateway offline):
+    the delta is applied once, the second delivery starts from the same view, and an older delta still fails."""
+    cfg = compose(["codec=int8", "task=quality_control"])
+    validate(cfg)
+    strategy = build_strategy(cfg)
+    from iiotfl.tasks import get_task
+
+    task = get_task(cfg["task"], cfg["seed"])
+    model = {k: v.numpy() for k, v in task.build_model().state_dict().items()}
+    strategy.seeded_start = weights_digest(model)
+    grid = SimpleNamespace(get_node_ids=lambda: [1, 2])
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    codec = get_codec(cfg["codec"])
+    first = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in model.items()}),
+                                          ConfigRecord({}), grid))
+    _start_view(_train_message(first[0].content), context, codec, task.build_model)
+    strategy.current = {1, 2}  # both answered round 1
+    moved = {k: v + np.float32(0.01) for k, v in model.items()}
+    second = list(strategy.configure_train(2, ArrayRecord({k: Array(v) for k, v in moved.items()}),
+                                           ConfigRecord({}), grid))
+    assert "delta" in second[0].content.array_records
+    once = _start_view(_train_message(second[0].content), context, codec, task.build_model)
+    again = _start_view(_train_message(second[0].content), context, codec, task.build_model)
+    assert weights_digest(again) == weights_digest(once) != weights_digest(model)
+    assert max(float(np.max(np.abs(once[k] - moved[k]))) for k in moved) < 1e-3  # int8 downlink: close, lossy
+    stale = RecordDict({"delta": second[0].content.array_records["delta"],
+                        "config": ConfigRecord({**second[0].content.config_records["config"],
+                                                wire.BASE_ROUND: 1, wire.SERVER_ROUND: 3})})
+    with pytest.raises(RuntimeError, match="delta against round 1, but this gateway holds round 2"):
+        _start_view(_train_message(stale), context, codec, task.build_model)  # another round's delta: refused
+
+
 def test_the_local_optimiser_is_adam_or_sgd_with_momentum():
     params = [torch.nn.Parameter(torch.zeros(3))]
     assert isinstance(optimiser(params, "adam", 0.01, 0.0), torch.optim.Adam)
