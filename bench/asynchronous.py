@@ -29,9 +29,9 @@ def main() -> None:
     rounds = "3" if quick else "8"
     versions = arg("--versions", "8" if quick else "30")
     fleet = [f"engine={engine}", f"fleet.gateways={gateways}", "seed=0",
-             "fleet.link_mix={lte_m:0.6,nb_iot:0.3,satellite:0.1}", "fleet.outage.mode=random"]
-    if engine == "fleet":  # a message lost as its link went down is sent again after 90 s of silence (~2 NB-IoT rounds)
-        fleet.append("fleet.resend_after_s=90")
+             "fleet.link_mix={lte_m:0.6,nb_iot:0.3,satellite:0.1}", "fleet.outage.mode=random",
+             "fleet.round_timeout=150",  # the round deadline: about 3 NB-IoT rounds
+             "fleet.resend_after_s=90"]  # a message lost as its link went down goes again after 90 s of silence
     with tempfile.TemporaryDirectory(prefix="bench-iiotfl-") as tmp:
         sync = run(Path(tmp) / "fedavg", *fleet, f"fleet.rounds={rounds}")
         fb = run(Path(tmp) / "fedbuff", *fleet, "strategy=fedbuff", f"fleet.rounds={versions}")

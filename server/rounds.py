@@ -14,7 +14,8 @@ listed as late. Messages carry the deadline as their TTL, so a gateway that come
 after the deadline does not train on a stale round; it simply gets the next one.
 
 A gateway the SuperLink declares offline mid-round (heartbeats lost in an outage) has its
-message deleted there, and a reply it sends later is refused. With ``resend_offline``
+message deleted there (answered NODE_UNAVAILABLE, or MESSAGE_UNAVAILABLE before the TTL), and a
+reply it sends later is refused. With ``resend_offline``
 (plaintext-uplink strategies) such a gateway is sent the same message again as soon as
 the SuperLink sees it online, while the round lasts: a short outage costs the round the
 outage, as on the simulated clock, not the whole deadline. A message can also be lost
@@ -65,6 +66,8 @@ class RoundTrace:
 # or the node went offline. Such a gateway is late, not in error.
 RESEND_CHECK_S = 1.0  # how often a round asks the SuperLink whether an offline gateway is back
 UNDELIVERED = (ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.NODE_UNAVAILABLE)
+# Before the deadline (the messages' TTL) these mean the SuperLink deleted the message: it saw the gateway offline
+DELETED = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE)
 
 
 def error_reason(reply: Message) -> str:
@@ -163,7 +166,7 @@ class DeadlineGrid(Grid):
         end = trace.started + limit
         kept: list[Message] = []
         by_node = {m.metadata.dst_node_id: m for m in messages}
-        offline: dict[int, Message] = {}  # node -> the SuperLink's NODE_UNAVAILABLE answer, until it is back
+        offline: dict[int, Message] = {}  # node -> the SuperLink's answer that its message is gone, until it is back
         checked = 0.0
         while ids or offline:
             for reply in self.grid.pull_messages(set(ids)) if ids else []:
@@ -178,7 +181,7 @@ class DeadlineGrid(Grid):
                 if not reply.has_error() and "metrics" in reply.content:
                     trace.metrics[node] = dict(reply.content["metrics"])
                 if reply.has_error():
-                    if reply.error.code == ErrorCode.NODE_UNAVAILABLE and self.resend_offline:
+                    if reply.error.code in DELETED and self.resend_offline and time.time() < end - 1.0:
                         offline[node] = reply  # kept as the answer only if the gateway does not come back
                         continue
                     if reply.error.code not in UNDELIVERED:  # the gateway's own error; undelivered: late

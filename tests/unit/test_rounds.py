@@ -6,6 +6,7 @@ import time
 
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from iiotfl.server.rounds import DeadlineGrid
 
@@ -112,8 +113,9 @@ class OutageGrid(ScriptedGrid):
     """Gateway 2 is offline (the SuperLink answers NODE_UNAVAILABLE for its first message, which it deleted) and
     online again ``back_s`` after the round starts (None: never); a message sent to it after that is answered."""
 
-    def __init__(self, delays, back_s):
+    def __init__(self, delays, back_s, code=5):  # 5: NODE_UNAVAILABLE
         super().__init__(delays)
+        self.code = code
         self.back_at = None if back_s is None else time.time() + back_s
         self.to_two: list[Message] = []
 
@@ -128,7 +130,6 @@ class OutageGrid(ScriptedGrid):
 
     def pull_messages(self, ids):
         from flwr.app import Error
-        from flwr.common.constant import ErrorCode
 
         out = []
         for reply in super().pull_messages(ids):
@@ -136,15 +137,16 @@ class OutageGrid(ScriptedGrid):
             if self.pushed[mid][0] == 2 and mid == next(i for i, (n, _) in self.pushed.items() if n == 2):
                 md = Metadata(run_id=1, message_id=f"r{mid}", src_node_id=0, dst_node_id=0, reply_to_message_id=mid,
                               group_id="", created_at=time.time(), ttl=60, message_type=MessageType.TRAIN)
-                out.append(Message(Error(ErrorCode.NODE_UNAVAILABLE, "Error: Node Unavailable"), metadata=md))
+                out.append(Message(Error(self.code, "Error: Node / Message Unavailable"), metadata=md))
             else:
                 out.append(reply)
         return out
 
 
 @pytest.mark.usefixtures("serverapp_identity")  # the message sent again is made as in a ServerApp
-def test_a_gateway_back_from_an_outage_is_sent_its_message_again_within_the_round():
-    grid = DeadlineGrid(OutageGrid({1: 0.0, 2: 0.0}, back_s=0.3), deadline_s=5, poll_s=0.02)
+@pytest.mark.parametrize("code", [ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE])
+def test_a_gateway_back_from_an_outage_is_sent_its_message_again_within_the_round(code):
+    grid = DeadlineGrid(OutageGrid({1: 0.0, 2: 0.0}, back_s=0.3, code=code), deadline_s=5, poll_s=0.02)
     grid.resend_offline = True
     start = time.time()
     replies = list(grid.send_and_receive(_messages([1, 2]), timeout=600))
