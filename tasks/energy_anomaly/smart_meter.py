@@ -15,6 +15,11 @@ Hourly load of a site (kW), a pure function of ``(seed, site)``::
 * ``scale``: log-uniform 2-500 kW (a house to a small substation); ``noise``: AR(1),
   3-7 % per site.
 
+``task.plants.feature_skew`` scales how far these per-site draws lie from the fleet's centre
+(0: every site alike but for its own weather and noise; 1: the ranges above), and
+``task.plants.quantity_skew`` gives the sites training histories of unequal length
+(:func:`history_days`; 0, the default: every site all ``train_days``).
+
 Anomalies injected in the evaluation period (the last ``test_days``), ``events_per_kind``
 of each kind per site: ``spike`` (load x 2-4 for 1-3 h), ``level_shift`` (load x 1.3-1.7
 or / 1.3-1.7 for 12-48 h), ``stale`` (the meter repeats its last value for 6-24 h),
