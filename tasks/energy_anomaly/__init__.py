@@ -54,8 +54,14 @@ from iiotfl.tasks.energy_anomaly.metrics import detection_delay, f1_at, pr_auc
 from iiotfl.tasks.energy_anomaly.model import ResidualMLP
 from iiotfl.tasks.energy_anomaly.scada import TURBINES, ScadaUnavailable, turbine_series, zip_path
 from iiotfl.tasks.energy_anomaly.smart_meter import FEATURES, generate_site
+from iiotfl.tasks.heterogeneity import check_skews, skews
 
 SOURCES = ("scada", "smart_meter")
+# task.plants (smart_meter only): feature skew at the generator's own spread; every site its whole training
+# period (quantity skew 0). No label skew: gateways train on normal operation only (unsupervised), the
+# injected anomalies are only scored.
+SITE_SKEW_DEFAULTS = {"feature_skew": 1.0, "quantity_skew": 0.0}
+SITE_SKEWS = tuple(SITE_SKEW_DEFAULTS)
 
 
 class EnergyAnomaly:
@@ -91,7 +97,14 @@ class EnergyAnomaly:
         number(cfg, "task.threshold_quantile", 0.5, 0.99999)
         source = choice(cfg, "task.data.source", SOURCES)
         gateways = int(cfg["fleet"]["gateways"])
+        knobs = check_skews(cfg, SITE_SKEWS)
         if source == "scada":
+            moved = [f"task.plants.{k}={knobs[k]:g}" for k, v in SITE_SKEW_DEFAULTS.items() if knobs[k] != v]
+            if moved:
+                restore = " ".join(f"task.plants.{k}={v:g}" for k, v in SITE_SKEW_DEFAULTS.items())
+                raise ConfigError(f"config: task.data.source=scada cannot take {', '.join(moved)} (real turbines: "
+                                  "their differences are the farm's own); use task.data.source=smart_meter or "
+                                  f"restore {restore}")
             integer(cfg, "task.data.scada.events_per_kind", 0, 10)  # 40 events fit in 2015
             integer(cfg, "task.data.scada.score_window", 1, 1000)
             if gateways > len(TURBINES):
@@ -118,7 +131,7 @@ class EnergyAnomaly:
             return turbine_series(self.seed, int(partition_id), int(scada["events_per_kind"]), path)
         meter = data_cfg["smart_meter"]
         return generate_site(self.seed, int(partition_id), int(meter["train_days"]), int(meter["test_days"]),
-                             int(meter["events_per_kind"]))
+                             int(meter["events_per_kind"]), **skews(self.cfg.get("plants"), **SITE_SKEW_DEFAULTS))
 
     def local_data(self, partition_id: int, node_config: Mapping[str, Any] | None = None) -> EnergySeries:
         """This gateway's records: its training period and its evaluation period with labelled faults."""

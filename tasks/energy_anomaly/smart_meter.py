@@ -15,6 +15,11 @@ Hourly load of a site (kW), a pure function of ``(seed, site)``::
 * ``scale``: log-uniform 2-500 kW (a house to a small substation); ``noise``: AR(1),
   3-7 % per site.
 
+``task.plants.feature_skew`` scales how far these per-site draws lie from the fleet's centre
+(0: every site alike but for its own weather and noise; 1: the ranges above), and
+``task.plants.quantity_skew`` gives the sites training histories of unequal length
+(:func:`history_days`; 0, the default: every site all ``train_days``).
+
 Anomalies injected in the evaluation period (the last ``test_days``), ``events_per_kind``
 of each kind per site: ``spike`` (load x 2-4 for 1-3 h), ``level_shift`` (load x 1.3-1.7
 or / 1.3-1.7 for 12-48 h), ``stale`` (the meter repeats its last value for 6-24 h),
@@ -29,13 +34,17 @@ of that hour of the week, and sine/cosine of hour of day and day of week.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from iiotfl.tasks.energy_anomaly.data import EnergySeries, kind_code
 from iiotfl.tasks.energy_anomaly.faults import Event, inject, schedule
+from iiotfl.tasks.heterogeneity import spread, tilt
 
 KINDS = ("spike", "level_shift", "stale", "drift")
 FEATURES = ("temp", "temp_typical", "hour_sin", "hour_cos", "dow_sin", "dow_cos")
+MIN_HISTORY_DAYS = 7  # a site's typical week needs one
 
 
 def _bump(h: np.ndarray, centre: float | np.ndarray, width: float) -> np.ndarray:
@@ -43,9 +52,9 @@ def _bump(h: np.ndarray, centre: float | np.ndarray, width: float) -> np.ndarray
     return np.exp(-0.5 * (d / width) ** 2)
 
 
-def _profile(rng: np.random.Generator, hour: np.ndarray, weekend: np.ndarray) -> np.ndarray:
-    mix = rng.dirichlet([0.6, 0.6, 0.6])
-    shift = rng.uniform(-1.0, 1.0)
+def _profile(rng: np.random.Generator, hour: np.ndarray, weekend: np.ndarray, skew: float = 1.0) -> np.ndarray:
+    mix = tilt(rng.dirichlet([0.6, 0.6, 0.6]), np.ones(3), skew)
+    shift = spread(rng.uniform(-1.0, 1.0), 0.0, skew)
     h = hour + shift
     residential = 0.35 + 0.35 * _bump(h, np.where(weekend, 9.0, 7.5), 1.2) + 0.7 * _bump(h, 19.0, 2.0)
     open_hours = 1.0 / (1.0 + np.exp(-(h - 8.0) * 2.0)) / (1.0 + np.exp((h - 18.5) * 2.0))
@@ -83,9 +92,26 @@ def _events(rng: np.random.Generator, lo: int, hi: int, per_kind: int, mean_load
     return out
 
 
-def generate_site(seed: int, site: int, train_days: int, test_days: int, events_per_kind: int) -> EnergySeries:
+def history_days(seed: int, site: int, train_days: int, skew: float) -> int:
+    """Days of its training period a site has recorded (``task.plants.quantity_skew``): ``train_days``
+    × u^skew with u ~ U(0, 1) per site (own stream), rounded, at least :data:`MIN_HISTORY_DAYS`.
+    0: every site ``train_days``; the sites' mean share is 1 / (1 + skew), its spread grows with skew."""
+    if skew == 0.0:
+        return train_days
+    u = float(np.random.default_rng([seed, site, 0xE4E7, 1]).random())
+    return min(train_days, max(MIN_HISTORY_DAYS, int(round(train_days * u**skew))))
+
+
+def generate_site(seed: int, site: int, train_days: int, test_days: int, events_per_kind: int, *,
+                  feature_skew: float = 1.0, quantity_skew: float = 0.0) -> EnergySeries:
     """Hourly series of one site: ``train_days`` (period 0, fault-free) then ``test_days``
-    (period 1, with injected anomalies)."""
+    (period 1, with injected anomalies).
+
+    ``feature_skew`` scales how far the site's climate, profile mix and peak shift, heating and
+    cooling sensitivities, scale and noise level lie from the fleet's centre (0: every site alike,
+    the weather and the noise its own; 1: the ranges above, bit for bit). ``quantity_skew`` > 0
+    drops the start of some sites' training period (:func:`history_days`: meters installed at
+    different times); the evaluation period stays as it is."""
     fleet = np.random.default_rng([seed, 0xE4E7])
     rng = np.random.default_rng([seed, site, 0xE4E7])
     n = 24 * (train_days + test_days)
@@ -97,14 +123,17 @@ def generate_site(seed: int, site: int, train_days: int, test_days: int, events_
     weekend = dow >= 5
     doy = (start_day + t / 24.0) % 365.0
 
-    climate = rng.uniform(5.0, 15.0)
+    skew = feature_skew
+    climate = spread(rng.uniform(5.0, 15.0), 10.0, skew)
     temp = (climate - 8.0 * np.cos(2 * np.pi * (doy - 15.0) / 365.0) + 4.0 * np.sin(2 * np.pi * (hour - 9.0) / 24.0)
             + _ar1(rng, n, 0.97, 0.6))
-    heat, cool = rng.uniform(0.0, 0.4), rng.uniform(0.0, 0.5)
+    heat = spread(rng.uniform(0.0, 0.4), 0.2, skew, low=0.0)
+    cool = spread(rng.uniform(0.0, 0.5), 0.25, skew, low=0.0)
     weather = 1.0 + heat * np.maximum(0.0, 15.0 - temp) / 10.0 + cool * np.maximum(0.0, temp - 22.0) / 10.0
-    scale = float(np.exp(rng.uniform(np.log(2.0), np.log(500.0))))
-    noise = _ar1(rng, n, 0.7, rng.uniform(0.03, 0.07) * np.sqrt(1 - 0.7**2))
-    load = scale * _profile(rng, hour, weekend) * weather * np.exp(noise)
+    scale = spread(float(np.exp(rng.uniform(np.log(2.0), np.log(500.0)))), math.sqrt(2.0 * 500.0), skew, log=True)
+    level = spread(rng.uniform(0.03, 0.07), math.sqrt(0.03 * 0.07), skew, log=True)
+    noise = _ar1(rng, n, 0.7, level * np.sqrt(1 - 0.7**2))
+    load = scale * _profile(rng, hour, weekend, skew) * weather * np.exp(noise)
 
     label = np.zeros(n, dtype=np.int8)
     event = np.full(n, -1, dtype=np.int32)
@@ -117,9 +146,11 @@ def generate_site(seed: int, site: int, train_days: int, test_days: int, events_
         load = np.maximum(channels["load"], 0.01 * scale)
 
     log_load = np.log(load)
+    # the rows the site has recorded: its meter may have been installed during the training period
+    first = 24 * (train_days - history_days(seed, site, train_days, quantity_skew))
     # the site's typical load and temperature per hour of the week, from its own training period
     slot = (hour.astype(int) * 7 + dow).astype(int)
-    train = t < test_start
+    train = (t >= first) & (t < test_start)
     typical = np.array([np.median(log_load[train & (slot == k)]) for k in range(168)])[slot]
     typical_temp = np.array([np.mean(temp[train & (slot == k)]) for k in range(168)])[slot]
     inputs = np.column_stack([
@@ -127,8 +158,10 @@ def generate_site(seed: int, site: int, train_days: int, test_days: int, events_
         np.sin(2 * np.pi * hour / 24), np.cos(2 * np.pi * hour / 24),
         np.sin(2 * np.pi * dow / 7), np.cos(2 * np.pi * dow / 7),
     ])
+    kept = slice(first, n)
     return EnergySeries(
-        site=np.full(n, site, dtype=np.int32), step=t.astype(np.int64), inputs=inputs, target=log_load - typical,
-        label=label, event=event, period=(t >= test_start).astype(np.int8), feature_names=FEATURES,
+        site=np.full(n - first, site, dtype=np.int32), step=t[kept].astype(np.int64), inputs=inputs[kept],
+        target=(log_load - typical)[kept], label=label[kept], event=event[kept],
+        period=(t >= test_start).astype(np.int8)[kept], feature_names=FEATURES,
         target_name="log_load_vs_typical", source=f"smart_meter(seed={seed}, site={site})",
     )

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from iiotfl.configs import ConfigError, choice, integer, number, require
+from iiotfl.tasks.heterogeneity import SKEWS, check_skews, skews
 from iiotfl.tasks.predictive_maintenance.anonymise import anonymise, plant_key
 from iiotfl.tasks.predictive_maintenance.data import Normaliser, RunToFailure, condition_sums, make_windows
 from iiotfl.tasks.predictive_maintenance.generator import CONDITIONS, SENSORS, SETTINGS, generate_plant, truncate_units
@@ -35,6 +36,8 @@ class PredictiveMaintenance:
         self.rul_cap = int(cfg["rul_cap"])
         self.features = list(cfg.get("features") or SENSORS)
         self.conditions = CONDITIONS
+        # how unlike the generated plants are (task.plants; 1 = the generator's own spreads)
+        self.skews = skews(cfg.get("plants"), label_skew=1.0, feature_skew=1.0, quantity_skew=1.0)
 
     @staticmethod
     def validate(cfg: Mapping[str, Any]) -> None:
@@ -48,6 +51,7 @@ class PredictiveMaintenance:
             integer(cfg, "task.data.test_units", 1)
             if cfg["task"]["data"].get("test_plants") is not None:
                 integer(cfg, "task.data.test_plants", 1)
+            check_skews(cfg, SKEWS)
         elif not require(cfg, "task.data.path") and cfg["engine"]["name"] != "remote":  # remote: `gateway --data`
             raise ConfigError(
                 f"config: task.data.path is empty but task.data.source={source}; give each gateway's file "
@@ -74,6 +78,9 @@ class PredictiveMaintenance:
                 units_min=int(data_cfg["units_min"]),
                 units_max=int(data_cfg["units_max"]),
                 rul_cap=self.rul_cap,
+                label_skew=self.skews["label_skew"],
+                feature_skew=self.skews["feature_skew"],
+                quantity_skew=self.skews["quantity_skew"],
             )
         else:
             path = node_config.get("data-path") or str(data_cfg["path"]).format(partition=partition_id)
@@ -114,7 +121,8 @@ class PredictiveMaintenance:
             cap = int(data_cfg.get("test_plants") or num_plants)
             plants = sorted({int(i) for i in np.linspace(0, num_plants - 1, min(cap, num_plants))})
             parts = [
-                generate_plant(self.seed, p, n_units=int(data_cfg["test_units"]), split="test", rul_cap=self.rul_cap)
+                generate_plant(self.seed, p, n_units=int(data_cfg["test_units"]), split="test", rul_cap=self.rul_cap,
+                               label_skew=self.skews["label_skew"], feature_skew=self.skews["feature_skew"])
                 for p in plants
             ]
             merged = _concat(parts)

@@ -32,6 +32,10 @@ How plants differ (non-IID by construction, each drawn from the plant seed):
 * **fleet size**: number of units between ``units_min`` and ``units_max``;
 * **instrumentation**: noise multiplier 0.8-1.3.
 
+``task.plants.label_skew`` (wear and fault modes), ``feature_skew`` (regime and
+instrumentation) and ``quantity_skew`` (fleet size) scale these spreads: 0 = every plant
+alike, 1 = the ranges above (:func:`plant_profile`, :mod:`iiotfl.tasks.heterogeneity`).
+
 Everything is a pure function of ``(seed, plant)``: the same arguments always give
 bit-identical data.
 """
@@ -42,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from iiotfl.tasks.heterogeneity import skewed_count, spread, tilt
 from iiotfl.tasks.predictive_maintenance.data import RunToFailure
 
 SENSORS: tuple[str, ...] = (
@@ -82,6 +87,10 @@ _SENSITIVITY = np.array(
     ]
 )
 FAULT_MODES: tuple[str, ...] = ("hpc", "fan")
+# Ranges the plants' characteristics are drawn from (at the default skews, 1).
+LIFE = (160.0, 320.0)  # mean life of a plant's units, cycles
+WEAR_EXPONENT = (1.2, 1.8)  # b of h(t)
+NOISE_SCALE = (0.8, 1.3)  # instrumentation: multiplier of the sensors' scatter
 
 
 @dataclass(frozen=True)
@@ -104,19 +113,50 @@ def condition_baseline(conditions: np.ndarray) -> np.ndarray:
     return _NOMINAL[None, :] * load[:, None] ** _COND_EXPONENT[None, :]
 
 
-def plant_profile(seed: int, plant: int, units_min: int = 20, units_max: int = 40) -> PlantProfile:
-    """Draw the characteristics of plant ``plant`` for a fleet built from ``seed``."""
+def plant_profile(
+    seed: int,
+    plant: int,
+    units_min: int = 20,
+    units_max: int = 40,
+    *,
+    label_skew: float = 1.0,
+    feature_skew: float = 1.0,
+    quantity_skew: float = 1.0,
+) -> PlantProfile:
+    """Draw the characteristics of plant ``plant`` for a fleet built from ``seed``.
+
+    The skews (``task.plants``; 0 = every plant alike, 1 = the spreads above, bit for bit) scale how
+    far each plant's draw lies from the fleet's centre (:mod:`iiotfl.tasks.heterogeneity`):
+
+    * ``label_skew``: mean life and wear exponent (log scale, about their geometric centres
+      226 cycles and 1.47) and the fan share (about 0.5, kept in [0, 1]) — how the plants'
+      machines wear out and fail, i.e. their RUL labels and fault modes;
+    * ``feature_skew``: the operating regime (each plant's log-share of a condition relative to
+      the even mix) and the instrumentation noise (log scale about 1.02) — the sensor readings;
+    * ``quantity_skew``: the number of units (:func:`~iiotfl.tasks.heterogeneity.skewed_count`:
+      size ∝ draw^skew, fleet mean kept at (units_min + units_max) / 2, at least 2).
+    """
     rng = np.random.default_rng([seed, plant, 0])
     concentration = rng.choice([0.3, 1.0, 5.0])
+    mean_life = float(rng.uniform(*LIFE))
+    wear_exponent = float(rng.uniform(*WEAR_EXPONENT))
+    regime = rng.dirichlet(np.full(len(CONDITIONS), concentration))
+    fan_share = float(rng.uniform(0.0, 1.0))
+    n_units = int(rng.integers(units_min, units_max + 1))
+    noise_scale = float(rng.uniform(*NOISE_SCALE))
     return PlantProfile(
         plant=plant,
-        mean_life=float(rng.uniform(160.0, 320.0)),
-        wear_exponent=float(rng.uniform(1.2, 1.8)),
-        regime=rng.dirichlet(np.full(len(CONDITIONS), concentration)),
-        fan_share=float(rng.uniform(0.0, 1.0)),
-        n_units=int(rng.integers(units_min, units_max + 1)),
-        noise_scale=float(rng.uniform(0.8, 1.3)),
+        mean_life=spread(mean_life, _geometric(LIFE), label_skew, log=True),
+        wear_exponent=spread(wear_exponent, _geometric(WEAR_EXPONENT), label_skew, log=True),
+        regime=tilt(regime, np.ones(len(CONDITIONS)), feature_skew),
+        fan_share=spread(fan_share, 0.5, label_skew, low=0.0, high=1.0),
+        n_units=skewed_count(n_units, units_min, units_max, quantity_skew, floor=2),
+        noise_scale=spread(noise_scale, _geometric(NOISE_SCALE), feature_skew, log=True),
     )
+
+
+def _geometric(bounds: tuple[float, float]) -> float:
+    return float(np.sqrt(bounds[0] * bounds[1]))
 
 
 def health_index(t: np.ndarray, d0: float, a: float, b: float) -> np.ndarray:
@@ -133,13 +173,18 @@ def generate_plant(
     n_units: int | None = None,
     split: str = "train",
     rul_cap: int = 125,
+    label_skew: float = 1.0,
+    feature_skew: float = 1.0,
+    quantity_skew: float = 1.0,
 ) -> RunToFailure:
     """Run-to-failure trajectories of one plant's machine units.
 
     ``split`` selects an independent stream of units from the same plant
     distribution ("train", "test", ...), so held-out units are fresh draws.
+    The skews scale how unlike the plants are (:func:`plant_profile`).
     """
-    profile = plant_profile(seed, plant, units_min, units_max)
+    profile = plant_profile(seed, plant, units_min, units_max, label_skew=label_skew,
+                            feature_skew=feature_skew, quantity_skew=quantity_skew)
     count = profile.n_units if n_units is None else n_units
     rng = np.random.default_rng([seed, plant, 1 + sum(map(ord, split))])
     rows_unit, rows_cycle, rows_set, rows_sensor, rows_rul, rows_wear = [], [], [], [], [], []

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from iiotfl.configs import ConfigError, choice, flag, integer, number, require
+from iiotfl.tasks.heterogeneity import SKEWS, check_skews, skews
 from iiotfl.tasks.quality_control import loader
 from iiotfl.tasks.quality_control.data import Normaliser, feature_sums, make_samples
 from iiotfl.tasks.quality_control.generator import (
@@ -34,6 +35,8 @@ from iiotfl.tasks.quality_control.model import FailureMLP, MultiLabelBCE
 DATA_SOURCES = ("generator", "csv")
 IDENTIFIERS = ("UDI", "udi", "Product ID", "product_id")
 PROCESS_MODES = ("TWF", "HDF", "PWF", "OSF")  # the modes the process data can explain (RNF is random)
+# task.plants' operating-point shifts and their largest values (also once multiplied by feature_skew)
+SHIFT_LIMITS = {"ambient_shift": 30.0, "cooling_shift": 5.0, "torque_shift": 30.0, "speed_shift": 0.5}
 
 
 def available_features(derived: bool) -> tuple[str, ...]:
@@ -90,10 +93,14 @@ class QualityControl:
             integer(cfg, "task.data.calibration_rows", 10)
             if require(cfg, "task.plants.mix_concentration") is not None:
                 number(cfg, "task.plants.mix_concentration", 0.0, 1e6, low_open=True)
-            number(cfg, "task.plants.ambient_shift", 0.0, 30.0)
-            number(cfg, "task.plants.cooling_shift", 0.0, 5.0)
-            number(cfg, "task.plants.torque_shift", 0.0, 30.0)
-            number(cfg, "task.plants.speed_shift", 0.0, 0.5)
+            knobs = check_skews(cfg, SKEWS)
+            for key, high in SHIFT_LIMITS.items():
+                shift = number(cfg, f"task.plants.{key}", 0.0, high)
+                if shift * knobs["feature_skew"] > high:  # the shift a plant gets: e.g. speeds stay > 0
+                    raise ConfigError(
+                        f"config: task.plants.{key} × task.plants.feature_skew = {shift:g} × "
+                        f"{knobs['feature_skew']:g} is invalid; their product must be <= {high:g} "
+                        f"(lower task.plants.feature_skew to at most {high / shift:.3g})")
         elif not require(cfg, "task.data.path") and cfg["engine"]["name"] != "remote":  # remote: `gateway --data`
             raise ConfigError(
                 f"config: task.data.path is empty but task.data.source={source}; give each gateway's file "
@@ -110,6 +117,7 @@ class QualityControl:
             "cooling_shift": float(p["cooling_shift"]),
             "torque_shift": float(p["torque_shift"]),
             "speed_shift": float(p["speed_shift"]),
+            **skews(p, label_skew=1.0, feature_skew=1.0),
         }
 
     def _select(self, data: ProcessRecords) -> ProcessRecords:
@@ -126,7 +134,7 @@ class QualityControl:
         data_cfg = self.cfg["data"]
         return generate_plant(
             self.seed, partition, n_rows, rows_min=int(data_cfg["rows_min"]), rows_max=int(data_cfg["rows_max"]),
-            split=split, derived=self.derived, **self._plant_kw(),
+            split=split, derived=self.derived, **skews(self.plants, quantity_skew=1.0), **self._plant_kw(),
         )
 
     def _read(self, path: str, plant: int = -1) -> ProcessRecords:

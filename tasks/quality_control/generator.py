@@ -56,6 +56,8 @@ from typing import Any, cast
 
 import numpy as np
 
+from iiotfl.tasks.heterogeneity import skewed_count, tilt
+
 TYPES = ("L", "M", "H")
 MODES = ("TWF", "HDF", "PWF", "OSF", "RNF")
 LABELS = ("machine_failure", *MODES)  # label columns, in this order
@@ -80,6 +82,7 @@ PWF_LOW, PWF_HIGH = 3500.0, 9000.0  # W
 SPEED_MAX = 2886.0  # rpm, the drive's limit (the published maximum)
 SPLITS = {"train": 0, "test": 1, "calibration": 2}
 _PLANT_SALT = 0x51C  # plant operating points draw from their own stream
+MIN_ROWS = 10  # the fewest processes a generated plant records (task.plants.quantity_skew)
 
 
 @dataclass(frozen=True)
@@ -251,6 +254,8 @@ def plant_operating_point(
     cooling_shift: float = 0.3,
     torque_shift: float = 4.0,
     speed_shift: float = 0.04,
+    label_skew: float = 1.0,
+    feature_skew: float = 1.0,
 ) -> OperatingPoint:
     """Plant ``partition``'s operating point: a pure function of (seed, partition).
 
@@ -260,14 +265,24 @@ def plant_operating_point(
     * torque set-point: base + U(±``torque_shift``) Nm (speed follows the drive's curve);
     * speed set-point: base × (1 + U(±``speed_shift``)).
     All zero / None: every plant runs at ``base`` (IID plants).
+
+    ``label_skew`` scales how far a plant's drawn mix lies from the base mix (its log-share of
+    each product type against the base mix × ``label_skew``; 0: the base mix everywhere): the
+    variant decides how fast tools wear and where overstrain begins, so the mix sets a plant's
+    TWF / OSF (and machine-failure) rates. ``feature_skew`` multiplies the four shifts (0: every
+    plant at ``base``'s temperatures, torque and speed). Both 1: the data as drawn above, bit for bit.
     """
     rng = np.random.default_rng([int(seed), _PLANT_SALT, int(partition)])
     draws = rng.random(4)
     normal = rng.standard_normal()
+    if feature_skew != 1.0:
+        ambient_shift, cooling_shift = ambient_shift * feature_skew, cooling_shift * feature_skew
+        torque_shift, speed_shift = torque_shift * feature_skew, speed_shift * feature_skew
     if mix_concentration:
         drawn = rng.dirichlet(float(mix_concentration) * np.asarray(base.mix, dtype=float))
         drawn = np.maximum(drawn, 1e-3)
-        mix = cast(tuple[float, float, float], tuple(float(v) for v in drawn / drawn.sum()))  # one per product type
+        drawn = tilt(drawn / drawn.sum(), np.asarray(base.mix, dtype=float), label_skew)
+        mix = cast(tuple[float, float, float], tuple(float(v) for v in drawn))  # one per product type
     else:
         mix = base.mix
     return replace(
@@ -330,11 +345,15 @@ def generate_plant(
     rows_max: int = 8000,
     split: str = "train",
     derived: bool = False,
+    quantity_skew: float = 1.0,
     **plant_kw: Any,
 ) -> ProcessRecords:
     """Records of plant ``partition``: deterministic per (seed, partition, split).
 
-    The plant's record length is drawn in [rows_min, rows_max] unless ``n_rows`` is given.
+    The plant's record length is drawn in [rows_min, rows_max] unless ``n_rows`` is given;
+    ``quantity_skew`` scales how unequal the plants' lengths are
+    (:func:`~iiotfl.tasks.heterogeneity.skewed_count`: length ∝ draw^quantity_skew, the fleet's
+    mean kept at (rows_min + rows_max) / 2, at least 10; 1: the draw itself).
     ``split`` selects an independent stream of the same plant (train / test / calibration).
     """
     op = plant_operating_point(seed, partition, **plant_kw)
@@ -342,6 +361,7 @@ def generate_plant(
     if n_rows is None:
         n_rows = int(np.random.default_rng([int(seed), _PLANT_SALT, int(partition), 1])
                      .integers(rows_min, rows_max + 1))
+        n_rows = skewed_count(n_rows, rows_min, rows_max, quantity_skew, floor=MIN_ROWS)
     sim = simulate(int(n_rows), rng, op)
     out = records(
         sim,
