@@ -14,6 +14,11 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
+from iiotfl.configs import ConfigError, compose
+from iiotfl.server.app import evaluate_plants
+from iiotfl.server.checks import validate
 from iiotfl.server.plants import plant_spread
 from iiotfl.server.report import run_summary, write_report, write_summary
 
@@ -160,3 +165,18 @@ def test_sweep_rows_carry_the_worst_and_median_plant(tmp_path):
     got = list(csv.DictReader(csv_path.open()))
     assert [(r["plant_worst"], r["plant_worst_partition"], r["plant_median"], r["plant_best"], r["plants"])
             for r in got] == [("41.5", "1", "25.0", "12.0", "4"), ("", "", "", "", ""), ("41.5", "1", "20.0", "12.0", "3")]
+
+
+def test_fleet_evaluate_plants_is_a_flag_true_by_default():
+    cfg = compose()
+    assert cfg["fleet"]["evaluate_plants"] is True and evaluate_plants(cfg)
+    validate(cfg)
+    cfg["fleet"]["evaluate_plants"] = "false"  # a string is refused, never taken as set
+    with pytest.raises(ConfigError, match="fleet.evaluate_plants"):
+        validate(cfg)
+    cfg["fleet"]["evaluate_plants"] = False
+    validate(cfg)
+    assert not evaluate_plants(cfg)
+    del cfg["fleet"]["evaluate_plants"]  # a config written before the key existed
+    validate(cfg)
+    assert evaluate_plants(cfg)
