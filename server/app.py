@@ -10,11 +10,14 @@
    is appended to ``metrics.jsonl`` (``server/roundlog.py``) with the figures of every
    sampled gateway (what ``iiotfl run`` shows as progress), and one row per gateway to the
    privacy ledger.
-4. Without a server-side test set (``task.server_test_data`` is None: a CSV source without
-   ``task.data.test_path``), every connected gateway scores the final global model on its own
-   held-out data (the ClientApp's ``evaluate``); their mean weighted by held-out examples is
-   the run's metric (:func:`gateway_mean`). Failed gateways are named (``events.jsonl``) and
-   left out; the run goes on.
+4. Every connected gateway scores the final global model on its own held-out data (the
+   ClientApp's ``evaluate``; ``fleet.evaluate_plants=false``: not asked): each plant's own figures
+   and their spread (worst, median, best plant: ``server/plants.py``) go into metrics.json's
+   ``gateway_evaluation`` and the report's "Per plant". With a server-side test set the run's
+   metric stays the server's; without one (``task.server_test_data`` is None: a CSV source
+   without ``task.data.test_path``) the gateways' mean weighted by held-out examples is the
+   run's metric (:func:`gateway_mean`). Failed gateways are named (``events.jsonl``) and left
+   out; the run goes on.
 5. Write the final model and ``metrics.json`` into the output directory, which says which
    evaluation its metric comes from (:func:`headline`) and what each gateway class spent, estimated
    (``energy_per_class``, ``server/roundlog.py``); the launcher renders the report from
@@ -51,6 +54,7 @@ from iiotfl.privacy.ledger import load as load_ledger
 from iiotfl.security.artefacts import FINAL_CHECKPOINT, load_checkpoint, model_fingerprint, save_checkpoint
 from iiotfl.server import events
 from iiotfl.server.checks import validate
+from iiotfl.server.plants import plant_spread
 from iiotfl.server.roundlog import RoundLog, energy_per_class
 from iiotfl.server.rounds import DeadlineGrid
 from iiotfl.server.statistics import federated_feature_sums, wait_for_nodes
@@ -253,7 +257,9 @@ def gateway_mean(replies: Mapping[int, Mapping[str, Any]]) -> tuple[dict[str, fl
 def _evaluate_on_gateways(run: Run, final: ArrayRecord, final_round: int) -> dict[str, Any]:
     """Every connected gateway scores ``final`` on its own held-out data (the ClientApp's ``evaluate``, within
     ``fleet.round_timeout``). metrics.json's ``gateway_evaluation``: who was asked, who counted, the weighted
-    means (:func:`gateway_mean`), each gateway's figures and why the others gave none (also in events.jsonl)."""
+    means (:func:`gateway_mean`), each gateway's figures, their spread in the task's primary metric (worst,
+    median and best plant, :func:`plant_spread`; None when no gateway gave it) and why the others gave none
+    (also in events.jsonl)."""
     partition = run.log.node_partition
     timeout = float(run.cfg["fleet"]["round_timeout"])
     failed: dict[int, str] = {}
@@ -278,13 +284,15 @@ def _evaluate_on_gateways(run: Run, final: ArrayRecord, final_round: int) -> dic
     for node, reason in sorted(failed.items()):
         log(WARNING, "gateway %d: no evaluation of the final model: %s", node, reason)
         events.gateway_failed(run.out, node, partition.get(node), "final evaluation", reason)
+    per_gateway = sorted(({"node": n, "partition": partition.get(n), **replies[n]} for n in counted),
+                         key=lambda g: (g["partition"] is None, g["partition"] or 0, g["node"]))
     return {
         "round": final_round,
         "asked": len(nodes),  # the gateways connected at the end, each sent the final model
         "gateways": len(counted),
         "metrics": means,
-        "per_gateway": sorted(({"node": n, "partition": partition.get(n), **replies[n]} for n in counted),
-                              key=lambda g: (g["partition"] is None, g["partition"] or 0, g["node"])),
+        "per_gateway": per_gateway,
+        "spread": plant_spread(per_gateway, run.task.primary_metric, bool(run.task.higher_is_better)),
         "failed": [{"node": n, "partition": partition.get(n), "reason": why} for n, why in sorted(failed.items())],
     }
 
@@ -319,15 +327,28 @@ def headline(primary: str, rounds: list[dict[str, Any]], server_test: bool,
     return {"evaluation": NONE, "final_metric": None, "final_metrics": {}, "evaluation_note": why}
 
 
+def evaluate_plants(cfg: Mapping[str, Any]) -> bool:
+    """``fleet.evaluate_plants``: whether every gateway scores the final model on its own held-out data (a config
+    written before the key existed: yes)."""
+    return (cfg.get("fleet") or {}).get("evaluate_plants", True) is not False
+
+
 def _evaluation(run: Run, final: ArrayRecord, final_round: int) -> dict[str, Any]:
-    """metrics.json's evaluation fields: the server's own, else the gateways' evaluation of the final model."""
+    """metrics.json's evaluation fields: the run's metric (the server's own, else the gateways' weighted mean) and,
+    unless ``fleet.evaluate_plants`` is false, each plant's own evaluation of the final model (with or without a
+    server-side test set)."""
     gateway_eval = None
     aggregated = any(r.get("aggregated") for r in run.log.rows[1:])
-    if not run.server_test and aggregated:
+    if aggregated and evaluate_plants(run.cfg):
         gateway_eval = _evaluate_on_gateways(run, final, final_round)
-    fields = headline(run.task.primary_metric, run.log.rows, run.server_test, gateway_eval)
+    # with a server-side test set the run's metric is the server's alone; the plants' figures come beside it
+    fields = headline(run.task.primary_metric, run.log.rows, run.server_test,
+                      None if run.server_test else gateway_eval)
     if not run.server_test and not aggregated:
         fields["evaluation_note"] = f"{NO_TEST_SET}, and no gateway update was aggregated in any round"
+    elif not run.server_test and gateway_eval is None:
+        fields["evaluation_note"] = (f"{NO_TEST_SET}, and fleet.evaluate_plants=false: the gateways were not asked to "
+                                     "evaluate the final model")
     if gateway_eval is not None:
         fields["gateway_evaluation"] = gateway_eval
         run.ledger.record_evaluation(gateway_eval["per_gateway"])  # what left each plant for it

@@ -15,7 +15,7 @@ from typing import Any, Mapping
 
 from iiotfl.clients.poison import validate_poison
 from iiotfl.clients.training import OPTIMIZERS
-from iiotfl.configs import ConfigError, choice, integer, number, require
+from iiotfl.configs import ConfigError, choice, flag, integer, number, require
 from iiotfl.links.outages import OUTAGE_MODES
 from iiotfl.links.profiles import ProfileError, gateway_profiles
 from iiotfl.privacy.modes import privacy_mode, validate_privacy
@@ -33,6 +33,8 @@ def _validate_run(cfg: Mapping[str, Any]) -> int:
     integer(cfg, "fleet.rounds", 1)
     number(cfg, "fleet.fraction_train", 0.0, 1.0, low_open=True)
     number(cfg, "fleet.fraction_evaluate", 0.0, 1.0)
+    if "evaluate_plants" in cfg["fleet"]:  # a config written before the key existed: true
+        flag(cfg, "fleet.evaluate_plants")
     if require(cfg, "fleet.min_gateways") is not None:
         integer(cfg, "fleet.min_gateways", 1, gateways)
     number(cfg, "fleet.round_timeout", 0.0, 1e7, low_open=True)

@@ -4,7 +4,8 @@ The engine's Deployment (``engines.py``) is brought up, the job submitted with `
 the composed config, and followed every 0.5 s: progress from the ``metrics.jsonl`` the
 ServerApp appends to, outages (``links/outages.py``), the wire counters of shaped links
 (``<run>/wire.json``, ``links/counters.py``), SuperNodes that were refused, the ServerApp dying,
-the deadline (``startup_timeout + (rounds + 1) x round_timeout``), and the SuperLink dying (then
+the deadline (``startup_timeout + (rounds + 2) x round_timeout``: the statistics query, the rounds, the
+plants' evaluation of the final model), and the SuperLink dying (then
 resumed from the last checkpoint when ``resume.py`` allows). Everything is torn down at the end,
 also on Ctrl-C, on SIGTERM and on failure. ``cfg`` is not changed: what the launcher adds (a
 fresh HE key set, the round a resumed run starts after) goes to the apps as Flower run config.
@@ -66,8 +67,9 @@ class Job:
         self.dep, self.cfg, self.run_dir = dep, dep.cfg, dep.run_dir
         self.info, self.started, self.he_keys, self.progress = info, started, he_keys, progress
         fleet, engine = self.cfg["fleet"], self.cfg["engine"]
+        # the statistics query, the rounds and the plants' evaluation of the final model: each within round_timeout
         self.deadline = started + float(engine["startup_timeout"]) + float(fleet["round_timeout"]) * (
-            int(fleet["rounds"]) + 1)
+            int(fleet["rounds"]) + 2)
         self.seen, self.server_seen, self.server_gone, self.events_seen = 0, False, 0.0, 0
         self.outages = Outages(self.cfg, dep.gateway_links, self.run_dir / "outages.jsonl")
         self.write_wire()  # the ServerApp takes its first reading when it starts
@@ -126,7 +128,7 @@ class Job:
         if refused:
             raise LaunchError(refused)
         if time.time() > self.deadline:
-            raise LaunchError("the run took longer than startup_timeout + (rounds + 1) x round_timeout")
+            raise LaunchError("the run took longer than startup_timeout + (rounds + 2) x round_timeout")
 
     def show_rounds(self) -> list[dict[str, Any]]:
         news = events.read(self.run_dir)

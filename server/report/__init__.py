@@ -8,7 +8,9 @@ how far it got (:mod:`.run_report`, privacy part :mod:`.privacy`, figures :mod:`
 Every task names its own primary metric and direction (``metrics.json``: ``primary_metric``,
 ``higher_is_better``; :class:`tasks.Task`): reports headline that metric, never a fixed one, and
 say which evaluation it comes from (``metrics.json``'s ``evaluation``: the server's held-out test
-set, or the gateways' own held-out data when there is none; none: why).
+set, or the gateways' own held-out data when there is none; none: why). Each plant's own figure
+for the final model (``gateway_evaluation``) is a section of its own, "Per plant", with the worst
+and median plant, which the sweep table shows per run.
 
 :func:`write_summary` collects every run directory below a directory into ``summary.md``,
 ``summary.csv`` and one ``sweep-<task>.png`` per task (:mod:`.sweep`); :class:`MultirunSummary`
@@ -21,7 +23,7 @@ Modules, imports one way: text <- runs <- plots, privacy <- run_report, sweep <-
 from iiotfl.server.report.plots import plot_classes, plot_rounds, plot_sweep
 from iiotfl.server.report.privacy import privacy_section
 from iiotfl.server.report.render import report
-from iiotfl.server.report.run_report import evaluation_text, export_section, metric_line, write_report
+from iiotfl.server.report.run_report import evaluation_text, export_section, metric_line, plants_section, write_report
 from iiotfl.server.report.runs import (
     GATEWAY_FIGURES,
     evaluation_of,
@@ -34,6 +36,7 @@ from iiotfl.server.report.runs import (
     metric_columns,
     metric_of,
     per_class,
+    plants_of,
     privacy_spent,
     run_summary,
 )
@@ -61,6 +64,8 @@ __all__ = [
     "metric_line",
     "metric_of",
     "per_class",
+    "plants_of",
+    "plants_section",
     "plot_classes",
     "plot_rounds",
     "plot_sweep",

@@ -3,7 +3,8 @@ directory holds (:mod:`.runs`), so a failed run still gets a report that says ho
 
 Sections, in order: what the launcher noted (links, transport, SuperLink restarts, notes), the
 headline figures (status, the task's primary metric and which evaluation it comes from
-(:func:`evaluation_text`; none: why), privacy spent, bytes), one row per round,
+(:func:`evaluation_text`; none: why), the worst and median plant, privacy spent, bytes), each
+plant's own evaluation of the final model (:func:`plants_section`), one row per round,
 the gateways by class (when the rounds recorded them) and their estimated energy, privacy (:mod:`.privacy`), the
 on-device model of ``iiotfl export``, and the logs.
 """
@@ -17,15 +18,17 @@ from iiotfl.server.report.plots import plot_classes, plot_rounds
 from iiotfl.server.report.privacy import epsilon_text, privacy_section
 from iiotfl.server.report.runs import (
     GATEWAY_FIGURES,
+    gateway_classes,
     load_outages,
     load_rounds,
     metric_columns,
     offline_per_class,
     per_class,
+    plant_spread_of,
     read_json,
     run_summary,
 )
-from iiotfl.server.report.text import direction, fmt, metric_label
+from iiotfl.server.report.text import cell, direction, finite, fmt, metric_label
 from iiotfl.server.roundlog import energy_per_class
 
 
@@ -39,6 +42,7 @@ def write_report(run_dir: str | Path) -> Path:
     lines = ["# iiotfl run report", ""]
     lines += _launch_notes(launch, s["links"])  # links.json, else what the launcher said
     lines += _headline(s, final)
+    lines += plants_section(rounds, final, s)
     lines += _rounds_section(rounds, s, run_dir)
     lines += versions_section(rounds, s["metric"])
     lines += _classes_section(rounds, run_dir)
@@ -134,6 +138,7 @@ def _headline(s: dict[str, Any], final: dict[str, Any]) -> list[str]:
         headline = f"- global {metric_label(metric)} ({direction(s['higher_is_better'])}): - (not evaluated)"
     if s["final_rmse_last"] is not None or s["final_phm_score"] is not None:  # predictive maintenance
         headline += (f"; RMSE at last cycle {fmt(s['final_rmse_last'])}, PHM08 score {fmt(s['final_phm_score'])}")
+    spread = plant_spread_of(final, metric, s["higher_is_better"])  # each plant's own data, the final model
     return [
         f"- status: **{s['status']}**" + (f" — {s['error']}" if s["error"] else ""),
         f"- task: {s['task'] or '-'}, engine: {fmt(s['engine'])}, gateways: {fmt(s['gateways'])}",
@@ -141,12 +146,81 @@ def _headline(s: dict[str, Any], final: dict[str, Any]) -> list[str]:
         f"mean round: {fmt(s['mean_round_s'])} s",
         headline,
         f"- evaluation: {evaluation_text(s)}",
+        *([f"- per plant (the final model on each gateway's own held-out data): {spread_text(spread)}"]
+          if spread else []),
         f"- privacy: {epsilon_text(s)}",
         f"- model: {fmt(final.get('parameters'))} parameters, {fmt(final.get('model_bytes'))} bytes",
         f"- bytes per gateway per round (model payload): up {fmt(s['bytes_up_per_client_round'])}, "
         f"down {fmt(s['bytes_down_per_client_round'])}; all traffic seen by the SuperLink: "
         f"{fmt(s['superlink_bytes'])} bytes",
     ]
+
+
+def _plant(partition: Any, node: Any = None) -> str:
+    return f"gateway {partition}" if partition is not None else f"gateway (node {node})" if node is not None \
+        else "a gateway"
+
+
+def spread_text(spread: dict[str, Any]) -> str:
+    """The worst, median and best plant in one sentence (``gateway_evaluation.spread``)."""
+    label = metric_label(spread.get("metric"))
+    worst, median, best = spread["worst"], spread["median"], spread["best"]
+    middle = list(median.get("partitions") or [])
+    where = (f" ({_plant(middle[0])})" if len(middle) == 1
+             else f" (the mean of gateways {middle[0]} and {middle[1]})" if len(middle) == 2 and None not in middle
+             else "")
+    return (f"worst {label} {fmt(worst['value'])} ({_plant(worst.get('partition'), worst.get('node'))}), "
+            f"median {fmt(median['value'])}{where}, best {fmt(best['value'])} "
+            f"({_plant(best.get('partition'), best.get('node'))}), over {spread['gateways']} "
+            + ("plant" if spread["gateways"] == 1 else "plants"))
+
+
+def plants_section(rounds: list[dict[str, Any]], final: dict[str, Any], s: dict[str, Any]) -> list[str]:
+    """Each plant's own evaluation of the final model (metrics.json ``gateway_evaluation``): one row per gateway
+    (its class, held-out examples, the task's metrics, primary first; the worst plant's value in bold), the worst
+    and median plant, the gateways that gave no figures. Nothing for a run without it."""
+    g = final.get("gateway_evaluation") or {}
+    per, failed = list(g.get("per_gateway") or []), list(g.get("failed") or [])
+    if not per and not failed:
+        return []
+    metric, higher = s.get("metric"), s.get("higher_is_better")
+    spread = plant_spread_of(final, metric, higher)
+    keys = [metric] if metric else []
+    for reply in per:
+        keys += [k for k, v in reply.items() if k not in keys and k not in ("node", "partition", "num-examples")
+                 and finite(v)]
+    keys = keys[:5]  # the primary metric and the task's next four; every figure is in metrics.json
+    classes = gateway_classes(rounds)
+    whose = ("The run's metric above is the server's held-out test set; these are each plant's own figures."
+             if s.get("evaluation") == "server" else
+             "The run's metric above is their mean weighted by held-out examples."
+             if s.get("evaluation") == "gateways" else "")
+    arrow = "" if higher is None else (" ↑" if higher else " ↓")
+    lines = ["", "## Per plant", "",
+             f"The final global model (round {fmt(g.get('round'))}) scored by each gateway on its own held-out data "
+             f"after the last round (Flower `evaluate` messages). {whose}".rstrip()]
+    if per:
+        lines += ["", "| gateway | class | held-out examples | "
+                  + " | ".join(metric_label(k) + (arrow if k == metric else "") for k in keys) + " |",
+                  "|---:|---|---:|" + "---:|" * len(keys)]
+    worst = (spread or {}).get("worst") or {}
+    for reply in per:
+        values = [cell(reply.get(k)) for k in keys]
+        if spread and (reply.get("partition"), reply.get("node")) == (worst.get("partition"), worst.get("node")) \
+                and len(per) > 1:
+            values[0] = f"**{values[0]}**"
+        part = reply.get("partition")
+        name = str(part) if part is not None else f"(node {reply.get('node')})"
+        lines.append(f"| {name} | {classes.get(part, '-')} | {cell(reply.get('num-examples'))} | "
+                     + " | ".join(values) + " |")
+    if spread:
+        lines += ["", f"Across the plants: {spread_text(spread)}."]
+    elif metric:
+        lines += ["", f"No plant gave a {metric_label(metric)} for the final model."]
+    if failed:
+        lines += ["", "No figures from: " + "; ".join(f"{_plant(f.get('partition'), f.get('node'))}: "
+                                                     f"{f.get('reason')}" for f in failed) + "."]
+    return lines
 
 
 def _rounds_section(rounds: list[dict[str, Any]], s: dict[str, Any], run_dir: Path) -> list[str]:

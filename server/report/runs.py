@@ -12,7 +12,9 @@ Every task names its own primary metric and direction (``metrics.json``: ``prima
 ``higher_is_better``; :class:`tasks.Task`): :func:`metric_of` reads them, never a fixed one.
 :func:`evaluation_of` says which evaluation the metric comes from (``metrics.json``'s
 ``evaluation``: the server's held-out test set, or the gateways' own held-out data when the
-run had no server-side test set) and, when there is none, why.
+run had no server-side test set) and, when there is none, why. :func:`plants_of` reads each
+plant's own figure for the final model (``gateway_evaluation``: per gateway, and the spread over
+the plants: worst, median, best).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any
 import yaml
 
 from iiotfl.privacy.ledger import read_jsonl
+from iiotfl.server.plants import plant_spread
 from iiotfl.server.report.text import finite, mean
 from iiotfl.tasks import task_class
 
@@ -125,6 +128,27 @@ def evaluation_of(final: dict[str, Any], rounds: list[dict[str, Any]], metric: s
     return out
 
 
+def plant_spread_of(final: dict[str, Any], metric: str | None, higher: bool | None) -> dict[str, Any] | None:
+    """The spread of the primary metric over the plants for the final model (``gateway_evaluation.spread``; for a
+    run written before it, computed from ``per_gateway``); None without a per-plant evaluation."""
+    gateway = final.get("gateway_evaluation") or {}
+    spread = gateway.get("spread")
+    if isinstance(spread, dict) and spread.get("metric") == metric:
+        return spread
+    return plant_spread(gateway.get("per_gateway") or [], metric, bool(higher)) if metric else None
+
+
+def plants_of(final: dict[str, Any], metric: str | None, higher: bool | None) -> dict[str, Any]:
+    """The run's per-plant figures for a sweep row: ``plants`` (how many gave the primary metric),
+    ``plant_worst`` / ``plant_median`` / ``plant_best`` (its worst, median and best value) and
+    ``plant_worst_partition``; all None without a per-plant evaluation."""
+    spread = plant_spread_of(final, metric, higher) or {}
+    return {"plants": spread.get("gateways"), "plant_worst": (spread.get("worst") or {}).get("value"),
+            "plant_worst_partition": (spread.get("worst") or {}).get("partition"),
+            "plant_median": (spread.get("median") or {}).get("value"),
+            "plant_best": (spread.get("best") or {}).get("value")}
+
+
 def privacy_spent(mechanism: str, final: dict[str, Any], rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Mechanism, epsilon and delta a run spent. The mechanism is the one ``metrics.json`` recorded,
     else ``mechanism`` (the configured one: a run that failed before the end). No DP: epsilon =
@@ -210,6 +234,7 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "metric": metric,
         "higher_is_better": higher,
         **evaluation,  # evaluation (where the metric comes from), initial_metric, final_metric, ...
+        **plants_of(final, metric, higher),  # plants, plant_worst, plant_median, ...: each plant's own data
         **privacy_spent(group_value("privacy", cfg, overrides), final, rounds),
         "initial_rmse": first.get("rmse"),
         "final_rmse": last.get("rmse"),
@@ -224,6 +249,16 @@ def run_summary(run_dir: Path) -> dict[str, Any]:
         "links": (read_json(run_dir / "links.json").get("emulation") or launch.get("links") or ""),
         "error": launch.get("error", ""),
     }
+
+
+def gateway_classes(rounds: list[dict[str, Any]]) -> dict[Any, str]:
+    """Partition -> the gateway's class (link/device) as the rounds recorded it (the last one seen)."""
+    classes: dict[Any, str] = {}
+    for r in rounds:
+        for g in r.get("gateways") or []:
+            if g.get("partition") is not None and g.get("class"):
+                classes[g["partition"]] = str(g["class"])
+    return classes
 
 
 def per_class(rounds: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:

@@ -1,10 +1,11 @@
 """One report over many runs: every run directory below a directory (a ``-m`` sweep, or several).
 
 :func:`write_summary` writes ``summary.md`` (one table: task, strategy, privacy, link, codec,
-status, primary metric, epsilon, bytes per gateway and round, wall and round time, the reason of
-each failed run), ``summary.csv`` (the same, machine-readable, columns :data:`SUMMARY_COLUMNS`)
-and one ``sweep-<task>.png`` per task (metric against epsilon, bytes up per gateway and round,
-wall time; one series per strategy). :class:`MultirunSummary` runs it at the end of every sweep.
+status, primary metric, its worst and median plant, epsilon, bytes per gateway and round, wall
+and round time, the reason of each failed run), ``summary.csv`` (the same, machine-readable,
+columns :data:`SUMMARY_COLUMNS`) and one ``sweep-<task>.png`` per task (metric against epsilon,
+bytes up per gateway and round, wall time; one series per strategy). :class:`MultirunSummary`
+runs it at the end of every sweep.
 """
 
 from __future__ import annotations
@@ -25,19 +26,23 @@ GROUPS = ("task", "strategy", "privacy", "link", "codec")  # one column each in 
 
 SUMMARY_COLUMNS = (
     "run", *GROUPS, "overrides", "status", "metric", "higher_is_better", "initial_metric", "final_metric",
-    "evaluation", "epsilon", "delta", "bytes_up_per_client_round", "bytes_down_per_client_round", "wall_s",
+    "evaluation", "plant_worst", "plant_worst_partition", "plant_median", "plant_best", "plants",
+    "epsilon", "delta", "bytes_up_per_client_round", "bytes_down_per_client_round", "wall_s",
     "mean_round_s", "sim_round_s", "engine", "gateways", "rounds_done", "late_replies", "initial_rmse", "final_rmse",
     "final_rmse_last", "final_phm_score", "error",
 )
 
-NUMERIC_HEADS = ("initial", "final", "ε", "bytes up / gw / round", "bytes down / gw / round", "wall [s]",
-                 "round [s]", "simulated round [s]")  # right-aligned columns of summary.md
+NUMERIC_HEADS = ("initial", "final", "worst plant", "median plant", "ε", "bytes up / gw / round",
+                 "bytes down / gw / round", "wall [s]", "round [s]",
+                 "simulated round [s]")  # right-aligned columns of summary.md
 
 ABOUT_TABLE = (
     "Metric: each task's primary metric on the server's held-out data after the last round (**bold**: the "
     "task's best completed run; ↓ lower is better, ↑ higher is better); \"(gateways)\": a run without a "
     "server-side test set, its final model scored by the gateways on their own held-out data (their mean "
-    "weighted by held-out examples, no initial value), ranked only against such runs. ε: privacy spent "
+    "weighted by held-out examples, no initial value), ranked only against such runs. Worst / median plant: the "
+    "same metric for the final model on the worst and the median gateway's own held-out data (each plant's "
+    "evaluation, report.md \"Per plant\"; -: the run has none). ε: privacy spent "
     "(sample-level DP: the largest per-gateway ε; client-level: the fleet's; ∞: no DP). Bytes: the model payload "
     "per gateway and round. Round: mean measured round time; simulated: the engine=sim link clock.")
 
@@ -119,8 +124,8 @@ def _table_lines(rows: list[dict[str, Any]]) -> list[str]:
     md += ["", ABOUT_TABLE, ""]
     show_overrides = any(r["overrides"] for r in rows)
     head = ["run", *GROUPS] + (["overrides"] if show_overrides else []) + [
-        "status", "metric", "initial", "final", "ε", "bytes up / gw / round", "bytes down / gw / round", "wall [s]",
-        "round [s]", "simulated round [s]", "error"]
+        "status", "metric", "initial", "final", "worst plant", "median plant", "ε", "bytes up / gw / round",
+        "bytes down / gw / round", "wall [s]", "round [s]", "simulated round [s]", "error"]
     md += ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if h in NUMERIC_HEADS else "---" for h in head) + "|"]
     best = best_runs(rows)
     for i, r in enumerate(rows):
@@ -140,9 +145,9 @@ def _row_cells(r: dict[str, Any], show_overrides: bool) -> list[Any]:
     return [r["run"], r["task"] or "-", r["strategy"] or "-", r["privacy"] or "-", r["link"] or "-",
             r["codec"] or "-"] + ([r["overrides"] or "-"] if show_overrides else []) + [
         r["status"], (metric_label(r["metric"]) + arrow) if r["metric"] else "-", fmt(r.get("initial_metric")),
-        final, epsilon_cell(r), fmt(r.get("bytes_up_per_client_round")),
-        fmt(r.get("bytes_down_per_client_round")), fmt(r.get("wall_s")), fmt(r.get("mean_round_s")),
-        fmt(r.get("sim_round_s")), r.get("error") or ""]
+        final, fmt(r.get("plant_worst")), fmt(r.get("plant_median")), epsilon_cell(r),
+        fmt(r.get("bytes_up_per_client_round")), fmt(r.get("bytes_down_per_client_round")), fmt(r.get("wall_s")),
+        fmt(r.get("mean_round_s")), fmt(r.get("sim_round_s")), r.get("error") or ""]
 
 
 def _plot_lines(rows: list[dict[str, Any]], sweep_dir: Path) -> list[str]:

@@ -104,8 +104,19 @@ def test_sim_engine_with_more_virtual_gateways(tmp_path):
     assert energy["nb_iot/gateway"]["radio_j"] == pytest.approx(sum(
         (g["bytes_up"] * link.tx_uj_per_byte + g["bytes_down"] * link.rx_uj_per_byte) / 1e6 + link.connect_mj / 1e3
         for g in nb))
-    report = (run_dir / "report.md").read_text().split("### Energy per round, estimated")[1]
+    full = (run_dir / "report.md").read_text()
+    report = full.split("### Energy per round, estimated")[1]
     assert "| nb_iot/gateway | 4 | 8 | application |" in report and "| lte_m/gateway | 4 | 8 |" in report
+    # each plant scored the final model on its own held-out data; the run's metric stays the server's
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    assert summary["evaluation"] == "server" and summary["final_metric"] == rows[-1]["server"]["rmse"]
+    plants = summary["gateway_evaluation"]
+    assert [g["partition"] for g in plants["per_gateway"]] == list(range(8)) and plants["failed"] == []
+    assert all(g["rmse"] > 0 and g["num-examples"] > 0 for g in plants["per_gateway"])
+    spread = plants["spread"]
+    assert spread["gateways"] == 8 and spread["worst"]["value"] == max(g["rmse"] for g in plants["per_gateway"])
+    assert spread["best"]["value"] <= spread["median"]["value"] <= spread["worst"]["value"]
+    assert "## Per plant" in full and "| nb_iot/gateway |" in full.split("## Per plant")[1].split("## Rounds")[0]
     assert_nothing_left(run_dir)
     assert set(Path("/tmp").glob("iiotfl-*")) == ray_dirs, "Ray's temporary directory was left behind"
 

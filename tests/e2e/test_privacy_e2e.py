@@ -24,8 +24,10 @@ def test_sample_level_dp_budget_stops_one_plant_and_the_run_goes_on(tmp_path):
                    "+privacy.device_budgets.2=2.6", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     rows, ledger = rounds_of(run_dir), _ledger(run_dir)
-    stats = [r for r in ledger if r["round"] == 0]
+    stats = [r for r in ledger if r["round"] == 0 and not r["form"].startswith("final evaluation")]
     assert len(stats) == 3 and all(r["form"].startswith("feature statistics") for r in stats)
+    # each plant's evaluation of the final model (gateway 2's budget is spent, it still scores the model)
+    assert sorted(r["gateway"] for r in ledger if r["form"].startswith("final evaluation")) == [0, 1, 2]
     ledger = [r for r in ledger if r["round"] > 0]
     assert len(ledger) == 3 * 3  # one row per device per round
     mine = [r for r in ledger if r["gateway"] == 2]

@@ -54,8 +54,11 @@ def test_he_trains_like_plain_fedavg_and_survives_a_mid_round_dropout(tmp_path, 
     ledger = _compare_with_plain(run_dir, fleet_run)
     sent = [r for r in ledger if r["round"] >= 1 and r["status"] == "sent"]
     assert sent and all("encrypted" in r["form"] for r in sent)
-    stats = [r for r in ledger if r["round"] == 0]
+    stats = [r for r in ledger if r["round"] == 0 and r["form"].startswith("feature statistics")]
     assert len(stats) == 3 and all("encrypted" in r["form"] and "plaintext" not in r["form"] for r in stats)
+    # the other round-0 rows: each plant's plaintext metrics for the final model, its only other disclosure
+    plants = [r for r in ledger if r["round"] == 0 and not r["form"].startswith("feature statistics")]
+    assert sorted(r["gateway"] for r in plants) == [0, 1, 2] and all("final evaluation" in r["form"] for r in plants)
     device = run_dir / "he-keys" / "device.he"
     assert stat.S_IMODE(device.stat().st_mode) == 0o600
     # what each gateway sent: packed ciphertexts, 1.25 x float32 per value plus padding

@@ -137,13 +137,17 @@ class EvalGrid:
         return out
 
 
-def _run(tmp_path: Path, grid: EvalGrid, server_test: bool = False, aggregated: bool = True) -> Any:
+def _run(tmp_path: Path, grid: EvalGrid, server_test: bool = False, aggregated: bool = True,
+         metric: str = "rmse", higher: bool = False, evaluate_plants: bool | None = None) -> Any:
     rows = [{"round": 0, "server": {}}, {"round": 1, "server": {}, "aggregated": 4 if aggregated else 0}]
+    fleet: dict[str, Any] = {"round_timeout": 0.3}
+    if evaluate_plants is not None:
+        fleet["evaluate_plants"] = evaluate_plants
     return SimpleNamespace(
         rounds=DeadlineGrid(grid, deadline_s=0.3, poll_s=0.01),  # type: ignore[arg-type]
         log=SimpleNamespace(node_partition={11: 0, 12: 1, 13: 2, 14: 3}, rows=rows),
-        cfg={"fleet": {"round_timeout": 0.3}}, sums=np.arange(6.0).reshape(2, 3), nodes=[11, 12, 13, 14],
-        out=tmp_path, server_test=server_test, task=SimpleNamespace(primary_metric="rmse"),
+        cfg={"fleet": fleet}, sums=np.arange(6.0).reshape(2, 3), nodes=[11, 12, 13, 14],
+        out=tmp_path, server_test=server_test, task=SimpleNamespace(primary_metric=metric, higher_is_better=higher),
         ledger=Ledger(tmp_path / "privacy_ledger.jsonl", {"privacy": {"name": "none"}, "strategy": {"name": "fedavg"},
                                                           "codec": {"name": "none"}}))
 
@@ -199,13 +203,63 @@ def test_a_grid_that_breaks_does_not_break_the_run(tmp_path, serverapp_identity)
     assert fields["evaluation"] == "none" and "ConnectionError: SuperLink gone" in fields["evaluation_note"]
 
 
-def test_with_a_server_test_set_no_gateway_is_asked(tmp_path):
-    grid = EvalGrid({11: {"rmse": 1.0, "num-examples": 1.0}})
+def test_with_a_server_test_set_every_plant_still_scores_the_final_model(tmp_path, serverapp_identity):
+    """The run's metric stays the server's; each plant's own figures and their spread come beside it (RMSE: the
+    worst plant is the highest; four plants: the median is the mean of the middle two)."""
+    grid = EvalGrid({11: {"rmse": 12.0, "num-examples": 40.0}, 12: {"rmse": 41.5, "num-examples": 10.0},
+                     13: {"rmse": 20.0, "num-examples": 30.0}, 14: {"rmse": 30.0, "num-examples": 20.0}})
     run = _run(tmp_path, grid, server_test=True)
-    run.log.rows = ROWS
+    run.log.rows = [*ROWS[:2], {**ROWS[2], "aggregated": 4}]
     fields = app._evaluation(run, ArrayRecord([np.ones(1, dtype=np.float32)]), 2)
-    assert grid.pushed == {} and fields["evaluation"] == "server" and fields["final_metric"] == 20.0
-    assert "gateway_evaluation" not in fields
+    assert sorted(m.metadata.dst_node_id for m in grid.pushed.values()) == [11, 12, 13, 14]
+    # the headline is untouched: the server's test set, after every round
+    assert fields["evaluation"] == "server" and fields["final_metric"] == 20.0
+    assert fields["final_metrics"] == {"rmse": 20.0, "num-examples": 8.0} and "evaluation_note" not in fields
+    g = fields["gateway_evaluation"]
+    assert [(p["partition"], p["rmse"], p["num-examples"]) for p in g["per_gateway"]] == [
+        (0, 12.0, 40.0), (1, 41.5, 10.0), (2, 20.0, 30.0), (3, 30.0, 20.0)]
+    assert g["metrics"]["rmse"] == pytest.approx((12 * 40 + 41.5 * 10 + 20 * 30 + 30 * 20) / 100)
+    assert g["spread"] == {"metric": "rmse", "higher_is_better": False, "gateways": 4,
+                           "worst": {"value": 41.5, "partition": 1, "node": 12},
+                           "median": {"value": 25.0, "partitions": [2, 3]},
+                           "best": {"value": 12.0, "partition": 0, "node": 11}}
+    assert g["failed"] == []
+    rows = load_ledger(tmp_path / "privacy_ledger.jsonl")  # what left each plant for it
+    assert [(r["gateway"], r["status"]) for r in rows] == [(0, "sent"), (1, "sent"), (2, "sent"), (3, "sent")]
+    assert all("final evaluation" in r["form"] for r in rows)
+
+
+def test_a_score_the_higher_the_better_has_its_worst_plant_at_the_bottom(tmp_path, serverapp_identity):
+    """PR-AUC: the worst plant is the lowest; a plant that fails is named and left out of the spread; three plants:
+    the median is the middle one."""
+    grid = EvalGrid({11: {"pr_auc": 0.9, "f1": 0.7, "num-examples": 50.0}, 12: "<class 'OSError'>:<'disk'>",
+                     13: {"pr_auc": 0.35, "f1": 0.2, "num-examples": 50.0},
+                     14: {"pr_auc": 0.6, "f1": 0.5, "num-examples": 100.0}})
+    run = _run(tmp_path, grid, server_test=True, metric="pr_auc", higher=True)
+    run.log.rows = [{"round": 0, "server": {"pr_auc": 0.2}}, {"round": 1, "server": {"pr_auc": 0.7}, "aggregated": 3}]
+    fields = app._evaluation(run, ArrayRecord([np.ones(1, dtype=np.float32)]), 1)
+    assert fields["evaluation"] == "server" and fields["final_metric"] == 0.7
+    spread = fields["gateway_evaluation"]["spread"]
+    assert (spread["worst"]["value"], spread["worst"]["partition"]) == (0.35, 2)
+    assert spread["median"] == {"value": 0.6, "partitions": [3]}
+    assert (spread["best"]["value"], spread["best"]["partition"], spread["gateways"]) == (0.9, 0, 3)
+    assert fields["gateway_evaluation"]["failed"] == [{"node": 12, "partition": 1, "reason": "OSError: disk"}]
+    assert "gateway 1: final evaluation: OSError: disk" in [e["message"] for e in events.read(tmp_path)]
+
+
+@pytest.mark.parametrize("server_test", [True, False])
+def test_evaluate_plants_false_asks_no_gateway(tmp_path, server_test):
+    grid = EvalGrid({11: {"rmse": 1.0, "num-examples": 1.0}})
+    run = _run(tmp_path, grid, server_test=server_test, evaluate_plants=False)
+    if server_test:
+        run.log.rows = [*ROWS[:2], {**ROWS[2], "aggregated": 4}]
+    fields = app._evaluation(run, ArrayRecord([np.ones(1, dtype=np.float32)]), 2)
+    assert grid.pushed == {} and "gateway_evaluation" not in fields
+    assert load_ledger(tmp_path / "privacy_ledger.jsonl") == []  # nothing left the plants for it
+    if server_test:
+        assert fields["evaluation"] == "server" and fields["final_metric"] == 20.0
+    else:  # no metric at all, and the report says why
+        assert fields["evaluation"] == "none" and "fleet.evaluate_plants=false" in fields["evaluation_note"]
 
 
 def test_a_run_that_aggregated_nothing_is_not_evaluated_and_says_so(tmp_path):
