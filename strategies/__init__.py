@@ -13,6 +13,9 @@ Adding a strategy is one new file with its class and ``SPEC``, plus one line bel
 * ``he`` (``he_fedavg.py``, maths in ``he.py``): packed BFV FedAvg; the server adds
   ciphertexts and one gateway decrypts only the sum.
 * ``secagg`` (``secagg.py``): Flower's SecAgg+ workflow around Flower's legacy FedAvg.
+* ``fedavgm`` / ``fedadam`` / ``fedyogi`` / ``fedadagrad`` (``fedopt.py``): Flower's server
+  optimisers (momentum, Adam, Yogi, Adagrad on the round's mean update) behind the same
+  sampling and decoding; plaintext updates, not with ``privacy=client``.
 * ``mask`` (``mask_fedavg.py``, maths in ``masking.py``): int8 steps in k-bit words under
   pairwise and Shamir-shared self masks; collusion-resistant, dropout-tolerant, 0.375× float32 up.
 """
@@ -25,7 +28,7 @@ from typing import Any, Callable, Mapping
 
 from iiotfl.compat.flower import RdpAccountant
 from iiotfl.configs import ConfigError, choice
-from iiotfl.strategies import codec_fedavg, fedbuff, he_fedavg, mask_fedavg, robust, secagg
+from iiotfl.strategies import codec_fedavg, fedbuff, fedopt, he_fedavg, mask_fedavg, robust, secagg
 from iiotfl.strategies.client_dp import build_client_dp, client_level, fleet_delta, noise_multiplier, privacy_config
 from iiotfl.strategies.codecs import get_codec
 from iiotfl.strategies.he_fedavg import HEDP
@@ -42,6 +45,10 @@ STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (
     secagg.SPEC,
     mask_fedavg.SPEC,
     fedbuff.SPEC,
+    fedopt.FEDAVGM,
+    fedopt.FEDADAM,
+    fedopt.FEDYOGI,
+    fedopt.FEDADAGRAD,
 )}
 
 DP_MIN_FRACTION = 0.7  # distributed DP noise still meets its target when 30% of the gateways drop out

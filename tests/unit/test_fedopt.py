@@ -1,0 +1,119 @@
+"""Server optimisers (Flower's FedAvgM / FedAdam / FedYogi / FedAdagrad behind the codecs) against hand-computed steps."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
+
+from iiotfl.configs import ConfigError, compose
+from iiotfl.server.launch import validate
+from iiotfl.strategies import build_strategy, strategy_spec
+from iiotfl.strategies.codec_fedavg import CodecFedAvg, encoded_record
+from iiotfl.strategies.codecs import get_codec
+
+GLOBAL = np.array([1.0, -2.0, 0.5, 0.0], np.float32)
+# two gateways' updates (new weights - the model they started from), 300 and 100 examples
+UPDATES = [(np.array([0.4, 0.0, -0.2, 0.1], np.float32), 300), (np.array([0.0, 0.4, 0.2, -0.1], np.float32), 100)]
+MEAN = (0.75 * UPDATES[0][0] + 0.25 * UPDATES[1][0]).astype(np.float64)  # [0.3, 0.1, -0.1, 0.05]
+
+
+def _reply(node: int, update: np.ndarray, n: int) -> Message:
+    meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="",
+                    group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+    content = RecordDict({"update": encoded_record(get_codec({"name": "none"}).encode(update, None)),
+                          "metrics": MetricRecord({"num-examples": n})})
+    return Message(metadata=meta, content=content)
+
+
+def _rounds(overrides: list[str], rounds: int = 2) -> list[np.ndarray]:
+    """The global model after each of ``rounds`` rounds in which both gateways send ``UPDATES``."""
+    cfg = compose([*overrides, "fleet.gateways=2"])
+    validate(cfg)
+    strategy = build_strategy(cfg)
+    grid = SimpleNamespace(get_node_ids=lambda: [1, 2])
+    model, out = GLOBAL.copy(), []
+    for rnd in range(1, rounds + 1):
+        list(strategy.configure_train(rnd, ArrayRecord({"w": Array(model)}), ConfigRecord({}), grid))
+        arrays, _ = strategy.aggregate_train(rnd, [_reply(i + 1, u, n) for i, (u, n) in enumerate(UPDATES)])
+        model = arrays["w"].numpy().astype(np.float32)
+        out.append(model.astype(np.float64))
+    return out
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_fedavg_applies_the_weighted_mean_update():
+    first, second = _rounds(["strategy=fedavg"])
+    np.testing.assert_allclose(first, GLOBAL + MEAN, rtol=1e-6)
+    np.testing.assert_allclose(second, GLOBAL + 2 * MEAN, rtol=1e-6)
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_fedavgm_steps_along_its_momentum():
+    lr, beta = 0.5, 0.9
+    first, second = _rounds(["strategy=fedavgm", f"strategy.server_lr={lr}", f"strategy.server_momentum={beta}"])
+    # pseudo-gradient g = global - mean model = -MEAN; v1 = g, v2 = beta v1 + g; global -= lr v
+    np.testing.assert_allclose(first, GLOBAL + lr * MEAN, rtol=1e-5)
+    np.testing.assert_allclose(second, first + lr * (1 + beta) * MEAN, rtol=1e-5)
+
+
+def _adam(yogi: bool, eta=0.01, b1=0.9, b2=0.99, tau=1e-3, rounds=2) -> list[np.ndarray]:
+    x, m, v, out = GLOBAL.astype(np.float64), np.zeros(4), np.zeros(4), []
+    for t in range(1, rounds + 1):
+        d = MEAN  # the pseudo-gradient: the same mean update every round
+        m = b1 * m + (1 - b1) * d
+        v = v - (1 - b2) * d**2 * np.sign(v - d**2) if yogi else b2 * v + (1 - b2) * d**2
+        step = eta if yogi else eta * np.sqrt(1 - b2 ** (t + 1)) / (1 - b1 ** (t + 1))  # Flower: Adam's bias correction
+        x = x + step * m / (np.sqrt(v) + tau)
+        out.append(x)
+    return out
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+@pytest.mark.parametrize("name, yogi", [("fedadam", False), ("fedyogi", True)])
+def test_fedadam_and_fedyogi_take_adams_steps_on_the_mean_update(name, yogi):
+    got = _rounds([f"strategy={name}", "strategy.eta=0.05"], rounds=3)
+    want = _adam(yogi, eta=0.05, rounds=3)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+    # every weight moves by about eta in the direction of the mean update, however small it is
+    assert np.all(np.sign(got[0] - GLOBAL) == np.sign(MEAN))
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_fedadagrad_steps_shrink_with_the_sum_of_squares():
+    eta, tau = 0.1, 1e-3
+    got = _rounds(["strategy=fedadagrad", f"strategy.eta={eta}", f"strategy.tau={tau}"], rounds=2)
+    v1 = MEAN**2  # Flower's FedAdagrad: m = d (beta_1 = 0), v += d**2
+    first = GLOBAL + eta * MEAN / (np.sqrt(v1) + tau)
+    second = first + eta * MEAN / (np.sqrt(2 * v1) + tau)
+    np.testing.assert_allclose(got[0], first, rtol=1e-5)
+    np.testing.assert_allclose(got[1], second, rtol=1e-5)
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+@pytest.mark.parametrize("name, flower", [("fedavgm", FedAvgM), ("fedadam", FedAdam), ("fedyogi", FedYogi),
+                                          ("fedadagrad", FedAdagrad)])
+def test_each_optimiser_is_flowers_behind_the_codecs_and_does_not_resume(name, flower):
+    cfg = compose([f"strategy={name}", "codec=int8", "codec.downlink=delta", "privacy=sample"])
+    validate(cfg)
+    strategy = build_strategy(cfg)
+    assert isinstance(strategy, flower) and isinstance(strategy, CodecFedAvg)
+    assert strategy.codec.name == "int8"
+    spec = strategy_spec(cfg)
+    assert spec.uplink == "plaintext" and spec.client_dp is None and spec.resume_refusal
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["strategy=fedadam", "privacy=client"], r"strategy=fedadam with privacy=client: .*use privacy=sample"),
+    (["strategy=fedavgm", "strategy.server_momentum=1.5"], r"strategy.server_momentum=1.5 is invalid"),
+    (["strategy=fedyogi", "strategy.eta=0"], r"strategy.eta=0 is invalid"),
+    (["strategy=fedadagrad", "strategy.tau=-1"], r"strategy.tau=-1 is invalid"),
+])
+def test_bad_optimiser_settings_are_refused_in_one_line(overrides, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        validate(compose(overrides))
+    assert "\n" not in str(err.value)
