@@ -455,7 +455,8 @@ def train(msg: Message, context: Context) -> Message:
     common = dict(epochs=wire.as_int(config[wire.LOCAL_EPOCHS]), batch_size=wire.as_int(config[wire.BATCH_SIZE]),
                   lr=wire.as_float(config["lr"]), seed=seed, loss_fn=task.loss(),
                   optimizer=wire.as_str(config.get(wire.OPTIMIZER, "adam")),
-                  momentum=wire.as_float(config.get(wire.MOMENTUM, 0.0)))
+                  momentum=wire.as_float(config.get(wire.MOMENTUM, 0.0)),
+                  proximal_mu=wire.as_float(config.get(wire.PROXIMAL_MU, 0.0)))
     dp: dict[str, float] = {}
     if privacy_mode(cfg).on_device:  # privacy=sample: DP-SGD within this device's budget
         stats, dp = _train_dp(settings, context, model, x, y, task, config, partition, common)

@@ -23,6 +23,25 @@ def optimiser(params, name: str, lr: float, momentum: float) -> torch.optim.Opti
     return torch.optim.Adam(params, lr=lr)
 
 
+def _anchor(model: nn.Module, mu: float) -> list[torch.Tensor] | None:
+    """The weights the round starts from (FedProx's anchor), when ``mu`` > 0."""
+    if mu < 0:
+        raise ValueError(f"proximal-mu must be >= 0, got {mu}")
+    return [p.detach().clone() for p in model.parameters()] if mu > 0 else None
+
+
+def proximal_pull(model: nn.Module, anchor: list[torch.Tensor] | None, rate: float) -> None:
+    """FedProx's proximal term as a step of its own after the optimiser's: w <- w - rate (w - w_start), rate =
+    lr x mu. For SGD this is the gradient step of mu/2 ||w - w_start||^2 added to the loss; decoupled (as AdamW's
+    weight decay), it keeps its strength under Adam and stays outside DP-SGD's per-sample clipping and noise: it
+    depends on no example, so it costs no privacy."""
+    if anchor is None:
+        return
+    with torch.no_grad():
+        for p, p0 in zip(model.parameters(), anchor, strict=True):
+            p.sub_(p - p0, alpha=rate)
+
+
 def train_local(
     model: nn.Module,
     x: np.ndarray,
@@ -35,9 +54,12 @@ def train_local(
     loss_fn: nn.Module | None = None,
     optimizer: str = "adam",
     momentum: float = 0.0,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
-    """Train ``model`` in place on (x, y); return mean loss of the last epoch and seconds spent."""
+    """Train ``model`` in place on (x, y); return mean loss of the last epoch and seconds spent. With
+    ``proximal_mu`` (FedProx) every step is followed by :func:`proximal_pull`."""
     start = time.perf_counter()
+    anchor = _anchor(model, proximal_mu)
     gen = torch.Generator().manual_seed(seed)
     xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
     opt = optimiser(model.parameters(), optimizer, lr, momentum)
@@ -53,6 +75,7 @@ def train_local(
             loss = loss_fn(model(xt[idx]), yt[idx])
             loss.backward()
             opt.step()
+            proximal_pull(model, anchor, lr * proximal_mu)
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         last = total / max(count, 1)
@@ -73,6 +96,7 @@ def train_local_dp(
     loss_fn: nn.Module | None = None,
     optimizer: str = "adam",
     momentum: float = 0.0,
+    proximal_mu: float = 0.0,
 ) -> dict[str, float]:
     """DP-SGD with Opacus: Poisson-sampled batches of expected size ``batch_size``,
     per-sample gradients clipped to ``max_grad_norm``, Gaussian noise of
@@ -82,6 +106,7 @@ def train_local_dp(
     from torch.utils.data import DataLoader, TensorDataset
 
     start = time.perf_counter()
+    anchor = _anchor(model, proximal_mu)  # before Opacus wraps the model (the same parameter tensors)
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     data = TensorDataset(torch.from_numpy(x), torch.from_numpy(y.astype(np.float32)))
@@ -108,6 +133,7 @@ def train_local_dp(
             loss = loss_fn(private(xb), yb)
             loss.backward()
             opt.step()
+            proximal_pull(model, anchor, lr * proximal_mu)  # data-independent: outside the clipping and noise
             steps += 1
             total += float(loss.detach()) * len(xb)
             count += len(xb)

@@ -71,6 +71,7 @@ SERVER_ROUND = "server-round"
 LOCAL_EPOCHS = "local-epochs"
 OPTIMIZER = "optimizer"      # train message: the local optimiser, adam | sgd (absent: adam)
 MOMENTUM = "momentum"        # train message: sgd's momentum
+PROXIMAL_MU = "proximal-mu"  # train message: FedProx's mu (Flower's FedProx key; absent: 0)
 BATCH_SIZE = "batch-size"
 NORM_SUMS = "norm-sums"                  # the fleet's feature sums, flattened
 NORM_COLS = "norm-cols"                  # ... and their number of columns

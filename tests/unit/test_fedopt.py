@@ -117,3 +117,70 @@ def test_bad_optimiser_settings_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message) as err:
         validate(compose(overrides))
     assert "\n" not in str(err.value)
+
+
+# -- FedProx: proximal-mu in every train message, the pull on the gateway ----------------------------------------
+@pytest.mark.usefixtures("serverapp_identity")
+def test_fedprox_sends_proximal_mu_and_aggregates_as_fedavg():
+    cfg = compose(["strategy=fedprox", "strategy.proximal_mu=0.5", "fleet.gateways=2", "codec=int8"])
+    validate(cfg)
+    strategy = build_strategy(cfg)
+    grid = SimpleNamespace(get_node_ids=lambda: [1, 2])
+    messages = list(strategy.configure_train(1, ArrayRecord({"w": Array(GLOBAL)}), ConfigRecord({}), grid))
+    assert [m.content.config_records["config"]["proximal-mu"] for m in messages] == [0.5, 0.5]
+    assert _rounds(["strategy=fedprox"], rounds=1)[0] == pytest.approx(GLOBAL + MEAN, rel=1e-6)
+
+
+def test_the_proximal_pull_is_sgds_step_on_the_proximal_term_and_bounds_the_drift():
+    import torch
+
+    from iiotfl.clients.training import proximal_pull, train_local
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    start = [p.detach().clone() for p in model.parameters()]
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    proximal_pull(model, start, 0.25)  # w - 0.25 (w - w0): the gradient step of mu/2 ||w - w0||^2, lr mu = 0.25
+    for p, p0 in zip(model.parameters(), start):
+        torch.testing.assert_close(p.detach(), p0 + 0.75)
+    # local training on one plant's data: the larger mu, the closer the model stays to where the round started
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(256, 3)).astype(np.float32)
+    y = (x @ np.array([3.0, -2.0, 1.0]) + 5.0).astype(np.float32)
+    drift = {}
+    for mu in (0.0, 1.0, 10.0):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(3, 1)
+        w0 = torch.cat([p.detach().flatten().clone() for p in m.parameters()])
+        train_local(m, x, y[:, None], epochs=3, batch_size=32, lr=0.01, seed=0, optimizer="sgd", proximal_mu=mu)
+        drift[mu] = float(torch.linalg.norm(torch.cat([p.detach().flatten() for p in m.parameters()]) - w0))
+    assert drift[0.0] > drift[1.0] > drift[10.0] > 0
+
+
+def test_fedprox_refuses_client_level_dp_and_a_negative_mu():
+    with pytest.raises(ConfigError, match=r"strategy=fedprox with privacy=client: .*use privacy=sample"):
+        validate(compose(["strategy=fedprox", "privacy=client"]))
+    with pytest.raises(ConfigError, match=r"strategy.proximal_mu=-1 is invalid"):
+        validate(compose(["strategy=fedprox", "strategy.proximal_mu=-1"]))
+
+
+def test_the_proximal_pull_under_dp_sgd_keeps_the_model_near_the_rounds_start():
+    import torch
+
+    from iiotfl.clients.training import train_local_dp
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(256, 3)).astype(np.float32)
+    y = (x @ np.array([3.0, -2.0, 1.0]) + 5.0).astype(np.float32)
+    drift = {}
+    for mu in (0.0, 90.0):  # lr x mu = 0.9: each step gives back 90 % of what it moved
+        torch.manual_seed(0)
+        m = torch.nn.Linear(3, 1)
+        w0 = torch.cat([p.detach().flatten().clone() for p in m.parameters()])
+        out = train_local_dp(m, x, y[:, None], epochs=2, batch_size=32, lr=0.01, seed=0, noise_multiplier=1.0,
+                             max_grad_norm=1.0, optimizer="sgd", proximal_mu=mu)
+        assert out["steps"] > 0
+        drift[mu] = float(torch.linalg.norm(torch.cat([p.detach().flatten() for p in m.parameters()]) - w0))
+    assert drift[90.0] < 0.3 * drift[0.0]
