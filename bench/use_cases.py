@@ -1,16 +1,24 @@
 """Per-task benchmark: the federated model against the same model trained centrally.
 
-For each use case, one JSON line:
+For each use case, one JSON line per strategy ("bench": "strategy") and one summary line
+("bench": "tasks"):
   task, source              the task and its data source
   metric, higher_is_better  the task's primary metric
-  federated                 final global model of `iiotfl run engine=sim` (gateways, rounds below)
+  federated                 FedAvg's final global model (`iiotfl run engine=sim`, gateways, rounds below)
+  best, best_metric         the strategy of --strategies with the best final metric, and that metric
   centralised               the same model trained on the pooled training data of all gateways for
                             rounds x local epochs, normalised the same way, scored on the same test data
   trivial                   the task's trivial baseline where it has one (persistence / majority class)
-  gap                       federated - centralised (positive = federated better when higher is better)
-  wall_s                    the federated run, start to exit
+  gap, best_gap             federated (best) - centralised (positive = federated better)
+  within_5pct               whether the best strategy is within 5 % of centralised
+  worst_plant, best_worst_plant  the worst gateway's metric on its own held-out data (FedAvg, best)
+  wall_s                    FedAvg's run, start to exit
+
+--skew: quality control's heterogeneity sweep instead: for each skew s (task.plants.label_skew and
+feature_skew both s), centralised, FedAvg and --option, with their worst plant.
 
 Usage: python bench/use_cases.py [--rounds 5] [--gateways 4] [--only TASK]
+       [--strategies fedavg,fedavgm,fedadam,fedprox] [--skew 0,1,2,4 --option fedadam]
 """
 
 from __future__ import annotations
@@ -46,14 +54,41 @@ TRIVIAL = {"energy_anomaly": "persistence_pr_auc",  # |x_t - x_(t-1)| as the ano
            "quality_control": "prevalence_machine"}  # majority class: PR-AUC = prevalence
 
 
-def federated(overrides: list[str], run_dir: Path) -> tuple[dict, float]:
+def federated(overrides: list[str], run_dir: Path) -> tuple[dict, float, float | None]:
+    """The final server metrics, the wall time and the worst plant's primary metric of one `engine=sim` run."""
     start = time.perf_counter()
     proc = subprocess.run([str(Path(sys.executable).parent / "iiotfl"), "run", "engine=sim", *overrides,
                            f"hydra.run.dir={run_dir}"], cwd=ROOT, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"federated run failed: {proc.stderr[-2000:]}")
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return rows[-1]["server"], time.perf_counter() - start
+    summary = json.loads((run_dir / "metrics.json").read_text())
+    spread = (summary.get("gateway_evaluation") or {}).get("spread") or {}
+    worst = (spread.get("worst") or {}).get("value")
+    return rows[-1]["server"], time.perf_counter() - start, worst
+
+
+def _r(v: float | None) -> float | None:
+    return None if v is None else round(float(v), 4)
+
+
+def skew_sweep(args: argparse.Namespace) -> None:
+    """Quality control: centralised, FedAvg and --option against the plants' label and feature skew."""
+    for s in [float(v) for v in args.skew.split(",")]:
+        overrides = ["task=quality_control", f"fleet.gateways={args.gateways}", f"fleet.rounds={args.rounds}",
+                     f"task.plants.label_skew={s}", f"task.plants.feature_skew={s}"]
+        cfg = compose(overrides)
+        task = get_task(cfg["task"], cfg["seed"])
+        key = task.primary_metric
+        central, _ = centralised(cfg)
+        row = {"bench": "skew", "task": "quality_control", "skew": s, "metric": key,
+               "centralised": _r(central[key])}
+        for name in dict.fromkeys(["fedavg", args.option]):
+            with tempfile.TemporaryDirectory() as tmp:
+                fed, _, worst = federated([*overrides, f"strategy={name}"], Path(tmp) / "run")
+            row[name] = _r(fed[key])
+            row[f"{name}_worst_plant"] = _r(worst)
+        print(json.dumps(row), flush=True)
 
 
 def centralised(cfg: dict) -> tuple[dict, dict]:
@@ -78,7 +113,14 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--gateways", type=int, default=4)
     ap.add_argument("--only")
+    ap.add_argument("--strategies", default="fedavg,fedavgm,fedadam,fedprox")
+    ap.add_argument("--skew", help="quality control's heterogeneity sweep, e.g. 0,1,2,4")
+    ap.add_argument("--option", default="fedadam", help="the strategy beside FedAvg in --skew")
     args = ap.parse_args()
+    if args.skew:
+        skew_sweep(args)
+        return
+    strategies = list(dict.fromkeys(["fedavg", *args.strategies.split(",")]))
     for label, overrides in CASES:
         if args.only and not label.startswith(args.only):
             continue
@@ -86,17 +128,28 @@ def main() -> None:
         cfg = compose(overrides)
         task = get_task(cfg["task"], cfg["seed"])
         key = task.primary_metric
-        with tempfile.TemporaryDirectory() as tmp:
-            fed, wall = federated(overrides, Path(tmp) / "run")
-        central, untrained = centralised(cfg)
-        trivial = central.get(TRIVIAL.get(task.name, ""))
         sign = 1 if task.higher_is_better else -1
+        central, untrained = centralised(cfg)
+        runs: dict[str, tuple[float, float | None]] = {}
+        wall = 0.0
+        for name in strategies:
+            with tempfile.TemporaryDirectory() as tmp:
+                fed, seconds, worst = federated([*overrides, f"strategy={name}"], Path(tmp) / "run")
+            runs[name] = (fed[key], worst)
+            wall = seconds if name == "fedavg" else wall
+            print(json.dumps({"bench": "strategy", "task": label, "strategy": name, "metric": key,
+                              "final": _r(fed[key]), "worst_plant": _r(worst), "wall_s": round(seconds, 1)}),
+                  flush=True)
+        best = max(runs, key=lambda n: sign * runs[n][0])
+        trivial = central.get(TRIVIAL.get(task.name, ""))
         print(json.dumps({
             "bench": "tasks", "task": label, "gateways": args.gateways, "rounds": args.rounds,
             "metric": key, "higher_is_better": task.higher_is_better,
-            "federated": round(fed[key], 4), "centralised": round(central[key], 4),
-            "untrained": round(untrained[key], 4), "trivial": None if trivial is None else round(trivial, 4),
-            "gap": round(sign * (fed[key] - central[key]), 4), "wall_s": round(wall, 1),
+            "federated": _r(runs["fedavg"][0]), "best": best, "best_metric": _r(runs[best][0]),
+            "centralised": _r(central[key]), "untrained": _r(untrained[key]), "trivial": _r(trivial),
+            "gap": _r(sign * (runs["fedavg"][0] - central[key])), "best_gap": _r(sign * (runs[best][0] - central[key])),
+            "within_5pct": bool(sign * (runs[best][0] - central[key]) >= -0.05 * abs(central[key])),
+            "worst_plant": _r(runs["fedavg"][1]), "best_worst_plant": _r(runs[best][1]), "wall_s": round(wall, 1),
         }), flush=True)
 
 
