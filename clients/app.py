@@ -30,6 +30,7 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.mod import fixedclipping_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
+from iiotfl.clients import scaffold
 from iiotfl.clients.poison import poison
 from iiotfl.clients.processes import started_at
 from iiotfl.clients.sources import gateway_records
@@ -457,6 +458,9 @@ def train(msg: Message, context: Context) -> Message:
                   optimizer=wire.as_str(config.get(wire.OPTIMIZER, "adam")),
                   momentum=wire.as_float(config.get(wire.MOMENTUM, 0.0)),
                   proximal_mu=wire.as_float(config.get(wire.PROXIMAL_MU, 0.0)))
+    # strategy=scaffold: c_i+ from the round's model, before training; c - c_i corrects every gradient
+    control = scaffold.start(msg, context, model, x, task.target(y), batch_size=common["batch_size"],
+                             loss_fn=common["loss_fn"])
     dp: dict[str, float] = {}
     if privacy_mode(cfg).on_device:  # privacy=sample: DP-SGD within this device's budget
         stats, dp = _train_dp(settings, context, model, x, y, task, config, partition, common)
@@ -465,11 +469,13 @@ def train(msg: Message, context: Context) -> Message:
                        wire.T_END: time.time()}
             return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
     else:
-        stats = train_local(model, x, task.target(y), **common)
+        stats = train_local(model, x, task.target(y), correction=control.correction if control else None,
+                            **common)
     stats.update(poison(model, view, cfg, context, partition))  # fleet.poison: a poisoned gateway's update
     metrics = {**stats, **dp, "partition": partition, wire.T_PROC: started_at(), wire.T_START: started,
                **_pull_times(), wire.NUM_EXAMPLES: len(y), wire.BYTES_DOWN: bytes_down}
-    return _reply(msg, context, settings, model, view, config, metrics, codec.for_round(server_round))
+    return scaffold.attach(_reply(msg, context, settings, model, view, config, metrics,
+                                  codec.for_round(server_round)), control)
 
 
 @app.evaluate()

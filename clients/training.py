@@ -55,9 +55,11 @@ def train_local(
     optimizer: str = "adam",
     momentum: float = 0.0,
     proximal_mu: float = 0.0,
+    correction: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """Train ``model`` in place on (x, y); return mean loss of the last epoch and seconds spent. With
-    ``proximal_mu`` (FedProx) every step is followed by :func:`proximal_pull`."""
+    ``proximal_mu`` (FedProx) every step is followed by :func:`proximal_pull`; ``correction`` (SCAFFOLD's
+    c - c_i, one tensor per parameter) is added to every gradient before the optimiser's step."""
     start = time.perf_counter()
     anchor = _anchor(model, proximal_mu)
     gen = torch.Generator().manual_seed(seed)
@@ -74,6 +76,10 @@ def train_local(
             opt.zero_grad()
             loss = loss_fn(model(xt[idx]), yt[idx])
             loss.backward()
+            if correction is not None:
+                for p, c in zip(model.parameters(), correction, strict=True):
+                    if p.grad is not None:
+                        p.grad.add_(c)
             opt.step()
             proximal_pull(model, anchor, lr * proximal_mu)
             total += float(loss.detach()) * len(idx)
@@ -141,3 +147,24 @@ def train_local_dp(
     private.remove_hooks() if hasattr(private, "remove_hooks") else None
     return {"train_loss": last, "train_time": time.perf_counter() - start,
             "sample_rate": 1.0 / len(loader), "steps": steps}
+
+
+def mean_gradient(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int,
+                  loss_fn: nn.Module | None = None) -> list[torch.Tensor]:
+    """The gradient of the mean loss over all of (x, y) at ``model``'s weights, one tensor per parameter
+    (SCAFFOLD's control variate, option I), computed in batches; ``model`` is left unchanged."""
+    loss_fn = loss_fn or nn.MSELoss()
+    params = list(model.parameters())
+    total = [torch.zeros_like(p) for p in params]
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
+    model.train()
+    for i in range(0, len(xt), batch_size):
+        model.zero_grad()
+        xb, yb = xt[i : i + batch_size], yt[i : i + batch_size]
+        loss_fn(model(xb), yb).backward()
+        for t, p in zip(total, params, strict=True):
+            if p.grad is not None:
+                t.add_(p.grad, alpha=len(xb) / max(len(xt), 1))
+    model.zero_grad()
+    return total
+

@@ -18,6 +18,8 @@ Adding a strategy is one new file with its class and ``SPEC``, plus one line bel
   sampling and decoding; plaintext updates, not with ``privacy=client``.
 * ``fedprox`` (``fedprox.py``): Flower's FedProx; FedAvg on the server, a proximal pull towards
   the round's model after every local step on the gateways.
+* ``scaffold`` (``scaffold.py``, the gateway's side in ``clients/scaffold.py``): control
+  variates that correct each gateway's local drift; twice the bytes both ways, no privacy mode.
 * ``mask`` (``mask_fedavg.py``, maths in ``masking.py``): int8 steps in k-bit words under
   pairwise and Shamir-shared self masks; collusion-resistant, dropout-tolerant, 0.375× float32 up.
 """
@@ -30,7 +32,7 @@ from typing import Any, Callable, Mapping
 
 from iiotfl.compat.flower import RdpAccountant
 from iiotfl.configs import ConfigError, choice
-from iiotfl.strategies import codec_fedavg, fedbuff, fedopt, fedprox, he_fedavg, mask_fedavg, robust, secagg
+from iiotfl.strategies import codec_fedavg, fedbuff, fedopt, fedprox, he_fedavg, mask_fedavg, robust, scaffold, secagg
 from iiotfl.strategies.client_dp import build_client_dp, client_level, fleet_delta, noise_multiplier, privacy_config
 from iiotfl.strategies.codecs import get_codec
 from iiotfl.strategies.he_fedavg import HEDP
@@ -52,6 +54,7 @@ STRATEGIES: dict[str, StrategySpec] = {spec.name: spec for spec in (
     fedopt.FEDYOGI,
     fedopt.FEDADAGRAD,
     fedprox.SPEC,
+    scaffold.SPEC,
 )}
 
 DP_MIN_FRACTION = 0.7  # distributed DP noise still meets its target when 30% of the gateways drop out

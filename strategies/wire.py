@@ -72,6 +72,8 @@ LOCAL_EPOCHS = "local-epochs"
 OPTIMIZER = "optimizer"      # train message: the local optimiser, adam | sgd (absent: adam)
 MOMENTUM = "momentum"        # train message: sgd's momentum
 PROXIMAL_MU = "proximal-mu"  # train message: FedProx's mu (Flower's FedProx key; absent: 0)
+CONTROL = "control"          # train message (strategy=scaffold): the server's control variate c, per parameter
+CONTROL_DELTA = "control-delta"  # reply (strategy=scaffold): the gateway's c_i+ - c_i, per parameter
 BATCH_SIZE = "batch-size"
 NORM_SUMS = "norm-sums"                  # the fleet's feature sums, flattened
 NORM_COLS = "norm-cols"                  # ... and their number of columns

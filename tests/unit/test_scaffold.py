@@ -1,0 +1,131 @@
+"""SCAFFOLD: the server's control variate update by hand, the gateway's correction, and less drift than FedAvg."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+
+from iiotfl.clients import scaffold
+from iiotfl.clients.training import mean_gradient, train_local
+from iiotfl.configs import ConfigError, compose
+from iiotfl.server.launch import validate
+from iiotfl.strategies import build_strategy, wire
+from iiotfl.strategies.codec_fedavg import encoded_record
+from iiotfl.strategies.codecs import get_codec
+
+W = {"w": np.array([[1.0, -1.0]], np.float32), "b": np.array([0.5], np.float32)}
+
+
+def _reply(node: int, update: np.ndarray, delta: dict | None, n: int = 100) -> Message:
+    meta = Metadata(run_id=1, message_id="", src_node_id=node, dst_node_id=0, reply_to_message_id="",
+                    group_id="1", created_at=0.0, ttl=60.0, message_type="train")
+    content = RecordDict({"update": encoded_record(get_codec({"name": "none"}).encode(update, None)),
+                          "metrics": MetricRecord({"num-examples": n})})
+    if delta is not None:
+        content[wire.CONTROL_DELTA] = ArrayRecord({k: Array(np.asarray(v, np.float32)) for k, v in delta.items()})
+    return Message(metadata=meta, content=content)
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_the_server_sends_c_and_moves_it_by_the_answering_share_of_the_mean_control_change():
+    cfg = compose(["strategy=scaffold", "fleet.gateways=4"])
+    validate(cfg)
+    strategy = build_strategy(cfg)
+    grid = SimpleNamespace(get_node_ids=lambda: [1, 2, 3, 4])
+    messages = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in W.items()}), ConfigRecord({}),
+                                             grid))
+    assert all(np.all(m.content[wire.CONTROL]["w"].numpy() == 0) for m in messages)  # c starts at zero
+    d1 = {"w": np.array([[0.4, 0.0]]), "b": np.array([0.2])}
+    d2 = {"w": np.array([[0.0, -0.8]]), "b": np.array([0.2])}
+    bad = {"w": np.array([[np.nan, 0.0]]), "b": np.array([0.0])}
+    replies = [_reply(1, np.full(3, 0.1), d1), _reply(2, np.full(3, 0.3), d2), _reply(3, np.full(3, 9.0), bad),
+               _reply(4, np.full(3, 9.0), None)]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    # the updates of the two valid replies averaged (FedAvg); the malformed ones are left out and named
+    np.testing.assert_allclose(arrays["b"].numpy(), W["b"] + 0.2, rtol=1e-6)
+    assert set(strategy.rejected) == {3, 4} and "control-delta" in strategy.rejected[3]
+    # c += |S|/N x mean(delta): 2 of 4 answered with a control change
+    np.testing.assert_allclose(strategy.control["w"], 0.5 * np.array([[0.2, -0.4]]), rtol=1e-6)
+    np.testing.assert_allclose(strategy.control["b"], 0.5 * np.array([0.2]), rtol=1e-6)
+    again = list(strategy.configure_train(2, arrays, ConfigRecord({}), grid))
+    np.testing.assert_allclose(again[0].content[wire.CONTROL]["w"].numpy(), strategy.control["w"])
+
+
+def _data(optimum: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(200, 2)).astype(np.float32)
+    return x, (x @ optimum).astype(np.float32)[:, None]
+
+
+@pytest.mark.usefixtures("serverapp_identity")
+def test_the_gateway_corrects_by_c_minus_ci_and_replies_its_gradient_change():
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    x, y = _data(np.array([2.0, -1.0]), 0)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    c = {k: np.full(tuple(p.shape), 0.1, np.float32) for k, p in model.named_parameters()}
+    msg = Message(content=RecordDict({wire.CONTROL: ArrayRecord({k: Array(v) for k, v in c.items()})}),
+                  dst_node_id=1, message_type="train")
+    grad = [g.numpy().copy() for g in mean_gradient(model, x, y, batch_size=64)]
+    first = scaffold.start(msg, context, model, x, y, batch_size=64, loss_fn=None)
+    assert first is not None
+    for corr, (k, _) in zip(first.correction, model.named_parameters()):
+        np.testing.assert_allclose(corr.numpy(), c[k])  # c - c_i, c_i = 0 at first
+    for g, (k, _) in zip(grad, model.named_parameters()):
+        np.testing.assert_allclose(first.delta[k], g, rtol=1e-5)  # c_i+ - 0: the mean-loss gradient
+    second = scaffold.start(msg, context, model, x, y, batch_size=64, loss_fn=None)  # same model: c_i+ = c_i
+    assert all(np.allclose(v, 0, atol=1e-6) for v in second.delta.values())
+    for corr, g, (k, _) in zip(second.correction, grad, model.named_parameters()):
+        np.testing.assert_allclose(corr.numpy(), c[k] - g, rtol=1e-5, atol=1e-6)
+    wrong = Message(content=RecordDict({wire.CONTROL: ArrayRecord({"other": Array(np.zeros(2, np.float32))})}),
+                    dst_node_id=1, message_type="train")
+    with pytest.raises(ValueError, match="control variate names"):
+        scaffold.start(wrong, context, model, x, y, batch_size=64, loss_fn=None)
+    assert scaffold.start(Message(content=RecordDict({}), dst_node_id=1, message_type="train"), context, model,
+                          x, y, batch_size=64, loss_fn=None) is None
+
+
+def test_scaffold_drifts_less_than_fedavg_on_plants_with_opposite_optima():
+    """Two plants whose data pull a linear model to opposite optima; many local steps per round. FedAvg's average
+    stalls away from the fleet's optimum (client drift); SCAFFOLD's corrected steps get close to it."""
+    plants = [_data(np.array([3.0, 1.0]), 1), _data(np.array([-1.0, -3.0]), 2)]
+    xs, ys = np.concatenate([p[0] for p in plants]), np.concatenate([p[1] for p in plants])
+    best = np.linalg.lstsq(xs, ys, rcond=None)[0].ravel()  # the pooled optimum (no bias in the data)
+
+    def run(scaffolded: bool) -> float:
+        torch.manual_seed(0)
+        glob = torch.nn.Linear(2, 1, bias=False)
+        c = [torch.zeros_like(p) for p in glob.parameters()]
+        c_i = [[torch.zeros_like(p) for p in glob.parameters()] for _ in plants]
+        for rnd in range(6):
+            models, deltas = [], []
+            for i, (x, y) in enumerate(plants):
+                local = torch.nn.Linear(2, 1, bias=False)
+                local.load_state_dict(glob.state_dict())
+                correction = None
+                if scaffolded:
+                    new = mean_gradient(local, x, y, batch_size=64)
+                    correction = [a - b for a, b in zip(c, c_i[i])]
+                    deltas.append([n - o for n, o in zip(new, c_i[i])])
+                    c_i[i] = new
+                train_local(local, x, y, epochs=5, batch_size=8, lr=0.05, seed=rnd, optimizer="sgd",
+                            correction=correction)
+                models.append(local.weight.detach().clone())
+            with torch.no_grad():
+                glob.weight.copy_(torch.stack(models).mean(0))
+                if scaffolded:
+                    c = [ci + torch.stack([d[j] for d in deltas]).mean(0) for j, ci in enumerate(c)]
+        return float(np.linalg.norm(glob.weight.detach().numpy().ravel() - best))
+
+    fedavg, scaffolded = run(False), run(True)
+    assert scaffolded < 0.5 * fedavg
+
+
+def test_scaffold_refuses_every_privacy_mode():
+    for mode in ("sample", "client"):
+        with pytest.raises(ConfigError, match=f"strategy=scaffold with privacy={mode}: .*no privacy mode covers"):
+            validate(compose(["strategy=scaffold", f"privacy={mode}"]))
