@@ -480,8 +480,21 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    _, task, _, val, _ = _plant(context)
+    settings, task, data, val, partition = _plant(context)
     model = task.build_model()
     model.load_state_dict(wire.array_record(msg.content, "arrays").to_torch_state_dict())
-    scores = task.evaluate(model, val, _normaliser(task, wire.config_record(msg.content, "config")))
+    config = wire.config_record(msg.content, "config")
+    normaliser = _normaliser(task, config)
+    scores = task.evaluate(model, val, normaliser)
+    epochs = wire.as_int(config.get(wire.PERSONALISE_EPOCHS, 0))
+    if epochs > 0:  # fleet.personalise_epochs: fine-tune on this plant's training data; the model stays here
+        train = settings.cfg["train"]
+        x, y = task.windows(data, normaliser)
+        train_local(model, x, task.target(y), epochs=epochs, batch_size=int(train["batch_size"]), lr=float(train["lr"]),
+                    seed=hash((settings.cfg["seed"], partition, "personal")) % 2**31, loss_fn=task.loss(),
+                    optimizer=str(train["optimizer"]), momentum=float(train["momentum"]))
+        context.state["personal-model"] = ArrayRecord({k: Array(v.detach().numpy().copy())
+                                                       for k, v in model.state_dict().items()})
+        scores.update({wire.PERSONAL + k: v for k, v in task.evaluate(model, val, normaliser).items()
+                       if k != wire.NUM_EXAMPLES})
     return Message(content=RecordDict({"metrics": MetricRecord(scores)}), reply_to=msg)

@@ -97,16 +97,20 @@ class Ledger:
                 }) + "\n")
 
     def record_evaluation(self, per_gateway: list[Mapping[str, Any]]) -> None:
-        """After the last round, without a server-side test set: the metrics each gateway computed on its own
-        held-out data for the final model (round 0 rows, as the statistics: not a training round)."""
+        """After the last round: the metrics each gateway computed on its own held-out data for the final model
+        (round 0 rows, as the statistics: not a training round), and with ``fleet.personalise_epochs`` those of
+        its fine-tuned model, which stays on the gateway."""
         with self.path.open("a") as fh:
             for g in per_gateway:
                 metrics = {k: v for k, v in g.items() if k not in ("node", "partition")}
+                personal = sum(1 for k in metrics if k.startswith("personal-"))
+                kept = (f"; {personal} of them score a model fine-tuned on the plant's data, which stays on the gateway"
+                        if personal else "")
                 fh.write(json.dumps({
                     "round": 0, "gateway": g.get("partition"), "class": None, "status": "sent",
                     "bytes_sent": len(json.dumps(metrics)), "wire_bytes_up": None,
                     "form": f"final evaluation: {len(metrics)} plaintext metrics of the final model on the plant's "
-                    "held-out data (no record; not covered by the DP accounting)",
+                    f"held-out data (no record; not covered by the DP accounting){kept}",
                     "clip_norm": None, "noise_multiplier": None, "epsilon": None, "delta": None, "budget_left": None,
                 }) + "\n")
 

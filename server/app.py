@@ -269,6 +269,8 @@ def _evaluate_on_gateways(run: Run, final: ArrayRecord, final_round: int) -> dic
         nodes = sorted(set(run.rounds.get_node_ids()))
         failed.update({n: "no longer connected" for n in run.nodes if n not in nodes})
         config = ConfigRecord({**_norm_config(run), wire.SERVER_ROUND: final_round})
+        if run.cfg["fleet"].get("personalise_epochs"):  # each gateway also fine-tunes a copy on its own data
+            config[wire.PERSONALISE_EPOCHS] = int(run.cfg["fleet"]["personalise_epochs"])
         messages = [Message(content=RecordDict({"arrays": final, "config": config}), dst_node_id=n,
                             message_type=MessageType.EVALUATE) for n in nodes]
         run.rounds.send_and_receive(messages, timeout=timeout)
@@ -293,6 +295,9 @@ def _evaluate_on_gateways(run: Run, final: ArrayRecord, final_round: int) -> dic
         "metrics": means,
         "per_gateway": per_gateway,
         "spread": plant_spread(per_gateway, run.task.primary_metric, bool(run.task.higher_is_better)),
+        # fleet.personalise_epochs: the same for each plant's fine-tuned model (None without it)
+        "spread_personal": plant_spread(per_gateway, wire.PERSONAL + run.task.primary_metric,
+                                        bool(run.task.higher_is_better)),
         "failed": [{"node": n, "partition": partition.get(n), "reason": why} for n, why in sorted(failed.items())],
     }
 

@@ -35,6 +35,12 @@ def _validate_run(cfg: Mapping[str, Any]) -> int:
     number(cfg, "fleet.fraction_evaluate", 0.0, 1.0)
     if "evaluate_plants" in cfg["fleet"]:  # a config written before the key existed: true
         flag(cfg, "fleet.evaluate_plants")
+    if cfg["fleet"].get("personalise_epochs"):
+        integer(cfg, "fleet.personalise_epochs", 0, 1000)
+        if cfg["privacy"]["name"] != "none":
+            raise ConfigError(f"config: fleet.personalise_epochs with privacy={cfg['privacy']['name']}: the "
+                              "fine-tuned model's metrics would leave each plant outside the DP accounting; set "
+                              "fleet.personalise_epochs=0 or privacy=none")
     if require(cfg, "fleet.min_gateways") is not None:
         integer(cfg, "fleet.min_gateways", 1, gateways)
     number(cfg, "fleet.round_timeout", 0.0, 1e7, low_open=True)

@@ -72,6 +72,8 @@ LOCAL_EPOCHS = "local-epochs"
 OPTIMIZER = "optimizer"      # train message: the local optimiser, adam | sgd (absent: adam)
 MOMENTUM = "momentum"        # train message: sgd's momentum
 PROXIMAL_MU = "proximal-mu"  # train message: FedProx's mu (Flower's FedProx key; absent: 0)
+PERSONALISE_EPOCHS = "personalise-epochs"  # final evaluate message: fine-tune a copy on the plant's data first
+PERSONAL = "personal-"       # final evaluate reply: prefix of the fine-tuned (personalised) model's metrics
 CONTROL = "control"          # train message (strategy=scaffold): the server's control variate c, per parameter
 CONTROL_DELTA = "control-delta"  # reply (strategy=scaffold): the gateway's c_i+ - c_i, per parameter
 BATCH_SIZE = "batch-size"

@@ -186,6 +186,8 @@ def plants_section(rounds: list[dict[str, Any]], final: dict[str, Any], s: dict[
     metric, higher = s.get("metric"), s.get("higher_is_better")
     spread = plant_spread_of(final, metric, higher)
     keys = [metric] if metric else []
+    if metric and any(finite(r.get("personal-" + metric)) for r in per):  # fleet.personalise_epochs
+        keys.append("personal-" + metric)
     for reply in per:
         keys += [k for k, v in reply.items() if k not in keys and k not in ("node", "partition", "num-examples")
                  and finite(v)]
@@ -215,6 +217,10 @@ def plants_section(rounds: list[dict[str, Any]], final: dict[str, Any], s: dict[
                      + " | ".join(values) + " |")
     if spread:
         lines += ["", f"Across the plants: {spread_text(spread)}."]
+        personal = g.get("spread_personal")
+        if personal:
+            lines += ["", f"Each plant's model fine-tuned on its own data (`fleet.personalise_epochs`; it stays on the "
+                          f"gateway, only its figures left): {spread_text(personal)}."]
     elif metric:
         lines += ["", f"No plant gave a {metric_label(metric)} for the final model."]
     if failed:

@@ -42,6 +42,8 @@ def metric_label(name: str | None) -> str:
     """``rmse`` -> RMSE, ``pr_auc_machine`` -> PR-AUC machine; unknown names as they are."""
     if not name:
         return "metric"
+    if name.startswith("personal-"):  # fleet.personalise_epochs: the plant's fine-tuned model
+        return f"{metric_label(name[len('personal-'):])}, fine-tuned"
     if name in METRIC_LABELS:
         return METRIC_LABELS[name]
     for prefix in ("pr_auc", "roc_auc", "f1", "rmse"):

@@ -180,3 +180,40 @@ def test_fleet_evaluate_plants_is_a_flag_true_by_default():
     del cfg["fleet"]["evaluate_plants"]  # a config written before the key existed
     validate(cfg)
     assert evaluate_plants(cfg)
+
+
+# --- personalisation: fleet.personalise_epochs ------------------------------------------------------
+
+
+def test_a_personalised_run_shows_each_plants_fine_tuned_figure_and_its_spread(tmp_path):
+    per = [{**g, "personal-rmse": g["rmse"] * 0.5} for g in PER_GATEWAY]
+    ev = gateway_evaluation(per)
+    ev["spread_personal"] = plant_spread(per, "personal-rmse", False)
+    lines = section(write_report(make_run(tmp_path, "p", ev)).read_text())
+    table = [x for x in lines if x.startswith("|")]
+    assert table[0].startswith("| gateway | class | held-out examples | RMSE ↓ | RMSE, fine-tuned | ")
+    assert table[3].startswith("| 1 | nb_iot/sensor | 10 | **41.5** | 20.75 |")
+    assert any(x.startswith("Each plant's model fine-tuned on its own data (`fleet.personalise_epochs`; it stays on "
+                            "the gateway, only its figures left): worst RMSE, fine-tuned 20.75 (gateway 1)")
+               for x in lines)
+
+
+def test_the_ledger_says_what_personalisation_keeps_on_the_gateway(tmp_path):
+    from iiotfl.privacy.ledger import Ledger
+
+    ledger = Ledger(tmp_path / "privacy_ledger.jsonl", compose([]))
+    ledger.record_evaluation([{"node": 1, "partition": 0, "rmse": 12.0, "personal-rmse": 9.0, "num-examples": 4},
+                              {"node": 2, "partition": 1, "rmse": 14.0, "num-examples": 5}])
+    rows = [json.loads(x) for x in (tmp_path / "privacy_ledger.jsonl").read_text().splitlines()]
+    assert rows[0]["form"].endswith("1 of them score a model fine-tuned on the plant's data, which stays on the gateway")
+    assert "fine-tuned" not in rows[1]["form"]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["fleet.personalise_epochs=2", "privacy=sample"], r"fleet.personalise_epochs with privacy=sample: .*outside the "
+                                                      r"DP accounting; set fleet.personalise_epochs=0 or privacy=none"),
+    (["fleet.personalise_epochs=-1"], r"fleet.personalise_epochs=-1 is invalid"),
+])
+def test_personalisation_settings_are_checked(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        validate(compose(overrides))
