@@ -29,9 +29,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
-from iiotfl.configs import ConfigError, number
+from iiotfl.configs import number
 from iiotfl.strategies.codec_fedavg import CodecFedAvg
-from iiotfl.strategies.spec import BuildContext, StrategySpec
+from iiotfl.strategies.spec import BuildContext, StrategySpec, refuse_client_dp
 
 
 class _ServerOpt(CodecFedAvg):
@@ -67,10 +67,8 @@ class CodecFedAdagrad(_ServerOpt, FedAdagrad):
 
 def _validate(cfg: Mapping[str, Any]) -> None:
     name = cfg["strategy"]["name"]
-    if cfg["privacy"]["name"] == "client":
-        raise ConfigError(f"config: strategy={name} with privacy=client: Flower's DP wrappers calibrate the noise "
-                          f"to the mean of clipped updates, and {name}'s server step is not that mean, so the "
-                          "reported epsilon would be false; use privacy=sample with it, or strategy=fedavg")
+    refuse_client_dp(cfg, f"Flower's DP wrappers calibrate the noise to the mean of clipped updates, and {name}'s "
+                          "server step is not that mean, so the reported epsilon would be false")
     if name == "fedavgm":
         number(cfg, "strategy.server_lr", 0.0, 100.0, low_open=True)
         number(cfg, "strategy.server_momentum", 0.0, 0.999)

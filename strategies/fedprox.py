@@ -23,10 +23,10 @@ from flwr.app import ArrayRecord, ConfigRecord, Message
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedProx
 
-from iiotfl.configs import ConfigError, number
+from iiotfl.configs import number
 from iiotfl.strategies import wire
 from iiotfl.strategies.codec_fedavg import CodecFedAvg
-from iiotfl.strategies.spec import BuildContext, StrategySpec
+from iiotfl.strategies.spec import BuildContext, StrategySpec, refuse_client_dp
 
 
 class CodecFedProx(CodecFedAvg, FedProx):
@@ -39,10 +39,8 @@ class CodecFedProx(CodecFedAvg, FedProx):
 
 
 def _validate(cfg: Mapping[str, Any]) -> None:
-    if cfg["privacy"]["name"] == "client":
-        raise ConfigError("config: strategy=fedprox with privacy=client: client-level DP runs Flower's FedAvg inside "
-                          "its DP wrappers, which would not send proximal-mu; use privacy=sample with it, or "
-                          "strategy=fedavg")
+    refuse_client_dp(cfg, "client-level DP runs Flower's FedAvg inside its DP wrappers, which would not send "
+                          "proximal-mu")
     number(cfg, "strategy.proximal_mu", 0.0, 1e4)
 
 

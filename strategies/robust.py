@@ -47,7 +47,7 @@ from flwr.serverapp.strategy import FedMedian, FedTrimmedAvg, Krum, MultiKrum
 from iiotfl.configs import ConfigError, integer, number
 from iiotfl.strategies.codec_fedavg import CodecFedAvg
 from iiotfl.strategies.codecs import CODECS
-from iiotfl.strategies.spec import BuildContext, StrategySpec
+from iiotfl.strategies.spec import BuildContext, StrategySpec, refuse_client_dp
 
 
 def updates_needed(cfg: Mapping[str, Any]) -> int:
@@ -125,10 +125,8 @@ def _updates_per_round(cfg: Mapping[str, Any]) -> int:
 def _refuse_unsuitable(cfg: Mapping[str, Any]) -> None:
     """What a rule that needs each update in plaintext cannot go with."""
     name = cfg["strategy"]["name"]
-    if cfg["privacy"]["name"] == "client":
-        raise ConfigError(f"config: strategy={name} with privacy=client: Flower's DP wrappers calibrate the noise "
-                          f"to a mean of clipped updates, which {name} is not, so the reported epsilon would be "
-                          "false; use privacy=sample (DP-SGD on the gateways) with it, or strategy=fedavg")
+    refuse_client_dp(cfg, f"Flower's DP wrappers calibrate the noise to a mean of clipped updates, which {name} is "
+                          "not, so the reported epsilon would be false")
     codec = cfg["codec"]["name"]
     if CODECS[codec].sparsifies:
         raise ConfigError(f"config: strategy={name} with codec={codec}: every gateway sends its own largest "

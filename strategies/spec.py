@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.serverapp.strategy import Strategy
 
+from iiotfl.configs import ConfigError
+
 Config = Mapping[str, Any]
 # What a spec builds: a Message-API strategy, or Flower's legacy one for a spec with a runner of its own (SecAgg+)
 BuiltStrategy = Strategy | LegacyStrategy
@@ -57,3 +59,11 @@ class StrategySpec:
     def server_sees_updates(self) -> bool:
         """Whether the server sees each gateway's update (not only their sum)."""
         return self.uplink == "plaintext"
+
+
+def refuse_client_dp(cfg: Config, why: str) -> None:
+    """A strategy that cannot carry ``privacy=client`` refuses it in one line: ``why``, and what to use instead."""
+    if cfg["privacy"]["name"] == "client":
+        raise ConfigError(f"config: strategy={cfg['strategy']['name']} with privacy=client: {why}; use privacy=sample "
+                          "(DP-SGD on the gateways) with it, or strategy=fedavg")
+
