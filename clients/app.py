@@ -222,8 +222,7 @@ def _start_view(msg: Message, context: Context, codec, build) -> dict[str, np.nd
                                                sum(v.size for v in base.values()))
             view = unflatten(flatten(base) + diff, base)
     state["view"] = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32)) for k, v in view.items()})
-    server_round = wire.as_int(wire.config_record(msg.content, "config")[wire.SERVER_ROUND])
-    state["view-meta"] = ConfigRecord({"round": server_round})
+    state["view-meta"] = ConfigRecord({"round": wire.as_int(config[wire.SERVER_ROUND])})
     return view
 
 

@@ -82,11 +82,8 @@ class CodecScaffold(CodecFedAvg):
         replies = list(replies)
         good, deltas, bad = [], [], {}
         for msg in replies:
-            if msg.has_error() or self.control is None:
-                good.append(msg)
-                continue
-            if wire.UPDATE not in msg.content:  # a gateway that sent no update (its DP budget spent)
-                good.append(msg)
+            if msg.has_error() or self.control is None or wire.UPDATE not in msg.content:
+                good.append(msg)  # an error or no update: CodecFedAvg's decoding says what it is
                 continue
             try:
                 deltas.append(self.control_delta(msg))

@@ -170,22 +170,29 @@ def _train_message(content: RecordDict) -> Message:
     return Message(content=content, dst_node_id=1, message_type="train")
 
 
-def test_the_first_round_sends_the_seeded_models_digest_and_the_gateway_builds_it(serverapp_identity):
-    cfg = compose(["codec=sparse", "task=quality_control"])
-    validate(cfg)
-    strategy = build_strategy(cfg)
+def _seeded(codec: str, gateways: int):
+    """A fresh run's strategy (quality control, ``codec``) that starts from the task's seeded model: (cfg, strategy,
+    task, the model's arrays, a grid of ``gateways``, gateway 1's empty context)."""
     from iiotfl.tasks import get_task
 
+    cfg = compose([f"codec={codec}", "task=quality_control"])
+    validate(cfg)
+    strategy = build_strategy(cfg)
     task = get_task(cfg["task"], cfg["seed"])
     model = {k: v.numpy() for k, v in task.build_model().state_dict().items()}
     strategy.seeded_start = weights_digest(model)
-    grid = SimpleNamespace(get_node_ids=lambda: [1, 2, 3, 4])
+    grid = SimpleNamespace(get_node_ids=lambda: list(range(1, gateways + 1)))
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    return cfg, strategy, task, model, grid, context
+
+
+def test_the_first_round_sends_the_seeded_models_digest_and_the_gateway_builds_it(serverapp_identity):
+    cfg, strategy, task, model, grid, context = _seeded("sparse", 4)
     arrays = ArrayRecord({k: Array(v) for k, v in model.items()})
     messages = list(strategy.configure_train(1, arrays, ConfigRecord({"lr": 0.1}), grid))
     assert messages and all(not m.content.array_records for m in messages)  # no model on the wire
     config = messages[0].content.config_records["config"]
     assert config[wire.SEEDED_START] == weights_digest(model)
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
     view = _start_view(_train_message(messages[0].content), context, get_codec(cfg["codec"]), task.build_model)
     assert weights_digest(view) == config[wire.SEEDED_START]
 
@@ -207,16 +214,7 @@ def test_the_first_round_sends_the_seeded_models_digest_and_the_gateway_builds_i
 def test_a_delta_message_sent_again_after_an_outage_starts_from_the_same_view(serverapp_identity):
     """The round's message comes twice (the first reply was lost while the SuperLink saw the gateway offline):
     the delta is applied once, the second delivery starts from the same view, and an older delta still fails."""
-    cfg = compose(["codec=int8", "task=quality_control"])
-    validate(cfg)
-    strategy = build_strategy(cfg)
-    from iiotfl.tasks import get_task
-
-    task = get_task(cfg["task"], cfg["seed"])
-    model = {k: v.numpy() for k, v in task.build_model().state_dict().items()}
-    strategy.seeded_start = weights_digest(model)
-    grid = SimpleNamespace(get_node_ids=lambda: [1, 2])
-    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    cfg, strategy, task, model, grid, context = _seeded("int8", 2)
     codec = get_codec(cfg["codec"])
     first = list(strategy.configure_train(1, ArrayRecord({k: Array(v) for k, v in model.items()}),
                                           ConfigRecord({}), grid))
