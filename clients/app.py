@@ -296,6 +296,7 @@ def _secagg_fit(msg: Message, context: Context, started: float) -> Message:
                         seed=hash((cfg["seed"], partition, server_round)) % 2**31, loss_fn=task.loss(),
                         optimizer=wire.as_str(config.get(wire.OPTIMIZER, "adam")),
                         momentum=wire.as_float(config.get(wire.MOMENTUM, 0.0)))
+    stats.pop("local_steps")
     stats.update(poison(model, view, cfg, context, partition))
     base = flatten(view)
     update = flatten({k: v.detach().numpy() for k, v in model.state_dict().items()}) - base
@@ -457,9 +458,8 @@ def train(msg: Message, context: Context) -> Message:
                   optimizer=wire.as_str(config.get(wire.OPTIMIZER, "adam")),
                   momentum=wire.as_float(config.get(wire.MOMENTUM, 0.0)),
                   proximal_mu=wire.as_float(config.get(wire.PROXIMAL_MU, 0.0)))
-    # strategy=scaffold: c_i+ from the round's model, before training; c - c_i corrects every gradient
-    control = scaffold.start(msg, context, model, x, task.target(y), batch_size=common["batch_size"],
-                             loss_fn=common["loss_fn"])
+    # strategy=scaffold: c - c_i corrects every local step; the mean step taken gives c_i+
+    control = scaffold.start(msg, context, model)
     dp: dict[str, float] = {}
     if privacy_mode(cfg).on_device:  # privacy=sample: DP-SGD within this device's budget
         stats, dp = _train_dp(settings, context, model, x, y, task, config, partition, common)
@@ -470,6 +470,7 @@ def train(msg: Message, context: Context) -> Message:
     else:
         stats = train_local(model, x, task.target(y), correction=control.correction if control else None,
                             **common)
+        scaffold.finish(control, context, model, int(stats.pop("local_steps")))
     stats.update(poison(model, view, cfg, context, partition))  # fleet.poison: a poisoned gateway's update
     metrics = {**stats, **dp, "partition": partition, wire.T_PROC: started_at(), wire.T_START: started,
                **_pull_times(), wire.NUM_EXAMPLES: len(y), wire.BYTES_DOWN: bytes_down}

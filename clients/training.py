@@ -57,9 +57,10 @@ def train_local(
     proximal_mu: float = 0.0,
     correction: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
-    """Train ``model`` in place on (x, y); return mean loss of the last epoch and seconds spent. With
-    ``proximal_mu`` (FedProx) every step is followed by :func:`proximal_pull`; ``correction`` (SCAFFOLD's
-    c - c_i, one tensor per parameter) is added to every gradient before the optimiser's step."""
+    """Train ``model`` in place on (x, y); return mean loss of the last epoch, seconds spent and the number of
+    optimiser steps. With ``proximal_mu`` (FedProx) every step is followed by :func:`proximal_pull`;
+    ``correction`` (SCAFFOLD's c - c_i in parameter units per step, one tensor per parameter) is subtracted from
+    the weights after every optimiser step, decoupled from the optimiser as the pull is."""
     start = time.perf_counter()
     anchor = _anchor(model, proximal_mu)
     gen = torch.Generator().manual_seed(seed)
@@ -67,7 +68,7 @@ def train_local(
     opt = optimiser(model.parameters(), optimizer, lr, momentum)
     loss_fn = loss_fn or nn.MSELoss()
     model.train()
-    last = 0.0
+    last, steps = 0.0, 0
     for _ in range(epochs):
         order = torch.randperm(len(xt), generator=gen)
         total, count = 0.0, 0
@@ -76,16 +77,17 @@ def train_local(
             opt.zero_grad()
             loss = loss_fn(model(xt[idx]), yt[idx])
             loss.backward()
-            if correction is not None:
-                for p, c in zip(model.parameters(), correction, strict=True):
-                    if p.grad is not None:
-                        p.grad.add_(c)
             opt.step()
             proximal_pull(model, anchor, lr * proximal_mu)
+            if correction is not None:
+                with torch.no_grad():
+                    for p, c in zip(model.parameters(), correction, strict=True):
+                        p.sub_(c)
+            steps += 1
             total += float(loss.detach()) * len(idx)
             count += len(idx)
         last = total / max(count, 1)
-    return {"train_loss": last, "train_time": time.perf_counter() - start}
+    return {"train_loss": last, "train_time": time.perf_counter() - start, "local_steps": steps}
 
 
 def train_local_dp(
@@ -147,24 +149,3 @@ def train_local_dp(
     private.remove_hooks() if hasattr(private, "remove_hooks") else None
     return {"train_loss": last, "train_time": time.perf_counter() - start,
             "sample_rate": 1.0 / len(loader), "steps": steps}
-
-
-def mean_gradient(model: nn.Module, x: np.ndarray, y: np.ndarray, *, batch_size: int,
-                  loss_fn: nn.Module | None = None) -> list[torch.Tensor]:
-    """The gradient of the mean loss over all of (x, y) at ``model``'s weights, one tensor per parameter
-    (SCAFFOLD's control variate, option I), computed in batches; ``model`` is left unchanged."""
-    loss_fn = loss_fn or nn.MSELoss()
-    params = list(model.parameters())
-    total = [torch.zeros_like(p) for p in params]
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y.astype(np.float32))
-    model.train()
-    for i in range(0, len(xt), batch_size):
-        model.zero_grad()
-        xb, yb = xt[i : i + batch_size], yt[i : i + batch_size]
-        loss_fn(model(xb), yb).backward()
-        for t, p in zip(total, params, strict=True):
-            if p.grad is not None:
-                t.add_(p.grad, alpha=len(xb) / max(len(xt), 1))
-    model.zero_grad()
-    return total
-

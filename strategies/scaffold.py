@@ -2,14 +2,15 @@
 control variates that correct each gateway's local drift towards its own plant.
 
 The server keeps ``c``, a control variate as large as the model's parameters (zeros at first), and
-sends it with every train message (``control``). Each gateway adds ``c - c_i`` to its local gradients
-and replies with its update and ``c_i+ - c_i`` (``control-delta``; ``clients/scaffold.py``). The
+sends it with every train message (``control``). Each gateway moves its weights by ``-(c - c_i)`` after
+every local step and replies with its update and ``c_i+ - c_i`` (``control-delta``; option II of the
+paper in parameter units per step, ``clients/scaffold.py``). The
 server applies the updates as FedAvg does (CodecFedAvg: codecs and the delta downlink as usual; the
 control travels in float32) and moves ``c`` by the mean control change times the share of the fleet
 that answered: c += |S| / N × mean(c_i+ - c_i).
 
 Costs and limits: the downlink and the uplink each carry one more float32 vector the size of the
-parameters. ``control-delta`` is a gradient of the plant's data that no privacy mode covers, so
+parameters. ``control-delta`` is the plant's mean local step, a function of its data that no privacy mode covers, so
 ``privacy=sample`` and ``privacy=client`` are refused. A reply without a valid control change is
 left out like a malformed update. The control variate is not in the checkpoint, so a run does not
 resume after a SuperLink restart.

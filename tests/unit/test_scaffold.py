@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
 from iiotfl.clients import scaffold
-from iiotfl.clients.training import mean_gradient, train_local
+from iiotfl.clients.training import train_local
 from iiotfl.configs import ConfigError, compose
 from iiotfl.server.launch import validate
 from iiotfl.strategies import build_strategy, wire
@@ -62,67 +62,91 @@ def _data(optimum: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 @pytest.mark.usefixtures("serverapp_identity")
-def test_the_gateway_corrects_by_c_minus_ci_and_replies_its_gradient_change():
+def test_the_gateway_moves_by_c_minus_ci_every_step_and_replies_its_mean_step_less_c():
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
     x, y = _data(np.array([2.0, -1.0]), 0)
     context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
-    c = {k: np.full(tuple(p.shape), 0.1, np.float32) for k, p in model.named_parameters()}
+    c = {k: np.full(tuple(p.shape), 0.01, np.float32) for k, p in model.named_parameters()}
     msg = Message(content=RecordDict({wire.CONTROL: ArrayRecord({k: Array(v) for k, v in c.items()})}),
                   dst_node_id=1, message_type="train")
-    grad = [g.numpy().copy() for g in mean_gradient(model, x, y, batch_size=64)]
-    first = scaffold.start(msg, context, model, x, y, batch_size=64, loss_fn=None)
+    x0 = {k: p.detach().clone() for k, p in model.named_parameters()}
+    first = scaffold.start(msg, context, model)
     assert first is not None
     for corr, (k, _) in zip(first.correction, model.named_parameters()):
         np.testing.assert_allclose(corr.numpy(), c[k])  # c - c_i, c_i = 0 at first
-    for g, (k, _) in zip(grad, model.named_parameters()):
-        np.testing.assert_allclose(first.delta[k], g, rtol=1e-5)  # c_i+ - 0: the mean-loss gradient
-    second = scaffold.start(msg, context, model, x, y, batch_size=64, loss_fn=None)  # same model: c_i+ = c_i
-    assert all(np.allclose(v, 0, atol=1e-6) for v in second.delta.values())
-    for corr, g, (k, _) in zip(second.correction, grad, model.named_parameters()):
-        np.testing.assert_allclose(corr.numpy(), c[k] - g, rtol=1e-5, atol=1e-6)
+    # with lr 0 the optimiser does not move: every one of the K steps moves the weights by -(c - c_i) alone
+    steps = train_local(model, x, y, epochs=1, batch_size=64, lr=0.0, seed=0, optimizer="sgd",
+                        correction=first.correction)["local_steps"]
+    assert steps == 4  # 200 examples in batches of 64
+    for k, p in model.named_parameters():
+        np.testing.assert_allclose(p.detach().numpy(), x0[k].numpy() - 4 * c[k], rtol=1e-5)
+    scaffold.finish(first, context, model, steps)
+    for k in c:  # c_i+ - c_i = (x - y_i) / K - c: the path's own mean step, here none
+        np.testing.assert_allclose(first.delta[k], 0, atol=1e-7)
+    # a real round: c_i+ (the state) is the mean step taken with the correction taken out
+    second = scaffold.start(msg, context, model)
+    for corr, (k, _) in zip(second.correction, model.named_parameters()):
+        np.testing.assert_allclose(corr.numpy(), c[k], atol=1e-7)  # c_i is still 0
+    x1 = {k: p.detach().numpy().copy() for k, p in model.named_parameters()}
+    plain = torch.nn.Linear(2, 1)
+    plain.load_state_dict(model.state_dict())
+    train_local(plain, x, y, epochs=1, batch_size=64, lr=0.05, seed=1, optimizer="sgd")
+    steps = train_local(model, x, y, epochs=1, batch_size=64, lr=0.05, seed=1, optimizer="sgd",
+                        correction=second.correction)["local_steps"]
+    scaffold.finish(second, context, model, steps)
+    held = wire.array_record(context.state, scaffold.STATE)
+    for k, p in model.named_parameters():
+        mean_step = (x1[k] - p.detach().numpy()) / steps
+        np.testing.assert_allclose(second.delta[k], mean_step - c[k], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(held[k].numpy(), second.delta[k], rtol=1e-6)  # c_i+ = 0 + delta
+        assert not np.allclose(p.detach().numpy(), dict(plain.named_parameters())[k].detach().numpy())
     wrong = Message(content=RecordDict({wire.CONTROL: ArrayRecord({"other": Array(np.zeros(2, np.float32))})}),
                     dst_node_id=1, message_type="train")
     with pytest.raises(ValueError, match="control variate names"):
-        scaffold.start(wrong, context, model, x, y, batch_size=64, loss_fn=None)
-    assert scaffold.start(Message(content=RecordDict({}), dst_node_id=1, message_type="train"), context, model,
-                          x, y, batch_size=64, loss_fn=None) is None
+        scaffold.start(wrong, context, model)
+    assert scaffold.start(Message(content=RecordDict({}), dst_node_id=1, message_type="train"), context,
+                          model) is None
 
 
+@pytest.mark.usefixtures("serverapp_identity")
 def test_scaffold_drifts_less_than_fedavg_on_plants_with_opposite_optima():
     """Two plants whose data pull a linear model to opposite optima; many local steps per round. FedAvg's average
-    stalls away from the fleet's optimum (client drift); SCAFFOLD's corrected steps get close to it."""
+    stalls away from the fleet's optimum (client drift); SCAFFOLD's corrected steps get close to it, with SGD and
+    with Adam (the correction is applied outside the optimiser)."""
     plants = [_data(np.array([3.0, 1.0]), 1), _data(np.array([-1.0, -3.0]), 2)]
     xs, ys = np.concatenate([p[0] for p in plants]), np.concatenate([p[1] for p in plants])
     best = np.linalg.lstsq(xs, ys, rcond=None)[0].ravel()  # the pooled optimum (no bias in the data)
 
-    def run(scaffolded: bool) -> float:
+    def run(scaffolded: bool, optimizer: str, lr: float) -> float:
         torch.manual_seed(0)
         glob = torch.nn.Linear(2, 1, bias=False)
-        c = [torch.zeros_like(p) for p in glob.parameters()]
-        c_i = [[torch.zeros_like(p) for p in glob.parameters()] for _ in plants]
-        for rnd in range(6):
+        server = {"weight": np.zeros((1, 2), np.float32)}
+        contexts = [Context(run_id=1, node_id=i, node_config={}, state=RecordDict(), run_config={})
+                    for i in range(len(plants))]
+        for rnd in range(8):
             models, deltas = [], []
+            msg = Message(content=RecordDict({wire.CONTROL: ArrayRecord({k: Array(v) for k, v in server.items()})}),
+                          dst_node_id=1, message_type="train")
             for i, (x, y) in enumerate(plants):
                 local = torch.nn.Linear(2, 1, bias=False)
                 local.load_state_dict(glob.state_dict())
-                correction = None
-                if scaffolded:
-                    new = mean_gradient(local, x, y, batch_size=64)
-                    correction = [a - b for a, b in zip(c, c_i[i])]
-                    deltas.append([n - o for n, o in zip(new, c_i[i])])
-                    c_i[i] = new
-                train_local(local, x, y, epochs=5, batch_size=8, lr=0.05, seed=rnd, optimizer="sgd",
-                            correction=correction)
+                control = scaffold.start(msg, contexts[i], local) if scaffolded else None
+                stats = train_local(local, x, y, epochs=5, batch_size=8, lr=lr, seed=rnd, optimizer=optimizer,
+                                    correction=control.correction if control else None)
+                scaffold.finish(control, contexts[i], local, stats["local_steps"])
+                if control is not None:
+                    deltas.append(control.delta)
                 models.append(local.weight.detach().clone())
             with torch.no_grad():
                 glob.weight.copy_(torch.stack(models).mean(0))
-                if scaffolded:
-                    c = [ci + torch.stack([d[j] for d in deltas]).mean(0) for j, ci in enumerate(c)]
+            if scaffolded:
+                server = {k: v + np.mean([d[k] for d in deltas], axis=0) for k, v in server.items()}
         return float(np.linalg.norm(glob.weight.detach().numpy().ravel() - best))
 
-    fedavg, scaffolded = run(False), run(True)
-    assert scaffolded < 0.5 * fedavg
+    for optimizer, lr in (("sgd", 0.05), ("adam", 0.05)):
+        fedavg, scaffolded = run(False, optimizer, lr), run(True, optimizer, lr)
+        assert scaffolded < 0.5 * fedavg, (optimizer, fedavg, scaffolded)
 
 
 def test_scaffold_refuses_every_privacy_mode():
