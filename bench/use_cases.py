@@ -5,7 +5,7 @@ For each use case, one JSON line per strategy ("bench": "strategy") and one summ
   task, source              the task and its data source
   metric, higher_is_better  the task's primary metric
   federated                 FedAvg's final global model (`iiotfl run engine=sim`, gateways, rounds below)
-  best, best_metric         the strategy of --strategies with the best final metric, and that metric
+  best, best_metric         the option of --strategies with the best final metric, and that metric
   centralised               the same model trained on the pooled training data of all gateways for
                             rounds x local epochs, normalised the same way, scored on the same test data
   trivial                   the task's trivial baseline where it has one (persistence / majority class)
@@ -17,8 +17,12 @@ For each use case, one JSON line per strategy ("bench": "strategy") and one summ
 --skew: quality control's heterogeneity sweep instead: for each skew s (task.plants.label_skew and
 feature_skew both s), centralised, FedAvg and --option, with their worst plant.
 
-Usage: python bench/use_cases.py [--rounds 5] [--gateways 4] [--only TASK]
-       [--strategies fedavg,fedavgm,fedadam,fedprox] [--skew 0,1,2,4 --option fedadam]
+An option is a strategy name with its settings after "@": ``fedavgm@server_lr=2@server_momentum=0.3`` runs
+``strategy=fedavgm strategy.server_lr=2 strategy.server_momentum=0.3``; a setting with a dot is an override as
+it is (``fedavg@train.optimizer=sgd``). Rounds and gateways default to the fleet's defaults (8 and 4).
+
+Usage: python bench/use_cases.py [--rounds 8] [--gateways 4] [--only TASK] [--strategies fedavg,scaffold,...]
+       [--skew 0,1,2,4 --option fedavgm@server_lr=2@server_momentum=0.3]
 """
 
 from __future__ import annotations
@@ -49,6 +53,9 @@ CASES = [  # (label, overrides)
 ]
 
 
+# server momentum with a step of 2: the setting that closes most of quality control's gap (docs/use-cases.md)
+SERVER_STEP = "fedavgm@server_lr=2@server_momentum=0.3"
+
 # the task's own trivial-baseline figure, reported by its evaluate()
 TRIVIAL = {"energy_anomaly": "persistence_pr_auc",  # |x_t - x_(t-1)| as the anomaly score
            "quality_control": "prevalence_machine"}  # majority class: PR-AUC = prevalence
@@ -68,6 +75,12 @@ def federated(overrides: list[str], run_dir: Path) -> tuple[dict, float, float |
     return rows[-1]["server"], time.perf_counter() - start, worst
 
 
+def option(name: str) -> list[str]:
+    """The overrides of one option: ``fedavgm@server_lr=2`` -> strategy=fedavgm strategy.server_lr=2."""
+    strategy, *settings = name.split("@")
+    return [f"strategy={strategy}", *(s if "." in s.split("=")[0] else f"strategy.{s}" for s in settings)]
+
+
 def _r(v: float | None) -> float | None:
     return None if v is None else round(float(v), 4)
 
@@ -85,7 +98,7 @@ def skew_sweep(args: argparse.Namespace) -> None:
                "centralised": _r(central[key])}
         for name in dict.fromkeys(["fedavg", args.option]):
             with tempfile.TemporaryDirectory() as tmp:
-                fed, _, worst = federated([*overrides, f"strategy={name}"], Path(tmp) / "run")
+                fed, _, worst = federated([*overrides, *option(name)], Path(tmp) / "run")
             row[name] = _r(fed[key])
             row[f"{name}_worst_plant"] = _r(worst)
         print(json.dumps(row), flush=True)
@@ -110,12 +123,13 @@ def centralised(cfg: dict) -> tuple[dict, dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--gateways", type=int, default=4)
+    fleet = compose([])["fleet"]
+    ap.add_argument("--rounds", type=int, default=int(fleet["rounds"]))
+    ap.add_argument("--gateways", type=int, default=int(fleet["gateways"]))
     ap.add_argument("--only")
-    ap.add_argument("--strategies", default="fedavg,fedavgm,fedadam,fedprox")
+    ap.add_argument("--strategies", default=f"fedavg,{SERVER_STEP},fedprox,scaffold")
     ap.add_argument("--skew", help="quality control's heterogeneity sweep, e.g. 0,1,2,4")
-    ap.add_argument("--option", default="fedadam", help="the strategy beside FedAvg in --skew")
+    ap.add_argument("--option", default=SERVER_STEP, help="the option beside FedAvg in --skew")
     args = ap.parse_args()
     if args.skew:
         skew_sweep(args)
@@ -134,7 +148,7 @@ def main() -> None:
         wall = 0.0
         for name in strategies:
             with tempfile.TemporaryDirectory() as tmp:
-                fed, seconds, worst = federated([*overrides, f"strategy={name}"], Path(tmp) / "run")
+                fed, seconds, worst = federated([*overrides, *option(name)], Path(tmp) / "run")
             runs[name] = (fed[key], worst)
             wall = seconds if name == "fedavg" else wall
             print(json.dumps({"bench": "strategy", "task": label, "strategy": name, "metric": key,

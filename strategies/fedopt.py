@@ -31,7 +31,7 @@ from flwr.serverapp.strategy import FedAdagrad, FedAdam, FedAvgM, FedYogi
 
 from iiotfl.configs import number
 from iiotfl.strategies.codec_fedavg import CodecFedAvg
-from iiotfl.strategies.spec import BuildContext, StrategySpec, refuse_client_dp
+from iiotfl.strategies.spec import BuildContext, StrategySpec, refuse_client_dp, server_step
 
 
 class _ServerOpt(CodecFedAvg):
@@ -70,8 +70,7 @@ def _validate(cfg: Mapping[str, Any]) -> None:
     refuse_client_dp(cfg, f"Flower's DP wrappers calibrate the noise to the mean of clipped updates, and {name}'s "
                           "server step is not that mean, so the reported epsilon would be false")
     if name == "fedavgm":
-        number(cfg, "strategy.server_lr", 0.0, 100.0, low_open=True)
-        number(cfg, "strategy.server_momentum", 0.0, 0.999)
+        server_step(cfg)
         return
     number(cfg, "strategy.eta", 0.0, 100.0, low_open=True)
     number(cfg, "strategy.tau", 0.0, 1.0, low_open=True)

@@ -65,7 +65,7 @@ from iiotfl.configs import ConfigError, integer, number
 from iiotfl.strategies import he, wire
 from iiotfl.strategies.codec_fedavg import CodecFedAvg
 from iiotfl.strategies.codecs import flatten, unflatten
-from iiotfl.strategies.spec import BuildContext, StrategySpec
+from iiotfl.strategies.spec import BuildContext, StrategySpec, server_step
 
 
 def digest(payload: bytes) -> str:
@@ -278,8 +278,11 @@ class SecureSumFedAvg(CodecFedAvg):
     (:meth:`secure_sum`: decrypted by a gateway, or unmasked)."""
 
     def __init__(self, *, initial_range: float = 0.05, range_factor: float = 4.0, min_aggregate: int = 2,
-                 dp: "HEDP | None" = None, **kwargs: Any) -> None:
+                 dp: "HEDP | None" = None, server_lr: float = 1.0, server_momentum: float = 0.0,
+                 **kwargs: Any) -> None:
         super().__init__(**kwargs)
+        self.server_lr, self.server_momentum = float(server_lr), float(server_momentum)
+        self.velocity: np.ndarray | None = None  # FedAvgM's v (server_momentum > 0)
         self.initial_range = float(initial_range)
         self.range_factor = float(range_factor)
         self.min_aggregate = int(min_aggregate)
@@ -397,10 +400,21 @@ class SecureSumFedAvg(CodecFedAvg):
             tensors = unflatten(mean, view)
             self.ranges = [max(self.range_factor * float(np.abs(v).max(initial=0.0)), 1e-6) for v in tensors.values()]
         self.current = set(nodes)
-        weights = unflatten(base + mean, view)
+        weights = unflatten(base + self.server_step(mean), view)
         arrays = ArrayRecord({k: Array(v) for k, v in weights.items()})
         contents = [RecordDict({"metrics": metrics[n]}) for n in nodes]
         return arrays, self.train_metrics_aggr_fn(contents, self.weighted_by_key)
+
+    def server_step(self, mean: np.ndarray) -> np.ndarray:
+        """How far the model moves: FedAvgM's step on the mean update (``strategy.server_lr``,
+        ``strategy.server_momentum``; Flower's FedAvgM does the same for plaintext updates, ``strategy=fedavgm``):
+        v <- momentum x v + mean, the model moves by server_lr x v. The mean is what the secure sum reveals to the
+        server anyway, so the step is post-processing: no privacy cost, nothing more seen. 1.0 and 0.0 (the
+        defaults) are FedAvg. v is not in the checkpoint: a resumed run starts it again from zero."""
+        if self.server_momentum > 0:
+            self.velocity = mean if self.velocity is None else self.server_momentum * self.velocity + mean
+            mean = self.velocity
+        return self.server_lr * mean
 
     def privacy_spent(self):
         """ε so far under client-level DP (None without): what the ServerApp logs each round."""
@@ -489,6 +503,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
     number(cfg, "strategy.initial_range", 0.0, 1e6, low_open=True)
     number(cfg, "strategy.range_factor", 1.0, 1e6)
     integer(cfg, "strategy.min_aggregate", 2)
+    server_step(cfg)
     if gateways > he.MAX_DEVICES:
         raise ConfigError(f"config: strategy=he sums at most {he.MAX_DEVICES} gateways per round (digit headroom); "
                           f"set fleet.clients_per_round <= {he.MAX_DEVICES}")
@@ -501,7 +516,7 @@ def build(cfg: Mapping[str, Any], ctx: BuildContext) -> HEFedAvg:
     keys = ctx.keys or Path(str(st["keys"]))
     return HEFedAvg(keys=keys / he.SERVER_FILE, initial_range=float(st["initial_range"]),
                     range_factor=float(st["range_factor"]), min_aggregate=int(st["min_aggregate"]), dp=ctx.dp,
-                    **ctx.common)
+                    **server_step(cfg), **ctx.common)
 
 
 SPEC = StrategySpec(

@@ -81,7 +81,7 @@ from iiotfl.configs import ConfigError, integer, number, require
 from iiotfl.strategies import he, masking, wire
 from iiotfl.strategies.he_fedavg import Decrypted, SecureSumFedAvg
 from iiotfl.strategies.masking import Identity, MaskError, RunKeys
-from iiotfl.strategies.spec import BuildContext, StrategySpec
+from iiotfl.strategies.spec import BuildContext, StrategySpec, server_step
 
 _CONTRIBUTION = b"iiotfl mask contribution v1"
 STATE_KEYS = "mask-run"      # context.state: this run's private keys
@@ -575,6 +575,7 @@ def validate(cfg: Mapping[str, Any]) -> None:
         raise ConfigError("config: strategy=mask quantises updates itself (int8 steps in k-bit words); use codec=none")
     number(cfg, "strategy.initial_range", 0.0, 1e6, low_open=True)
     number(cfg, "strategy.range_factor", 1.0, 1e6)
+    server_step(cfg)
     number(cfg, "strategy.threshold", 0.0, 1.0, low_open=True)
     integer(cfg, "strategy.min_aggregate", 2)
     value = require(cfg, "strategy.min_cohort")
@@ -596,7 +597,7 @@ def build(cfg: Mapping[str, Any], ctx: BuildContext) -> MaskFedAvg:
     st = cfg["strategy"]
     return MaskFedAvg(threshold=float(st["threshold"]), min_cohort=min_cohort(cfg),
                       initial_range=float(st["initial_range"]), range_factor=float(st["range_factor"]),
-                      min_aggregate=int(st["min_aggregate"]), dp=ctx.dp, **ctx.common)
+                      min_aggregate=int(st["min_aggregate"]), dp=ctx.dp, **server_step(cfg), **ctx.common)
 
 
 SPEC = StrategySpec(

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping
 from flwr.server.strategy import Strategy as LegacyStrategy
 from flwr.serverapp.strategy import Strategy
 
-from iiotfl.configs import ConfigError
+from iiotfl.configs import ConfigError, number
 
 Config = Mapping[str, Any]
 # What a spec builds: a Message-API strategy, or Flower's legacy one for a spec with a runner of its own (SecAgg+)
@@ -66,4 +66,11 @@ def refuse_client_dp(cfg: Config, why: str) -> None:
     if cfg["privacy"]["name"] == "client":
         raise ConfigError(f"config: strategy={cfg['strategy']['name']} with privacy=client: {why}; use privacy=sample "
                           "(DP-SGD on the gateways) with it, or strategy=fedavg")
+
+
+def server_step(cfg: Config) -> dict[str, float]:
+    """``strategy.server_lr`` and ``strategy.server_momentum``, checked: FedAvgM's server step (1.0 and 0.0 are
+    FedAvg's), for ``fedavgm`` and for the secure sums of ``he`` and ``mask``."""
+    return {"server_lr": number(cfg, "strategy.server_lr", 0.0, 100.0, low_open=True),
+            "server_momentum": number(cfg, "strategy.server_momentum", 0.0, 0.999)}
 

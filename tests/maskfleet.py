@@ -17,6 +17,7 @@ from iiotfl.strategies import wire
 from iiotfl.strategies.codecs import get_codec
 from iiotfl.strategies.mask_fedavg import MaskFedAvg, masked_update, min_cohort
 from iiotfl.strategies.masking import MaskError
+from iiotfl.strategies.spec import server_step
 
 RUN = 1
 VIEW = {"a": np.zeros((40, 50), np.float32), "b": np.zeros(300, np.float32)}
@@ -64,7 +65,7 @@ class MaskFleet:
         st = self.cfg["strategy"]
         args = dict(threshold=float(st["threshold"]), min_cohort=min_cohort(self.cfg), codec=get_codec(None),
                     fraction_train=1.0, min_available_nodes=1, min_aggregate=int(st["min_aggregate"]),
-                    initial_range=0.02)
+                    initial_range=0.02, **server_step(self.cfg))
         return MaskFedAvg(**{**args, **kwargs})
 
     def configure(self, strategy: MaskFedAvg, server_round: int) -> dict[int, Message]:

@@ -184,3 +184,4 @@ def test_the_proximal_pull_under_dp_sgd_keeps_the_model_near_the_rounds_start():
         assert out["steps"] > 0
         drift[mu] = float(torch.linalg.norm(torch.cat([p.detach().flatten() for p in m.parameters()]) - w0))
     assert drift[90.0] < 0.3 * drift[0.0]
+

@@ -110,6 +110,27 @@ def test_the_unmasked_sum_is_weighted_fedavg_within_the_bound(drop, tmp_path, se
     assert arrays is not None and strategy.current == set(nodes)
 
 
+def test_the_server_step_moves_by_server_lr_times_its_momentum_of_the_unmasked_mean(tmp_path, serverapp_identity):
+    """strategy.server_lr / server_momentum: FedAvgM's step on the unmasked mean, round by round."""
+    nodes = list(range(101, 106))
+    fleet = MaskFleet(nodes, tmp_path, ("strategy.server_lr=2", "strategy.server_momentum=0.5"))
+    strategy = fleet.strategy()
+    counts = {n: 10 for n in nodes}
+    strategy.counts = dict(counts)
+    means, got = [], []
+    for rnd in (1, 2):
+        msgs = fleet.configure(strategy, rnd)  # every round starts from VIEW (zeros): the result is the step
+        updates = _updates(nodes, rnd)
+        arrays, _ = strategy.aggregate_train(rnd, [fleet.reply(m, updates[n], counts[n]) for n, m in msgs.items()])
+        ranges = np.concatenate([np.full(v.size, r) for v, r in zip(VIEW.values(), strategy.sent_ranges)])
+        means.append(sum(np.clip(updates[n], -ranges, ranges) for n in nodes) / len(nodes))
+        got.append(flatten({k: v.numpy() for k, v in arrays.items()}))
+    bound = he.error_bound(np.full(SIZE, max(strategy.sent_ranges)), len(nodes), float(len(nodes)))[0]
+    assert np.abs(got[0] - 2 * means[0]).max() <= 2 * bound + 1e-7  # v1 = mean1; step 2 v1
+    assert np.abs(got[1] - 2 * (0.5 * means[0] + means[1])).max() <= 3 * bound + 1e-7  # v2 = 0.5 v1 + mean2
+    assert np.abs(got[1] - means[1]).max() > 10 * bound  # not FedAvg's step
+
+
 def test_bad_contributions_are_named_and_the_round_completes(tmp_path, serverapp_identity, caplog):
     nodes = list(range(1, 9))
     fleet = MaskFleet(nodes, tmp_path)
