@@ -19,7 +19,9 @@ feature_skew both s), centralised, FedAvg and --option, with their worst plant.
 
 An option is a strategy name with its settings after "@": ``fedavgm@server_lr=2@server_momentum=0.3`` runs
 ``strategy=fedavgm strategy.server_lr=2 strategy.server_momentum=0.3``; a setting with a dot is an override as
-it is (``fedavg@train.optimizer=sgd``). Rounds and gateways default to the fleet's defaults (8 and 4).
+it is (``fedavg@train.optimizer=sgd``), and so is a config group (``fedavg@privacy=sample``, ``@codec=int8``).
+Each strategy line gives ``vs_centralised_pct`` (negative: worse than centralised). Rounds and gateways default to
+the fleet's defaults (8 and 4).
 
 Usage: python bench/use_cases.py [--rounds 8] [--gateways 4] [--only TASK] [--strategies fedavg,scaffold,...]
        [--skew 0,1,2,4 --option fedavgm@server_lr=2@server_momentum=0.3]
@@ -75,10 +77,14 @@ def federated(overrides: list[str], run_dir: Path) -> tuple[dict, float, float |
     return rows[-1]["server"], time.perf_counter() - start, worst
 
 
+GROUPS = ("privacy", "codec", "link", "engine")  # config groups an option may pick (fedavg@privacy=sample)
+
+
 def option(name: str) -> list[str]:
     """The overrides of one option: ``fedavgm@server_lr=2`` -> strategy=fedavgm strategy.server_lr=2."""
     strategy, *settings = name.split("@")
-    return [f"strategy={strategy}", *(s if "." in s.split("=")[0] else f"strategy.{s}" for s in settings)]
+    as_is = [s for s in settings if "." in s.split("=")[0] or s.split("=")[0] in GROUPS]
+    return [f"strategy={strategy}", *(s if s in as_is else f"strategy.{s}" for s in settings)]
 
 
 def _r(v: float | None) -> float | None:
@@ -152,8 +158,9 @@ def main() -> None:
             runs[name] = (fed[key], worst)
             wall = seconds if name == "fedavg" else wall
             print(json.dumps({"bench": "strategy", "task": label, "strategy": name, "metric": key,
-                              "final": _r(fed[key]), "worst_plant": _r(worst), "wall_s": round(seconds, 1)}),
-                  flush=True)
+                              "final": _r(fed[key]), "centralised": _r(central[key]),
+                              "vs_centralised_pct": _r(100 * sign * (fed[key] - central[key]) / abs(central[key])),
+                              "worst_plant": _r(worst), "wall_s": round(seconds, 1)}), flush=True)
         best = max(runs, key=lambda n: sign * runs[n][0])
         trivial = central.get(TRIVIAL.get(task.name, ""))
         print(json.dumps({
