@@ -70,7 +70,10 @@ def refuse_client_dp(cfg: Config, why: str) -> None:
 
 def server_step(cfg: Config) -> dict[str, float]:
     """``strategy.server_lr`` and ``strategy.server_momentum``, checked: FedAvgM's server step (1.0 and 0.0 are
-    FedAvg's), for ``fedavgm`` and for the secure sums of ``he`` and ``mask``."""
-    return {"server_lr": number(cfg, "strategy.server_lr", 0.0, 100.0, low_open=True),
-            "server_momentum": number(cfg, "strategy.server_momentum", 0.0, 0.999)}
+    FedAvg's), for ``fedavgm`` and for the secure sums of ``he`` and ``mask`` (a config written before they had
+    them: FedAvg's)."""
+    st = cfg["strategy"]
+    return {"server_lr": number(cfg, "strategy.server_lr", 0.0, 100.0, low_open=True) if "server_lr" in st else 1.0,
+            "server_momentum": (number(cfg, "strategy.server_momentum", 0.0, 0.999) if "server_momentum" in st
+                                else 0.0)}
 

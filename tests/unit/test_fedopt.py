@@ -185,3 +185,11 @@ def test_the_proximal_pull_under_dp_sgd_keeps_the_model_near_the_rounds_start():
         drift[mu] = float(torch.linalg.norm(torch.cat([p.detach().flatten() for p in m.parameters()]) - w0))
     assert drift[90.0] < 0.3 * drift[0.0]
 
+
+
+@pytest.mark.parametrize("strategy", ["fedavgm", "he", "mask"])
+def test_a_server_step_out_of_range_is_named(strategy):
+    for bad, key in (("strategy.server_lr=0", "strategy.server_lr"), ("strategy.server_momentum=1.5",
+                                                                       "strategy.server_momentum")):
+        with pytest.raises(ConfigError, match=f"config: {key}=.* is invalid"):
+            validate(compose([f"strategy={strategy}", bad]))
