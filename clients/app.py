@@ -460,6 +460,7 @@ def train(msg: Message, context: Context) -> Message:
                   proximal_mu=wire.as_float(config.get(wire.PROXIMAL_MU, 0.0)))
     # strategy=scaffold: c - c_i corrects every local step; the mean step taken gives c_i+
     control = scaffold.start(msg, context, model)
+    common["correction"] = control.correction if control else None
     dp: dict[str, float] = {}
     if privacy_mode(cfg).on_device:  # privacy=sample: DP-SGD within this device's budget
         stats, dp = _train_dp(settings, context, model, x, y, task, config, partition, common)
@@ -467,10 +468,11 @@ def train(msg: Message, context: Context) -> Message:
             metrics = {"partition": partition, wire.NUM_EXAMPLES: len(y), **dp, wire.T_START: started,
                        wire.T_END: time.time()}
             return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+        steps = int(dp[wire.DP_STEPS])
     else:
-        stats = train_local(model, x, task.target(y), correction=control.correction if control else None,
-                            **common)
-        scaffold.finish(control, context, model, int(stats.pop("local_steps")))
+        stats = train_local(model, x, task.target(y), **common)
+        steps = int(stats.pop("local_steps"))
+    scaffold.finish(control, context, model, steps)  # c_i+ from the trained model: after DP-SGD, post-processing
     stats.update(poison(model, view, cfg, context, partition))  # fleet.poison: a poisoned gateway's update
     metrics = {**stats, **dp, "partition": partition, wire.T_PROC: started_at(), wire.T_START: started,
                **_pull_times(), wire.NUM_EXAMPLES: len(y), wire.BYTES_DOWN: bytes_down}

@@ -16,8 +16,9 @@ data, and consistent with the path the gateway actually took. Option I, added to
 predictive maintenance's model away in flat directions, where Adam turns a small constant gradient into a
 full step every step.
 
-What leaves the gateway besides the update is its mean step, a function of its own data as large as the
-model: twice the uplink, and no privacy mode covers it, so ``strategy=scaffold`` refuses ``privacy``.
+What leaves the gateway besides the update is ``control-delta``, as large as the model: twice the uplink. It is
+the trained model's exact float32 update over K less c, so it tells the server nothing beyond that update; under
+``privacy=sample`` the trained model is DP-SGD's output and ``control-delta`` post-processing of it (no ε).
 """
 
 from __future__ import annotations

@@ -42,6 +42,15 @@ def proximal_pull(model: nn.Module, anchor: list[torch.Tensor] | None, rate: flo
             p.sub_(p - p0, alpha=rate)
 
 
+def _shift(model: nn.Module, correction: list[torch.Tensor] | None) -> None:
+    """SCAFFOLD's step of its own after the optimiser's: w <- w - (c - c_i), one tensor per parameter."""
+    if correction is None:
+        return
+    with torch.no_grad():
+        for p, c in zip(model.parameters(), correction, strict=True):
+            p.sub_(c)
+
+
 def train_local(
     model: nn.Module,
     x: np.ndarray,
@@ -79,10 +88,7 @@ def train_local(
             loss.backward()
             opt.step()
             proximal_pull(model, anchor, lr * proximal_mu)
-            if correction is not None:
-                with torch.no_grad():
-                    for p, c in zip(model.parameters(), correction, strict=True):
-                        p.sub_(c)
+            _shift(model, correction)
             steps += 1
             total += float(loss.detach()) * len(idx)
             count += len(idx)
@@ -105,11 +111,13 @@ def train_local_dp(
     optimizer: str = "adam",
     momentum: float = 0.0,
     proximal_mu: float = 0.0,
+    correction: list[torch.Tensor] | None = None,
 ) -> dict[str, float]:
     """DP-SGD with Opacus: Poisson-sampled batches of expected size ``batch_size``,
     per-sample gradients clipped to ``max_grad_norm``, Gaussian noise of
     ``noise_multiplier x max_grad_norm``. Trains ``model`` in place; returns the loss,
-    the time spent and the (sample rate, steps) the accountant must compose."""
+    the time spent and the (sample rate, steps) the accountant must compose. ``proximal_mu`` and
+    ``correction`` act as in :func:`train_local`, outside the clipping and noise: they depend on no example."""
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -136,12 +144,14 @@ def train_local_dp(
             opt.zero_grad()
             if len(xb) == 0:  # an empty Poisson batch is still a step the accountant counts
                 opt.step()
+                _shift(model, correction)
                 steps += 1
                 continue
             loss = loss_fn(private(xb), yb)
             loss.backward()
             opt.step()
             proximal_pull(model, anchor, lr * proximal_mu)  # data-independent: outside the clipping and noise
+            _shift(model, correction)
             steps += 1
             total += float(loss.detach()) * len(xb)
             count += len(xb)

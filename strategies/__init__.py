@@ -19,7 +19,7 @@ Adding a strategy is one new file with its class and ``SPEC``, plus one line bel
 * ``fedprox`` (``fedprox.py``): Flower's FedProx; FedAvg on the server, a proximal pull towards
   the round's model after every local step on the gateways.
 * ``scaffold`` (``scaffold.py``, the gateway's side in ``clients/scaffold.py``): control
-  variates that correct each gateway's local drift; twice the bytes both ways, no privacy mode.
+  variates that correct each gateway's local drift; twice the bytes both ways; not with ``privacy=client``.
 * ``mask`` (``mask_fedavg.py``, maths in ``masking.py``): int8 steps in k-bit words under
   pairwise and Shamir-shared self masks; collusion-resistant, dropout-tolerant, 0.375× float32 up.
 """

@@ -10,10 +10,13 @@ control travels in float32) and moves ``c`` by the mean control change times the
 that answered: c += |S| / N × mean(c_i+ - c_i).
 
 Costs and limits: the downlink and the uplink each carry one more float32 vector the size of the
-parameters. ``control-delta`` is the plant's mean local step, a function of its data that no privacy mode covers, so
-``privacy=sample`` and ``privacy=client`` are refused. A reply without a valid control change is
-left out like a malformed update. The control variate is not in the checkpoint, so a run does not
-resume after a SuperLink restart.
+parameters. ``control-delta`` = (x - y_i) / K - c is a function of the gateway's trained model, K (its step
+count, fixed by its example count and batch size) and c: the exact float32 update, whatever the codec, and
+nothing beyond it. Under ``privacy=sample`` the trained model is DP-SGD's output, so the control change is
+post-processing and costs no ε; the correction is a data-independent step outside the clipping and noise.
+``privacy=client`` is refused: its path builds Flower's FedAvg inside the DP wrappers, which would carry
+no control. A reply without a valid control change is left out like a malformed update. The control
+variate is not in the checkpoint, so a run does not resume after a SuperLink restart.
 """
 
 from __future__ import annotations
@@ -27,10 +30,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
-from iiotfl.configs import ConfigError
 from iiotfl.strategies import wire
 from iiotfl.strategies.codec_fedavg import CodecFedAvg
-from iiotfl.strategies.spec import BuildContext, StrategySpec
+from iiotfl.strategies.spec import BuildContext, StrategySpec, refuse_client_dp
 
 
 class CodecScaffold(CodecFedAvg):
@@ -104,10 +106,7 @@ class CodecScaffold(CodecFedAvg):
 
 
 def _validate(cfg: Mapping[str, Any]) -> None:
-    if cfg["privacy"]["name"] != "none":
-        raise ConfigError(f"config: strategy=scaffold with privacy={cfg['privacy']['name']}: each gateway also sends "
-                          "a float32 gradient of its own data (its control variate), which no privacy mode covers; "
-                          "use privacy=none with it, or strategy=fedprox / fedavg with privacy")
+    refuse_client_dp(cfg, "Flower's DP wrappers build their own FedAvg, which sends no control variate")
 
 
 def build(cfg: Mapping[str, Any], ctx: BuildContext) -> CodecScaffold:  # noqa: ARG001
@@ -116,7 +115,7 @@ def build(cfg: Mapping[str, Any], ctx: BuildContext) -> CodecScaffold:  # noqa: 
 
 SPEC = StrategySpec(
     name="scaffold", build=build, validate=_validate, uplink="plaintext", client_dp=None,
-    describe="the codec's encoding of the update and a float32 control-variate change (a gradient of the plant's "
-             "data); the server sees both",
+    describe="the codec's encoding of the update and a float32 control-variate change (the gateway's mean step "
+             "this round less c: the exact update, whatever the codec); the server sees both",
     resume_refusal="the SCAFFOLD control variate is not in the checkpoint; start the run again",
 )

@@ -10,7 +10,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 
 from iiotfl.clients import scaffold
-from iiotfl.clients.training import train_local
+from iiotfl.clients.training import train_local, train_local_dp
 from iiotfl.configs import ConfigError, compose
 from iiotfl.server.launch import validate
 from iiotfl.strategies import build_strategy, wire
@@ -97,6 +97,7 @@ def test_the_gateway_moves_by_c_minus_ci_every_step_and_replies_its_mean_step_le
     scaffold.finish(second, context, model, steps)
     held = wire.array_record(context.state, scaffold.STATE)
     for k, p in model.named_parameters():
+        # the server rebuilds it from the float32 update, K and its own c: it carries nothing beyond the update
         mean_step = (x1[k] - p.detach().numpy()) / steps
         np.testing.assert_allclose(second.delta[k], mean_step - c[k], rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(held[k].numpy(), second.delta[k], rtol=1e-6)  # c_i+ = 0 + delta
@@ -149,7 +150,22 @@ def test_scaffold_drifts_less_than_fedavg_on_plants_with_opposite_optima():
         assert scaffolded < 0.5 * fedavg, (optimizer, fedavg, scaffolded)
 
 
-def test_scaffold_refuses_every_privacy_mode():
-    for mode in ("sample", "client"):
-        with pytest.raises(ConfigError, match=f"strategy=scaffold with privacy={mode}: .*no privacy mode covers"):
-            validate(compose(["strategy=scaffold", f"privacy={mode}"]))
+def test_scaffold_composes_with_dp_sgd_and_refuses_client_level_dp():
+    validate(compose(["strategy=scaffold", "privacy=sample"]))
+    with pytest.raises(ConfigError, match="strategy=scaffold with privacy=client: .*sends no control variate"):
+        validate(compose(["strategy=scaffold", "privacy=client"]))
+
+
+def test_under_dp_sgd_the_correction_is_a_step_of_its_own_outside_the_noise():
+    """lr 0: DP-SGD's noised steps move nothing, so the weights move by exactly K x (c - c_i): the correction
+    depends on no example and never passes through the clipping."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 1)
+    x, y = _data(np.array([2.0, -1.0]), 0)
+    start = [p.detach().clone() for p in model.parameters()]
+    correction = [torch.full_like(p, 0.01) for p in model.parameters()]
+    stats = train_local_dp(model, x, y, epochs=1, batch_size=50, lr=0.0, seed=0, noise_multiplier=1.0,
+                           max_grad_norm=1.0, correction=correction)
+    assert stats["steps"] == 4  # 200 examples, expected batches of 50
+    for p, p0 in zip(model.parameters(), start):
+        np.testing.assert_allclose(p.detach().numpy(), p0.numpy() - 4 * 0.01, rtol=1e-5)
