@@ -41,9 +41,10 @@ def form_of(cfg: Mapping[str, Any]) -> str:
         where = "clipped on the device" if clip == "client" else "clipped at the server"
         return f"model weights, float32, {where}; Gaussian noise added to the fleet sum at the server"
     kind = "model update (new weights - received)"
+    also = f"; with it {spec.also_sent}" if spec.also_sent else ""
     if privacy == "sample":
-        return f"{kind}, DP-SGD noised on the device, {CODECS[codec].form if codec in CODECS else codec}"
-    return f"{kind}, plaintext {CODECS[codec].form if codec in CODECS else codec}"
+        return f"{kind}, DP-SGD noised on the device, {CODECS[codec].form if codec in CODECS else codec}{also}"
+    return f"{kind}, plaintext {CODECS[codec].form if codec in CODECS else codec}{also}"
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:

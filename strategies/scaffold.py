@@ -118,4 +118,6 @@ SPEC = StrategySpec(
     describe="the codec's encoding of the update and a float32 control-variate change (the gateway's mean step "
              "this round less c: the exact update, whatever the codec); the server sees both",
     resume_refusal="the SCAFFOLD control variate is not in the checkpoint; start the run again",
+    also_sent="a float32 control change: the exact update over its step count, less the server's control variate "
+              "(nothing beyond the update)",
 )

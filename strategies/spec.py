@@ -46,6 +46,7 @@ class StrategySpec:
                            # "distributed" (noise shares added on the gateways), None (refused)
     resume_refusal: str | None = None  # why a run cannot resume after a SuperLink restart (None: it can)
     sample_dp_refusal: str | None = None  # why privacy=sample (DP-SGD on the gateways) cannot run with it
+    also_sent: str | None = None       # what else leaves a gateway with each update (the privacy ledger's form)
     needs_keys: bool = False           # HE key set: the local fleet provisions one when strategy.keys is null
     extra_exchanges: int = 0           # message exchanges a round needs besides the train one (decrypt, unmask)
     device_update: Callable[..., Any] | None = None  # the gateway's reply records for an update (mask):

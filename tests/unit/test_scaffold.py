@@ -12,6 +12,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 from iiotfl.clients import scaffold
 from iiotfl.clients.training import train_local, train_local_dp
 from iiotfl.configs import ConfigError, compose
+from iiotfl.privacy.ledger import form_of
 from iiotfl.server.launch import validate
 from iiotfl.strategies import build_strategy, wire
 from iiotfl.strategies.codec_fedavg import encoded_record
@@ -169,3 +170,11 @@ def test_under_dp_sgd_the_correction_is_a_step_of_its_own_outside_the_noise():
     assert stats["steps"] == 4  # 200 examples, expected batches of 50
     for p, p0 in zip(model.parameters(), start):
         np.testing.assert_allclose(p.detach().numpy(), p0.numpy() - 4 * 0.01, rtol=1e-5)
+
+
+def test_the_ledger_names_the_control_change_that_leaves_with_each_update():
+    for privacy, noise in (("none", "plaintext"), ("sample", "DP-SGD noised on the device")):
+        form = form_of(compose(["strategy=scaffold", f"privacy={privacy}"]))
+        assert noise in form and "control change: the exact update over its step count" in form
+    assert "control" not in form_of(compose(["strategy=fedavg"]))
+
