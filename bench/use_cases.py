@@ -83,8 +83,12 @@ GROUPS = ("privacy", "codec", "link", "engine")  # config groups an option may p
 def option(name: str) -> list[str]:
     """The overrides of one option: ``fedavgm@server_lr=2`` -> strategy=fedavgm strategy.server_lr=2."""
     strategy, *settings = name.split("@")
-    as_is = [s for s in settings if "." in s.split("=")[0] or s.split("=")[0] in GROUPS]
-    return [f"strategy={strategy}", *(s if s in as_is else f"strategy.{s}" for s in settings)]
+
+    def override(setting: str) -> str:  # a dotted key or a config group as it is, else one of the strategy's
+        key = setting.split("=")[0]
+        return setting if "." in key or key in GROUPS else f"strategy.{setting}"
+
+    return [f"strategy={strategy}", *map(override, settings)]
 
 
 def _r(v: float | None) -> float | None:
